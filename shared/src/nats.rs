@@ -1,0 +1,63 @@
+//! Connecting to NATS. The client is created at once and connects (and reconnects) in the
+//! background with capped exponential backoff, so a server started before NATS neither
+//! crash-loops nor hangs: it reports the outage in its logs and health instead.
+
+use std::time::Duration;
+
+use async_nats::connection::State;
+
+/// Longest wait between reconnect attempts.
+const RECONNECT_DELAY_MAX_MS: u64 = 2_000;
+
+/// A NATS client that keeps trying to (re)connect forever.
+pub async fn connect(url: &str, name: &str) -> Result<async_nats::Client, async_nats::ConnectError> {
+    let url_for_log = url.to_string();
+    async_nats::ConnectOptions::new()
+        .name(name)
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(2))
+        .request_timeout(Some(Duration::from_secs(5)))
+        .reconnect_delay_callback(reconnect_delay)
+        .event_callback(move |event| {
+            let url = url_for_log.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => tracing::info!(%url, "connected to NATS"),
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!(%url, "disconnected from NATS; reconnecting in the background")
+                    }
+                    other => tracing::warn!(%url, event = %other, "NATS event"),
+                }
+            }
+        })
+        .connect(url)
+        .await
+}
+
+/// Backoff between reconnect attempts: 0 for the first, then doubling from 50 ms to 2 s.
+pub fn reconnect_delay(attempts: usize) -> Duration {
+    if attempts <= 1 {
+        return Duration::ZERO;
+    }
+    let exp = u32::try_from(attempts.min(16)).unwrap_or(16);
+    let ms = 25u64.saturating_mul(1u64 << exp).min(RECONNECT_DELAY_MAX_MS);
+    Duration::from_millis(ms)
+}
+
+/// Whether the client currently has a live connection.
+pub fn is_connected(client: &async_nats::Client) -> bool {
+    client.connection_state() == State::Connected
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_capped() {
+        assert_eq!(reconnect_delay(1), Duration::ZERO);
+        assert_eq!(reconnect_delay(2), Duration::from_millis(100));
+        assert_eq!(reconnect_delay(1000), Duration::from_millis(2000));
+    }
+}
