@@ -72,7 +72,15 @@ mod tests {
 
     #[test]
     fn timestamps_round_trip() {
-        for micros in [0, 1, 999_999, 1_000_000, 1_700_000_000_123_456, -1, -1_500_000] {
+        for micros in [
+            0,
+            1,
+            999_999,
+            1_000_000,
+            1_700_000_000_123_456,
+            -1,
+            -1_500_000,
+        ] {
             assert_eq!(
                 micros_from_timestamp(&timestamp_from_micros(micros)),
                 micros

@@ -1,6 +1,6 @@
 //! gRPC plumbing both servers share: health, reflection (v1 and v1alpha), request
 //! deadlines, shutdown signals, error statuses with `google.rpc` details, and the mapping
-//! of oversized requests to `RESOURCE_EXHAUSTED`.
+//! of undecodable requests to client-error codes.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -25,7 +25,10 @@ pub struct Health {
 impl Health {
     /// The reporter and the `grpc.health.v1.Health` service to serve. Everything starts
     /// NOT_SERVING.
-    pub fn new() -> (Self, tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>) {
+    pub fn new() -> (
+        Self,
+        tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    ) {
         let (reporter, service) = tonic_health::server::health_reporter();
         (Health { reporter }, service)
     }
@@ -159,27 +162,30 @@ pub fn with_reason(code: Code, reason: &str, message: impl Into<String>) -> Stat
     Status::with_error_details(code, message, details)
 }
 
-/// Tower layer that turns tonic's answer to an over-limit request message
-/// (`OUT_OF_RANGE`, "decoded message length too large") into the `RESOURCE_EXHAUSTED`
-/// that gRPC specifies and clients expect.
+/// Tower layer that corrects the codes tonic gives to requests it cannot decode, so that
+/// bad input is the client's error, as SPEC §2.8 promises:
+/// - a message over the size limit (tonic: `OUT_OF_RANGE`) becomes `RESOURCE_EXHAUSTED`;
+/// - a message that is not valid protobuf, or has a string that is not UTF-8 (tonic:
+///   `INTERNAL`, "failed to decode Protobuf message: <Message>.<field>: ...") becomes
+///   `INVALID_ARGUMENT`, keeping prost's text, which names the field.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct OversizeLayer;
+pub struct RequestErrorLayer;
 
-impl<S> tower::Layer<S> for OversizeLayer {
-    type Service = Oversize<S>;
+impl<S> tower::Layer<S> for RequestErrorLayer {
+    type Service = RequestErrors<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Oversize { inner }
+        RequestErrors { inner }
     }
 }
 
-/// The service made by [`OversizeLayer`].
+/// The service made by [`RequestErrorLayer`].
 #[derive(Clone, Debug)]
-pub struct Oversize<S> {
+pub struct RequestErrors<S> {
     inner: S,
 }
 
-impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for Oversize<S>
+impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for RequestErrors<S>
 where
     S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
     S::Future: Send + 'static,
@@ -196,30 +202,36 @@ where
         let future = self.inner.call(request);
         Box::pin(async move {
             let mut response = future.await?;
-            rewrite_oversize(response.headers_mut());
+            rewrite_request_errors(response.headers_mut());
             Ok(response)
         })
     }
 }
 
-fn rewrite_oversize(headers: &mut http::HeaderMap) {
-    let out_of_range = headers
-        .get("grpc-status")
-        .is_some_and(|v| v.as_bytes() == b"11");
-    if !out_of_range {
+/// tonic writes a status raised before the handler runs into the response headers
+/// (trailers-only response), percent-encoded.
+fn rewrite_request_errors(headers: &mut http::HeaderMap) {
+    let Some(status) = headers.get("grpc-status") else {
         return;
-    }
-    let too_large = headers
+    };
+    let message = headers
         .get("grpc-message")
-        .is_some_and(|v| v.as_bytes().starts_with(b"Error,%20decoded%20message%20length%20too%20large"));
-    if too_large {
-        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
-        headers.insert(
-            "grpc-message",
-            http::HeaderValue::from_static(
-                "request%20message%20too%20large%20for%20this%20server%20(field%3A%20request)",
-            ),
-        );
+        .map(|v| v.as_bytes())
+        .unwrap_or_default();
+    match status.as_bytes() {
+        b"11" if message.starts_with(b"Error,%20decoded%20message%20length%20too%20large") => {
+            headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+            headers.insert(
+                "grpc-message",
+                http::HeaderValue::from_static(
+                    "request%20message%20too%20large%20for%20this%20server%20(field:%20request)",
+                ),
+            );
+        }
+        b"13" if message.starts_with(b"failed%20to%20decode%20Protobuf%20message") => {
+            headers.insert("grpc-status", http::HeaderValue::from_static("3"));
+        }
+        _ => {}
     }
 }
 
@@ -232,14 +244,17 @@ mod tests {
         assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
         assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
         assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
-        assert_eq!(parse_grpc_timeout("99999999u"), Some(Duration::from_micros(99_999_999)));
+        assert_eq!(
+            parse_grpc_timeout("99999999u"),
+            Some(Duration::from_micros(99_999_999))
+        );
         assert_eq!(parse_grpc_timeout("S"), None);
         assert_eq!(parse_grpc_timeout("5x"), None);
         assert_eq!(parse_grpc_timeout("123456789S"), None);
     }
 
     #[test]
-    fn rewrites_only_the_oversize_status() {
+    fn rewrites_only_decode_failures() {
         let mut h = http::HeaderMap::new();
         h.insert("grpc-status", http::HeaderValue::from_static("11"));
         h.insert(
@@ -248,13 +263,22 @@ mod tests {
                 "Error,%20decoded%20message%20length%20too%20large:%20found%205%20bytes",
             ),
         );
-        rewrite_oversize(&mut h);
+        rewrite_request_errors(&mut h);
         assert_eq!(h["grpc-status"], "8");
+
+        let mut h = http::HeaderMap::new();
+        h.insert("grpc-status", http::HeaderValue::from_static("13"));
+        h.insert(
+            "grpc-message",
+            http::HeaderValue::from_static("failed%20to%20decode%20Protobuf%20message:%20X.name"),
+        );
+        rewrite_request_errors(&mut h);
+        assert_eq!(h["grpc-status"], "3");
 
         let mut h = http::HeaderMap::new();
         h.insert("grpc-status", http::HeaderValue::from_static("11"));
         h.insert("grpc-message", http::HeaderValue::from_static("other"));
-        rewrite_oversize(&mut h);
+        rewrite_request_errors(&mut h);
         assert_eq!(h["grpc-status"], "11");
     }
 }

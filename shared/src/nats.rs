@@ -10,7 +10,10 @@ use async_nats::connection::State;
 const RECONNECT_DELAY_MAX_MS: u64 = 2_000;
 
 /// A NATS client that keeps trying to (re)connect forever.
-pub async fn connect(url: &str, name: &str) -> Result<async_nats::Client, async_nats::ConnectError> {
+pub async fn connect(
+    url: &str,
+    name: &str,
+) -> Result<async_nats::Client, async_nats::ConnectError> {
     let url_for_log = url.to_string();
     async_nats::ConnectOptions::new()
         .name(name)
@@ -41,7 +44,9 @@ pub fn reconnect_delay(attempts: usize) -> Duration {
         return Duration::ZERO;
     }
     let exp = u32::try_from(attempts.min(16)).unwrap_or(16);
-    let ms = 25u64.saturating_mul(1u64 << exp).min(RECONNECT_DELAY_MAX_MS);
+    let ms = 25u64
+        .saturating_mul(1u64 << exp)
+        .min(RECONNECT_DELAY_MAX_MS);
     Duration::from_millis(ms)
 }
 
