@@ -1,1 +1,345 @@
+//! The command server: validates shop commands, appends their events durably to a sled
+//! event log, and relays the log to NATS JetStream.
+//!
+//! How a command travels, one module per step:
+//! - [`grpc`]: tonic adapter; protobuf request → validated [`domain::Command`]; every
+//!   refusal → gRPC status in one place.
+//! - [`writer`]: the bounded queue and the single writer thread: idempotency, optimistic
+//!   concurrency, [`domain::decide`], one atomic sled batch per group of commands, one
+//!   sync per group (group commit), reply only once durable.
+//! - [`domain`]: pure `decide`/`evolve` per aggregate (customer, product, order).
+//! - [`log`]: the sled event log: key layout, atomic batches, durable sync, reads.
+//! - [`relay`]: durable events → JetStream, stream sequence == log position, resumable.
+//! - [`policy`]: customer deleted → cancel their open orders, via a durable consumer.
+//!
+//! [`run`] wires them together and owns start-up and graceful shutdown.
+
 pub mod domain;
+pub mod grpc;
+pub mod log;
+pub mod policy;
+pub mod relay;
+pub mod writer;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use shop_shared::config::{LogArgs, NatsArgs};
+use shop_shared::grpc::{Health, RequestErrorLayer};
+use shop_shared::pb::command_service_server::CommandServiceServer;
+use shop_shared::pb::log_service_server::LogServiceServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::log::{Durability, EventLog, LogError};
+use crate::relay::{Relay, RelayConfig, RelayError, RelayStatus};
+use crate::writer::{Writer, WriterConfig};
+
+/// Health service name that reflects the relay (NATS reachable, stream verified). The
+/// server as a whole (`""`) and `shop.v1.CommandService` stay SERVING while NATS is away,
+/// since commands are still accepted; they turn NOT_SERVING only when the log is unusable
+/// or the server is shutting down.
+pub const RELAY_HEALTH_SERVICE: &str = "shop.v1.Relay";
+/// How long shutdown waits for the relay to publish what is left.
+const RELAY_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Flags (each also read from an environment variable).
+#[derive(clap::Parser, Debug, Clone)]
+#[command(
+    name = "command-server",
+    version,
+    about = "Shop command server: validates commands, appends events durably to a sled log, relays them to NATS JetStream."
+)]
+pub struct Config {
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "SHOP_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// Directory of the event log.
+    #[arg(long, env = "SHOP_DATA_DIR", default_value = "./data/command")]
+    pub data_dir: PathBuf,
+
+    #[command(flatten)]
+    pub nats: NatsArgs,
+
+    #[command(flatten)]
+    pub log: LogArgs,
+
+    /// When a command counts as durable: `fsync` (survives power loss) or `flush`
+    /// (survives a process crash).
+    #[arg(long, env = "SHOP_DURABILITY", value_enum, default_value_t = Durability::Fsync)]
+    pub durability: Durability,
+
+    /// Commands that may wait for the writer; beyond, RESOURCE_EXHAUSTED.
+    #[arg(long, env = "SHOP_QUEUE_CAPACITY", default_value_t = 8192)]
+    pub queue_capacity: usize,
+
+    /// Commands decided into one atomic write.
+    #[arg(long, env = "SHOP_BATCH_COMMANDS_MAX", default_value_t = 1024)]
+    pub batch_commands_max: usize,
+
+    /// sled page cache size, in MiB.
+    #[arg(long, env = "SHOP_CACHE_MB", default_value_t = 64)]
+    pub cache_mb: u64,
+
+    /// Largest request message accepted, in bytes; beyond, RESOURCE_EXHAUSTED.
+    #[arg(long, env = "SHOP_REQUEST_BYTES_MAX", default_value_t = 64 * 1024)]
+    pub request_bytes_max: usize,
+
+    /// Relay publishes awaiting their JetStream ack at once (below 5000).
+    #[arg(long, env = "SHOP_RELAY_WINDOW", default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..5000))]
+    pub relay_window: u64,
+
+    /// How long start-up waits for NATS to verify the stream before serving anyway
+    /// (the relay then keeps retrying in the background), in milliseconds.
+    #[arg(long, env = "SHOP_NATS_STARTUP_WAIT_MS", default_value_t = 3000)]
+    pub nats_startup_wait_ms: u64,
+
+    /// Do not run the customer-deletion policy in this process.
+    #[arg(long, env = "SHOP_NO_POLICY")]
+    pub no_policy: bool,
+}
+
+/// Why the server could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("event log in {dir}: {source}")]
+    Log { dir: PathBuf, source: LogError },
+    #[error("refusing to start: {0}")]
+    StreamConflict(String),
+    #[error("relay: {0}")]
+    Relay(#[from] RelayError),
+    #[error("NATS client: {0}")]
+    Nats(#[from] async_nats::ConnectError),
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("gRPC reflection: {0}")]
+    Reflection(#[from] shop_shared::grpc::ReflectionError),
+    #[error("task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Runs the command server on `listener` until `shutdown` resolves, then shuts down
+/// gracefully: NOT_SERVING, stop accepting, finish in-flight commands, sync, publish
+/// what is left (bounded), exit.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let (health, health_service) = Health::new();
+
+    let dir = config.data_dir.clone();
+    let (durability, cache_bytes) = (config.durability, config.cache_mb.saturating_mul(1 << 20));
+    let log = tokio::task::spawn_blocking(move || EventLog::open(&dir, durability, cache_bytes))
+        .await?
+        .map_err(|source| ServerError::Log {
+            dir: config.data_dir.clone(),
+            source,
+        })?;
+    let log = Arc::new(log);
+    let (writer, writer_watch, writer_threads) = Writer::start(
+        log.clone(),
+        WriterConfig {
+            queue_capacity: config.queue_capacity,
+            batch_commands_max: config.batch_commands_max,
+        },
+    )
+    .map_err(|source| ServerError::Log {
+        dir: config.data_dir.clone(),
+        source,
+    })?;
+    tracing::info!(
+        dir = %config.data_dir.display(),
+        log_position = *writer_watch.durable_position.borrow(),
+        durability = durability.as_str(),
+        "event log open"
+    );
+
+    let client = shop_shared::nats::connect(&config.nats.nats_url, "command-server").await?;
+    let relay_status = Arc::new(RelayStatus::default());
+    let relay = Relay::new(
+        log.clone(),
+        client.clone(),
+        config.nats.stream.clone(),
+        writer_watch.durable_position.clone(),
+        relay_status.clone(),
+        RelayConfig {
+            window: usize::try_from(config.relay_window).unwrap_or(2048),
+            read_chunk: 1024,
+        },
+    );
+    verify_stream_at_startup(
+        &relay,
+        &client,
+        Duration::from_millis(config.nats_startup_wait_ms),
+    )
+    .await?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let relay_task = tokio::spawn(relay.run(stop_rx.clone()));
+    let policy_task = (!config.no_policy).then(|| {
+        let policy = policy::Policy {
+            client: client.clone(),
+            stream_name: config.nats.stream.clone(),
+            log: log.clone(),
+            writer: writer.clone(),
+        };
+        tokio::spawn(policy.run(stop_rx.clone()))
+    });
+    let (serving_tx, serving_rx) = watch::channel(true);
+    let health_task = tokio::spawn(watch_health(
+        health.clone(),
+        writer_watch.clone(),
+        relay_status.clone(),
+        serving_rx,
+    ));
+
+    let (reflection_v1, reflection_v1alpha) =
+        shop_shared::grpc::reflection(&[SERVICE_NAME, LOG_SERVICE_NAME])?;
+    let commands = CommandServiceServer::new(grpc::Commands {
+        writer: writer.clone(),
+    })
+    .max_decoding_message_size(config.request_bytes_max);
+    let reader = LogServiceServer::new(grpc::LogReader {
+        log: log.clone(),
+        watch: writer_watch.clone(),
+        relay: relay_status.clone(),
+        stream: config.nats.stream.clone(),
+    })
+    .max_decoding_message_size(config.request_bytes_max);
+    drop(writer);
+
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|stream| {
+        if let Ok(s) = &stream {
+            let _ = s.set_nodelay(true);
+        }
+        stream
+    });
+    let on_shutdown = {
+        let health = health.clone();
+        async move {
+            shutdown.await;
+            let _ = serving_tx.send(false);
+            health.set("", false).await;
+            health.set(SERVICE_NAME, false).await;
+            tracing::info!("shutting down: no new requests; finishing in-flight commands");
+        }
+    };
+    tracing::info!("command server ready");
+    let served = tonic::transport::Server::builder()
+        .layer(RequestErrorLayer)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(commands)
+        .add_service(reader)
+        .serve_with_incoming_shutdown(incoming, on_shutdown)
+        .await;
+
+    // In-flight commands are answered. Stop the producers of commands, then the writer.
+    let _ = stop_tx.send(true);
+    if let Some(task) = policy_task {
+        let _ = task.await;
+    }
+    // Every Writer handle is gone now: the writer drains, the flusher syncs and answers.
+    tokio::task::spawn_blocking(move || writer_threads.join()).await?;
+    match tokio::time::timeout(RELAY_DRAIN_TIMEOUT, relay_task).await {
+        Ok(Ok(Err(error))) => tracing::warn!(%error, "relay had stopped with an error"),
+        Ok(_) => {}
+        Err(_) => tracing::warn!(
+            "relay did not finish publishing in time; the rest is published after restart"
+        ),
+    }
+    health_task.abort();
+    let final_sync = log.clone();
+    if let Err(error) = tokio::task::spawn_blocking(move || final_sync.sync()).await? {
+        tracing::error!(%error, "final sync failed");
+    }
+    client.flush().await.ok();
+    tracing::info!("command server stopped");
+    served?;
+    Ok(())
+}
+
+/// The gRPC service name of the command API (for health and reflection).
+pub const SERVICE_NAME: &str = "shop.v1.CommandService";
+/// The gRPC service name of the log reader.
+pub const LOG_SERVICE_NAME: &str = "shop.v1.LogService";
+
+/// At start-up, give NATS a moment and check the stream against the log: a stream that
+/// holds events the log does not is a reason to refuse to start. When NATS does not
+/// answer in time the server starts anyway and the relay checks once it is reachable.
+async fn verify_stream_at_startup(
+    relay: &Relay,
+    client: &async_nats::Client,
+    wait: Duration,
+) -> Result<(), ServerError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    while !shop_shared::nats::is_connected(client) {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                "NATS not reachable at start-up; accepting commands and relaying once it is"
+            );
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    match tokio::time::timeout_at(
+        deadline.max(tokio::time::Instant::now() + Duration::from_secs(1)),
+        relay.prepare(),
+    )
+    .await
+    {
+        Ok(Err(RelayError::Conflict(reason))) => Err(ServerError::StreamConflict(reason)),
+        Ok(Err(RelayError::Log(error))) => Err(ServerError::Relay(RelayError::Log(error))),
+        Ok(Err(RelayError::Nats(reason))) => {
+            tracing::warn!(%reason, "stream not verified at start-up; the relay retries in the background");
+            Ok(())
+        }
+        Ok(Ok(_)) => Ok(()),
+        Err(_) => {
+            tracing::warn!(
+                "stream verification timed out at start-up; the relay retries in the background"
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Keeps health in line with the log (overall and command service) and the relay.
+async fn watch_health(
+    health: Health,
+    writer: writer::WriterWatch,
+    relay: Arc<RelayStatus>,
+    serving: watch::Receiver<bool>,
+) {
+    let mut last: Option<(bool, bool)> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tick.tick().await;
+        let log_ok = writer.failure.borrow().is_none() && *serving.borrow();
+        let relay_ok = relay.connected() && log_ok;
+        if last != Some((log_ok, relay_ok)) {
+            health.set("", log_ok).await;
+            health.set(SERVICE_NAME, log_ok).await;
+            health.set(LOG_SERVICE_NAME, log_ok).await;
+            health.set(RELAY_HEALTH_SERVICE, relay_ok).await;
+            if last.is_some_and(|(_, was)| was != relay_ok) {
+                if relay_ok {
+                    tracing::info!("relay healthy again");
+                } else {
+                    tracing::warn!(
+                        reason = relay.error().unwrap_or_default(),
+                        "relay degraded; commands are still accepted"
+                    );
+                }
+            }
+            last = Some((log_ok, relay_ok));
+        }
+    }
+}

@@ -44,9 +44,15 @@ impl Health {
     }
 }
 
-/// gRPC server reflection, v1 and v1alpha (grpcurl 1.8 only speaks v1alpha), for the
-/// whole `shop.v1` contract plus health.
-pub fn reflection() -> Result<
+/// Error building the reflection services.
+pub type ReflectionError = tonic_reflection::server::Error;
+
+/// gRPC server reflection, v1 and v1alpha (grpcurl 1.8 only speaks v1alpha), listing
+/// `services` plus health and reflection. The `google.rpc` error-detail types are
+/// registered too, so grpcurl can render the details of an error status.
+pub fn reflection(
+    services: &[&str],
+) -> Result<
     (
         tonic_reflection::server::v1::ServerReflectionServer<
             impl tonic_reflection::server::v1::ServerReflection,
@@ -58,9 +64,17 @@ pub fn reflection() -> Result<
     tonic_reflection::server::Error,
 > {
     let builder = || {
-        tonic_reflection::server::Builder::configure()
+        let mut builder = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("grpc.health.v1.Health")
+            .with_service_name("grpc.reflection.v1.ServerReflection")
+            .with_service_name("grpc.reflection.v1alpha.ServerReflection");
+        for service in services {
+            builder = builder.with_service_name(*service);
+        }
+        builder
     };
     Ok((builder().build_v1()?, builder().build_v1alpha()?))
 }

@@ -1,0 +1,474 @@
+//! The tonic adapter: protobuf requests → validated domain commands → the writer, and
+//! every refusal → a gRPC status, decided in one place ([`status_of`]).
+//!
+//! Also serves `shop.v1.LogService`: read access to the durable log and the relay's
+//! progress, for operators and tests.
+
+use std::sync::Arc;
+
+use prost::Message;
+use shop_shared::grpc::{invalid_argument, with_reason, FieldViolation};
+use shop_shared::ids::{generate_id, StreamId};
+use shop_shared::pb;
+use shop_shared::pb::command_service_server::CommandService;
+use shop_shared::pb::log_service_server::LogService;
+use tonic::{Code, Request, Response, Status};
+
+use crate::domain::{Command, DomainError, LineRequest};
+use crate::log::{EventLog, READ_LIMIT_MAX};
+use crate::relay::RelayStatus;
+use crate::writer::{CommandMeta, WriteError, Writer, WriterWatch};
+
+/// Longest client-supplied command id.
+pub const COMMAND_ID_LEN_MAX: usize = 128;
+/// Response header set on idempotent replays.
+pub const REPLAYED_HEADER: &str = "shop-replayed";
+/// Request header carrying a caller's correlation id.
+pub const CORRELATION_HEADER: &str = "x-correlation-id";
+
+/// `shop.v1.CommandService`.
+#[derive(Clone)]
+pub struct Commands {
+    pub writer: Writer,
+}
+
+/// Fields every command request has.
+trait CommandRequest: Message + Clone + Default + 'static {
+    const RPC: &'static str;
+    fn command_id(&self) -> &str;
+    fn clear_command_id(&mut self);
+    fn expected_version(&self) -> Option<u64>;
+    /// The domain command, with a generated id where the request may omit one.
+    fn to_command(&self) -> Command;
+}
+
+macro_rules! command_request {
+    ($ty:ty, $rpc:literal, |$r:ident| $to_command:expr) => {
+        impl CommandRequest for $ty {
+            const RPC: &'static str = $rpc;
+            fn command_id(&self) -> &str {
+                &self.command_id
+            }
+            fn clear_command_id(&mut self) {
+                self.command_id.clear();
+            }
+            fn expected_version(&self) -> Option<u64> {
+                self.expected_version
+            }
+            fn to_command(&self) -> Command {
+                let $r = self;
+                $to_command
+            }
+        }
+    };
+}
+
+fn or_generated(id: &str) -> String {
+    if id.is_empty() {
+        generate_id()
+    } else {
+        id.to_string()
+    }
+}
+
+command_request!(pb::RegisterCustomerRequest, "RegisterCustomer", |r| {
+    Command::RegisterCustomer {
+        customer_id: or_generated(&r.customer_id),
+        name: r.name.clone(),
+        email: r.email.clone(),
+        address: r.address.clone(),
+    }
+});
+command_request!(pb::RenameCustomerRequest, "RenameCustomer", |r| {
+    Command::RenameCustomer {
+        customer_id: r.customer_id.clone(),
+        name: r.name.clone(),
+    }
+});
+command_request!(
+    pb::ChangeCustomerAddressRequest,
+    "ChangeCustomerAddress",
+    |r| {
+        Command::ChangeCustomerAddress {
+            customer_id: r.customer_id.clone(),
+            address: r.address.clone(),
+        }
+    }
+);
+command_request!(pb::DeleteCustomerRequest, "DeleteCustomer", |r| {
+    Command::DeleteCustomer {
+        customer_id: r.customer_id.clone(),
+        reason: r.reason.clone(),
+    }
+});
+command_request!(pb::CreateProductRequest, "CreateProduct", |r| {
+    Command::CreateProduct {
+        sku: r.sku.clone(),
+        name: r.name.clone(),
+        price_cents: r.price_cents,
+        initial_stock: r.initial_stock,
+    }
+});
+command_request!(pb::RestockProductRequest, "RestockProduct", |r| {
+    Command::RestockProduct {
+        sku: r.sku.clone(),
+        quantity: r.quantity,
+    }
+});
+command_request!(pb::ChangeProductPriceRequest, "ChangeProductPrice", |r| {
+    Command::ChangeProductPrice {
+        sku: r.sku.clone(),
+        price_cents: r.price_cents,
+    }
+});
+command_request!(pb::PlaceOrderRequest, "PlaceOrder", |r| {
+    Command::PlaceOrder {
+        order_id: or_generated(&r.order_id),
+        customer_id: r.customer_id.clone(),
+        lines: r
+            .lines
+            .iter()
+            .map(|l| LineRequest {
+                sku: l.sku.clone(),
+                quantity: l.quantity,
+            })
+            .collect(),
+    }
+});
+command_request!(pb::PayOrderRequest, "PayOrder", |r| Command::PayOrder {
+    order_id: r.order_id.clone(),
+    amount_cents: r.amount_cents,
+    payment_ref: r.payment_ref.clone(),
+});
+command_request!(pb::ShipOrderRequest, "ShipOrder", |r| Command::ShipOrder {
+    order_id: r.order_id.clone(),
+    tracking: r.tracking.clone(),
+});
+command_request!(pb::CancelOrderRequest, "CancelOrder", |r| {
+    Command::CancelOrder {
+        order_id: r.order_id.clone(),
+        reason: r.reason.clone(),
+    }
+});
+
+impl Commands {
+    async fn execute<R: CommandRequest>(
+        &self,
+        request: Request<R>,
+    ) -> Result<Response<pb::CommandResult>, Status> {
+        let correlation = correlation_id(request.metadata());
+        let request = request.into_inner();
+        let command = request.to_command();
+
+        let mut violations = match command.validate() {
+            Ok(()) => Vec::new(),
+            Err(DomainError::Invalid(v)) => v,
+            Err(other) => return Err(status_of(&WriteError::Domain(other))),
+        };
+        if let Err(why) = check_command_id(request.command_id()) {
+            violations.insert(0, FieldViolation::new("command_id", why));
+        }
+        if !violations.is_empty() {
+            return Err(invalid_argument(&violations));
+        }
+
+        let idempotent = !request.command_id().is_empty();
+        let command_id = or_generated(request.command_id());
+        let mut hashed = request.clone();
+        hashed.clear_command_id();
+        let meta = CommandMeta {
+            request_hash: CommandMeta::hash_request(R::RPC, &hashed.encode_to_vec()),
+            expected_version: request.expected_version(),
+            correlation_id: correlation.unwrap_or_else(|| command_id.clone()),
+            causation_id: command_id.clone(),
+            command_id,
+            idempotent,
+        };
+        match self.writer.submit(command, meta).await {
+            Ok(accepted) => {
+                let mut response = Response::new(accepted.result);
+                if accepted.replayed {
+                    response.metadata_mut().insert(
+                        REPLAYED_HEADER,
+                        tonic::metadata::MetadataValue::from_static("true"),
+                    );
+                }
+                Ok(response)
+            }
+            Err(error) => Err(status_of(&error)),
+        }
+    }
+}
+
+/// Client command ids: 1..=128 printable ASCII characters (no spaces).
+fn check_command_id(id: &str) -> Result<(), String> {
+    if id.len() > COMMAND_ID_LEN_MAX {
+        return Err(format!("must be at most {COMMAND_ID_LEN_MAX} characters"));
+    }
+    if !id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("must be printable ASCII without spaces".into());
+    }
+    Ok(())
+}
+
+/// The caller's correlation id: `x-correlation-id`, else the trace id of a W3C
+/// `traceparent`.
+fn correlation_id(metadata: &tonic::metadata::MetadataMap) -> Option<String> {
+    if let Some(id) = metadata
+        .get(CORRELATION_HEADER)
+        .and_then(|v| v.to_str().ok())
+    {
+        if !id.is_empty()
+            && id.len() <= COMMAND_ID_LEN_MAX
+            && id.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Some(id.to_string());
+        }
+    }
+    metadata
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(shop_shared::subjects::trace_id_of_traceparent)
+        .map(str::to_string)
+}
+
+/// The one place that decides which gRPC status a refusal becomes (SPEC §4).
+pub fn status_of(error: &WriteError) -> Status {
+    let message = error.to_string();
+    match error {
+        WriteError::Domain(domain) => match domain {
+            DomainError::Invalid(violations) => invalid_argument(violations),
+            DomainError::CustomerNotFound(_) => {
+                with_reason(Code::NotFound, "CUSTOMER_NOT_FOUND", message)
+            }
+            DomainError::ProductNotFound(_) => {
+                with_reason(Code::NotFound, "PRODUCT_NOT_FOUND", message)
+            }
+            DomainError::OrderNotFound(_) => {
+                with_reason(Code::NotFound, "ORDER_NOT_FOUND", message)
+            }
+            DomainError::CustomerExists(_) => {
+                with_reason(Code::AlreadyExists, "CUSTOMER_EXISTS", message)
+            }
+            DomainError::ProductExists(_) => {
+                with_reason(Code::AlreadyExists, "PRODUCT_EXISTS", message)
+            }
+            DomainError::OrderExists(_) => {
+                with_reason(Code::AlreadyExists, "ORDER_EXISTS", message)
+            }
+            DomainError::EmailTaken { .. } => {
+                with_reason(Code::AlreadyExists, "EMAIL_TAKEN", message)
+            }
+            DomainError::CustomerDeleted(_) => {
+                with_reason(Code::FailedPrecondition, "CUSTOMER_DELETED", message)
+            }
+            DomainError::InsufficientStock { .. } => {
+                with_reason(Code::FailedPrecondition, "INSUFFICIENT_STOCK", message)
+            }
+            DomainError::InvalidOrderState { .. } => {
+                with_reason(Code::FailedPrecondition, "INVALID_ORDER_STATE", message)
+            }
+            DomainError::AmountMismatch { .. } => {
+                with_reason(Code::FailedPrecondition, "AMOUNT_MISMATCH", message)
+            }
+            DomainError::StockLimit { .. } => {
+                with_reason(Code::FailedPrecondition, "STOCK_LIMIT", message)
+            }
+        },
+        WriteError::VersionConflict { .. } => {
+            with_reason(Code::Aborted, "VERSION_CONFLICT", message)
+        }
+        WriteError::CommandIdReused(_) => {
+            with_reason(Code::AlreadyExists, "COMMAND_ID_REUSED", message)
+        }
+        WriteError::Overloaded(_) => with_reason(Code::ResourceExhausted, "OVERLOADED", message),
+        WriteError::ShuttingDown => Status::unavailable(message),
+        WriteError::Storage(detail) => {
+            tracing::error!(%detail, "command refused: event log unusable");
+            Status::unavailable("the event log is unavailable; the command was not acknowledged")
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl CommandService for Commands {
+    async fn register_customer(
+        &self,
+        request: Request<pb::RegisterCustomerRequest>,
+    ) -> Result<Response<pb::CommandResult>, Status> {
+        self.execute(request).await
+    }
+
+    async fn rename_customer(
+        &self,
+        request: Request<pb::RenameCustomerRequest>,
+    ) -> Result<Response<pb::CommandResult>, Status> {
+        self.execute(request).await
+    }
+
+    async fn change_customer_address(
+        &self,
+        request: Request<pb::ChangeCustomerAddressRequest>,
+    ) -> Result<Response<pb::CommandResult>, Status> {
+        self.execute(request).await
+    }
+
+    async fn delete_customer(
+        &self,
+        request: Request<pb::DeleteCustomerRequest>,
+    ) -> Result<Response<pb::CommandResult>, Status> {
+        self.execute(request).await
+    }
+
+    async fn create_product(
+        &self,
+        request: Request<pb::CreateProductRequest>,
+    ) -> Result<Response<pb::CommandResult>, Status> {
+        self.execute(request).await
+    }
+
+    async fn restock_product(
+        &self,
+        request: Request<pb::RestockProductRequest>,
+    ) -> Result<Response<pb::CommandResult>, Status> {
+        self.execute(request).await
+    }
+
+    async fn change_product_price(
+        &self,
+        request: Request<pb::ChangeProductPriceRequest>,
+    ) -> Result<Response<pb::CommandResult>, Status> {
+        self.execute(request).await
+    }
+
+    async fn place_order(
+        &self,
+        request: Request<pb::PlaceOrderRequest>,
+    ) -> Result<Response<pb::CommandResult>, Status> {
+        self.execute(request).await
+    }
+
+    async fn pay_order(
+        &self,
+        request: Request<pb::PayOrderRequest>,
+    ) -> Result<Response<pb::CommandResult>, Status> {
+        self.execute(request).await
+    }
+
+    async fn ship_order(
+        &self,
+        request: Request<pb::ShipOrderRequest>,
+    ) -> Result<Response<pb::CommandResult>, Status> {
+        self.execute(request).await
+    }
+
+    async fn cancel_order(
+        &self,
+        request: Request<pb::CancelOrderRequest>,
+    ) -> Result<Response<pb::CommandResult>, Status> {
+        self.execute(request).await
+    }
+}
+
+/// `shop.v1.LogService`.
+#[derive(Clone)]
+pub struct LogReader {
+    pub log: Arc<EventLog>,
+    pub watch: WriterWatch,
+    pub relay: Arc<RelayStatus>,
+    pub stream: String,
+}
+
+/// Default number of events per read.
+const READ_LIMIT_DEFAULT: usize = 100;
+
+fn read_limit(limit: u32) -> usize {
+    match usize::try_from(limit) {
+        Ok(0) | Err(_) => READ_LIMIT_DEFAULT,
+        Ok(n) => n.min(READ_LIMIT_MAX),
+    }
+}
+
+fn decode_all(
+    rows: impl IntoIterator<Item = sled::IVec>,
+) -> Result<Vec<pb::EventEnvelope>, Status> {
+    rows.into_iter()
+        .map(|bytes| {
+            pb::EventEnvelope::decode(bytes.as_ref()).map_err(|e| {
+                tracing::error!(error = %e, "undecodable event in the log");
+                Status::internal("the log holds an undecodable event")
+            })
+        })
+        .collect()
+}
+
+fn log_failure(error: impl std::fmt::Display) -> Status {
+    tracing::error!(%error, "log read failed");
+    Status::unavailable("the event log cannot be read")
+}
+
+#[tonic::async_trait]
+impl LogService for LogReader {
+    async fn get_log_status(
+        &self,
+        _request: Request<pb::GetLogStatusRequest>,
+    ) -> Result<Response<pb::LogStatus>, Status> {
+        let log_position = *self.watch.durable_position.borrow();
+        let published = self.relay.published().min(log_position);
+        Ok(Response::new(pb::LogStatus {
+            log_position,
+            published_position: published,
+            relay_lag: log_position - published,
+            nats_connected: self.relay.connected(),
+            relay_error: self.relay.error().unwrap_or_default(),
+            stream: self.stream.clone(),
+            durability: self.log.durability().as_str().to_string(),
+        }))
+    }
+
+    async fn read_log(
+        &self,
+        request: Request<pb::ReadLogRequest>,
+    ) -> Result<Response<pb::ReadLogResponse>, Status> {
+        let request = request.into_inner();
+        let from = request.from_position.max(1);
+        let limit = read_limit(request.limit);
+        let durable = *self.watch.durable_position.borrow();
+        let log = self.log.clone();
+        let rows = tokio::task::spawn_blocking(move || log.read_range(from, durable, limit))
+            .await
+            .map_err(log_failure)?
+            .map_err(log_failure)?;
+        let next = match rows.last() {
+            Some((last, _)) if *last < durable => last + 1,
+            _ => 0,
+        };
+        let events = decode_all(rows.into_iter().map(|(_, bytes)| bytes))?;
+        Ok(Response::new(pb::ReadLogResponse { events, next }))
+    }
+
+    async fn read_stream(
+        &self,
+        request: Request<pb::ReadStreamRequest>,
+    ) -> Result<Response<pb::ReadLogResponse>, Status> {
+        let request = request.into_inner();
+        let stream = StreamId::parse(&request.stream_id)
+            .map_err(|e| invalid_argument(&[FieldViolation::new("stream_id", e.to_string())]))?;
+        let from = request.from_version.max(1);
+        let limit = read_limit(request.limit);
+        let durable = *self.watch.durable_position.borrow();
+        let log = self.log.clone();
+        let rows = tokio::task::spawn_blocking(move || log.read_stream(&stream, from, limit))
+            .await
+            .map_err(log_failure)?
+            .map_err(log_failure)?;
+        let mut events = decode_all(rows)?;
+        // Only what is durable is visible.
+        events.retain(|e| e.position <= durable);
+        let next = match events.last() {
+            Some(last) if events.len() == limit => last.stream_version + 1,
+            _ => 0,
+        };
+        Ok(Response::new(pb::ReadLogResponse { events, next }))
+    }
+}

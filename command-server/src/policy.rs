@@ -1,0 +1,236 @@
+//! Reactions to events, service-to-service through the bus: when a customer is deleted,
+//! cancel each of their open (PLACED or PAID) orders with reason `customer deleted`.
+//!
+//! It consumes `CustomerDeleted` from JetStream with a durable consumer, exactly as an
+//! order service reacting to a customer service would, so it completes even when the
+//! command server is killed right after acknowledging the delete: the event is in the
+//! log, the relay publishes it after the restart, and the consumer picks it up.
+//!
+//! Idempotent: each `CancelOrder` carries a command id derived from the triggering event
+//! id and the order id, so a redelivery replays the stored replies instead of cancelling
+//! (and releasing stock) twice. A message is acked only after its commands are durable.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::pull};
+use futures::StreamExt;
+use prost::Message;
+use shop_shared::ids::StreamKind;
+use shop_shared::pb;
+use shop_shared::subjects::{self, HEADER_EVENT_TYPE};
+use tokio::sync::watch;
+
+use crate::domain::{Command, DomainError};
+use crate::log::EventLog;
+use crate::writer::{CommandMeta, WriteError, Writer};
+
+/// Durable consumer name.
+pub const CONSUMER_NAME: &str = "shop-policy-cancel-orders-of-deleted-customers";
+/// Reason recorded on the cancelled orders.
+pub const CANCEL_REASON: &str = "customer deleted";
+/// Messages delivered but not yet acked, at most.
+const ACK_PENDING_MAX: i64 = 256;
+/// Redelivery delay when a message was not acked.
+const ACK_WAIT: Duration = Duration::from_secs(10);
+/// Longest pause between attempts while NATS or the writer is unavailable.
+const RETRY_DELAY_MAX: Duration = Duration::from_secs(2);
+
+/// UUID namespace of policy command ids.
+const COMMAND_ID_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x5b0f_0e3c_2a51_4c8e_9f7d_1c2b_3a4d_5e6f);
+
+/// The command id of the cancellation of `order_id` caused by event `event_id`.
+pub fn cancel_command_id(event_id: &str, order_id: &str) -> String {
+    uuid::Uuid::new_v5(
+        &COMMAND_ID_NAMESPACE,
+        format!("{event_id}/{order_id}").as_bytes(),
+    )
+    .to_string()
+}
+
+/// The policy task's state.
+pub struct Policy {
+    pub client: async_nats::Client,
+    pub stream_name: String,
+    pub log: std::sync::Arc<EventLog>,
+    pub writer: Writer,
+}
+
+enum Handled {
+    /// Done: ack the message.
+    Done,
+    /// The writer is gone (shutdown or failure): leave the message unacked.
+    Stop,
+}
+
+impl Policy {
+    /// Consumes until `stop` is set. NATS outages are waited out.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let js = jetstream::new(self.client.clone());
+        let mut attempt = 0usize;
+        while !*stop.borrow() {
+            match self.consume(&js, &mut stop).await {
+                Ok(()) => return,
+                Err(reason) => {
+                    attempt += 1;
+                    if attempt == 1 || attempt % 10 == 0 {
+                        tracing::warn!(%reason, attempt, "policy consumer paused; retrying");
+                    }
+                    let delay =
+                        shop_shared::nats::reconnect_delay(attempt + 1).min(RETRY_DELAY_MAX);
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        _ = stop.changed() => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn consume(
+        &self,
+        js: &jetstream::Context,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<(), String> {
+        if !shop_shared::nats::is_connected(&self.client) {
+            return Err("not connected to NATS".into());
+        }
+        let stream = js
+            .get_stream(&self.stream_name)
+            .await
+            .map_err(|e| format!("stream {}: {e}", self.stream_name))?;
+        let consumer: jetstream::consumer::Consumer<pull::Config> = stream
+            .get_or_create_consumer(
+                CONSUMER_NAME,
+                pull::Config {
+                    durable_name: Some(CONSUMER_NAME.to_string()),
+                    description: Some("cancels open orders of deleted customers".into()),
+                    filter_subject: subjects::kind_filter(StreamKind::Customer),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    deliver_policy: jetstream::consumer::DeliverPolicy::All,
+                    ack_wait: ACK_WAIT,
+                    max_ack_pending: ACK_PENDING_MAX,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| format!("consumer {CONSUMER_NAME}: {e}"))?;
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| format!("consumer {CONSUMER_NAME} messages: {e}"))?;
+        loop {
+            let next = tokio::select! {
+                next = messages.next() => next,
+                _ = stop.changed() => return Ok(()),
+            };
+            let message = match next {
+                Some(Ok(m)) => m,
+                Some(Err(e)) => return Err(format!("consumer {CONSUMER_NAME}: {e}")),
+                None => return Err(format!("consumer {CONSUMER_NAME} ended")),
+            };
+            match self.handle(&message).await {
+                Handled::Done => {
+                    if let Err(e) = message.double_ack().await {
+                        // Redelivery is harmless: the command ids make it a replay.
+                        tracing::debug!(error = %e, "policy ack failed; the message will be redelivered");
+                    }
+                }
+                Handled::Stop => return Ok(()),
+            }
+        }
+    }
+
+    async fn handle(&self, message: &jetstream::Message) -> Handled {
+        let is_delete = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(HEADER_EVENT_TYPE))
+            .is_some_and(|t| t.as_str() == "CustomerDeleted");
+        if !is_delete {
+            return Handled::Done;
+        }
+        let envelope = match pb::EventEnvelope::decode(message.payload.as_ref()) {
+            Ok(e) => e,
+            Err(error) => {
+                tracing::error!(%error, subject = %message.subject, "undecodable event; skipped by the policy");
+                return Handled::Done;
+            }
+        };
+        let Some(pb::event::Kind::CustomerDeleted(deleted)) =
+            envelope.event.as_ref().and_then(|e| e.kind.clone())
+        else {
+            tracing::error!(event_id = %envelope.event_id, "CustomerDeleted header on another event; skipped");
+            return Handled::Done;
+        };
+        let log = self.log.clone();
+        let customer_id = deleted.customer_id.clone();
+        let orders = match tokio::task::spawn_blocking(move || log.open_orders(&customer_id)).await
+        {
+            Ok(Ok(orders)) => orders,
+            Ok(Err(error)) => {
+                tracing::error!(%error, "policy cannot read open orders");
+                return Handled::Stop;
+            }
+            Err(error) => {
+                tracing::error!(%error, "policy read task failed");
+                return Handled::Stop;
+            }
+        };
+        for order_id in orders {
+            if !self.cancel(&envelope, &order_id).await {
+                return Handled::Stop;
+            }
+        }
+        Handled::Done
+    }
+
+    /// Cancels one order; false when the writer is gone.
+    async fn cancel(&self, cause: &pb::EventEnvelope, order_id: &str) -> bool {
+        let request = pb::CancelOrderRequest {
+            command_id: String::new(),
+            expected_version: None,
+            order_id: order_id.to_string(),
+            reason: CANCEL_REASON.to_string(),
+        };
+        let meta = CommandMeta {
+            command_id: cancel_command_id(&cause.event_id, order_id),
+            idempotent: true,
+            request_hash: CommandMeta::hash_request("CancelOrder", &request.encode_to_vec()),
+            expected_version: None,
+            correlation_id: cause.correlation_id.clone(),
+            causation_id: cause.event_id.clone(),
+        };
+        let command = Command::CancelOrder {
+            order_id: order_id.to_string(),
+            reason: CANCEL_REASON.to_string(),
+        };
+        let mut attempt = 0usize;
+        loop {
+            match self.writer.submit(command.clone(), meta.clone()).await {
+                Ok(accepted) => {
+                    tracing::info!(order_id, customer_event = %cause.event_id, replayed = accepted.replayed, "order of deleted customer cancelled");
+                    return true;
+                }
+                Err(WriteError::Domain(
+                    DomainError::InvalidOrderState { .. } | DomainError::OrderNotFound(_),
+                )) => {
+                    // Shipped or cancelled since the list was read: nothing to do.
+                    return true;
+                }
+                Err(WriteError::Overloaded(_)) => {
+                    attempt += 1;
+                    tokio::time::sleep(
+                        shop_shared::nats::reconnect_delay(attempt + 1).min(RETRY_DELAY_MAX),
+                    )
+                    .await;
+                }
+                Err(WriteError::ShuttingDown | WriteError::Storage(_)) => return false,
+                Err(other) => {
+                    tracing::error!(error = %other, order_id, "policy could not cancel the order");
+                    return true;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,478 @@
+//! The relay: durable log events → JetStream, in position order, so that stream sequence N
+//! is log position N.
+//!
+//! - Only durable events are published (the log is the outbox; nothing is published from
+//!   inside a write).
+//! - Every publish carries `Nats-Expected-Last-Sequence: N-1`, so JetStream itself rejects
+//!   a gap or a duplicate. Publishes are pipelined: up to `window` in flight, acks checked
+//!   in order.
+//! - Where to resume is read from the stream itself (its last sequence, checked against
+//!   the log), so a crash, a NATS outage, or a stream deleted/recreated/purged behind our
+//!   back all end the same way: republish the missing tail from the log.
+//! - A stream that holds more than the log, or a different event at a position, is a
+//!   conflict: the relay refuses to publish and says so (at start-up: the server refuses
+//!   to start).
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, context::PublishAckFuture};
+use prost::Message;
+use shop_shared::ids::StreamId;
+use shop_shared::pb;
+use shop_shared::subjects::{
+    self, HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_EXPECTED_LAST_SEQUENCE, HEADER_POSITION,
+    HEADER_TRACEPARENT, STREAM_SUBJECTS,
+};
+use tokio::sync::watch;
+
+use crate::log::{EventLog, LogError};
+
+/// Metadata key of the published-position cursor in the log.
+const CURSOR_KEY: &str = "relay_published";
+/// How often an idle relay checks that the stream is still there and complete.
+const IDLE_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+/// Longest pause between attempts while NATS is unreachable.
+const RETRY_DELAY_MAX: Duration = Duration::from_secs(2);
+/// JetStream keeps this long a window for `Nats-Msg-Id` de-duplication (unused by the
+/// relay, which relies on expected-last-sequence, but set explicitly).
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// Relay tuning.
+#[derive(Debug, Clone, Copy)]
+pub struct RelayConfig {
+    /// Publishes awaiting their ack at once. Must stay below async-nats'
+    /// `max_ack_inflight` (5000), beyond which `publish` blocks.
+    pub window: usize,
+    /// Events read from the log per read.
+    pub read_chunk: usize,
+}
+
+/// What the relay is doing, for status and health.
+#[derive(Default)]
+pub struct RelayStatus {
+    /// Every position up to this one is acknowledged by JetStream.
+    published: AtomicU64,
+    /// Connected to NATS with a verified stream.
+    connected: AtomicBool,
+    /// Why the relay is not publishing, when it is not.
+    error: Mutex<Option<String>>,
+}
+
+impl RelayStatus {
+    pub fn published(&self) -> u64 {
+        self.published.load(Ordering::Acquire)
+    }
+
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
+    pub fn error(&self) -> Option<String> {
+        self.error.lock().map(|e| e.clone()).unwrap_or(None)
+    }
+
+    fn set_error(&self, error: Option<String>) {
+        self.connected.store(error.is_none(), Ordering::Release);
+        if let Ok(mut slot) = self.error.lock() {
+            *slot = error;
+        }
+    }
+}
+
+/// Why the relay stopped or paused.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// The stream and the log disagree: publishing would corrupt the mirror. Fatal.
+    #[error("{0}")]
+    Conflict(String),
+    /// NATS is unreachable or answered with an error; retried with backoff.
+    #[error("NATS: {0}")]
+    Nats(String),
+    /// The log cannot be read. Fatal.
+    #[error(transparent)]
+    Log(#[from] LogError),
+}
+
+fn nats(context: &str, error: impl std::fmt::Display) -> RelayError {
+    RelayError::Nats(format!("{context}: {error}"))
+}
+
+/// The relay task's state.
+pub struct Relay {
+    log: Arc<EventLog>,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    stream_name: String,
+    durable: watch::Receiver<u64>,
+    status: Arc<RelayStatus>,
+    config: RelayConfig,
+}
+
+impl Relay {
+    pub fn new(
+        log: Arc<EventLog>,
+        client: async_nats::Client,
+        stream_name: String,
+        durable: watch::Receiver<u64>,
+        status: Arc<RelayStatus>,
+        config: RelayConfig,
+    ) -> Self {
+        let js = jetstream::new(client.clone());
+        if let Ok(Some(cursor)) = log.meta_u64(CURSOR_KEY) {
+            status.published.store(cursor, Ordering::Release);
+        }
+        Relay {
+            log,
+            client,
+            js,
+            stream_name,
+            durable,
+            status,
+            config,
+        }
+    }
+
+    /// Makes sure the stream exists with a compatible configuration and agrees with the
+    /// log; returns the position after which publishing resumes.
+    pub async fn prepare(&self) -> Result<u64, RelayError> {
+        let mut stream = self.ensure_stream().await?;
+        let info = stream.info().await.map_err(|e| nats("stream info", e))?;
+        let state = info.state.clone();
+        let limited = info.config.max_messages > 0
+            || info.config.max_bytes > 0
+            || !info.config.max_age.is_zero();
+        let log_last = *self.durable.borrow();
+        if state.last_sequence > log_last {
+            return Err(RelayError::Conflict(format!(
+                "JetStream stream {} holds events up to sequence {}, but the event log ends at position {}: \
+                 the stream was not written from this log (wrong --data-dir or --stream?). \
+                 Refusing to publish; delete the stream to have it rebuilt from this log, or point the server at the right one.",
+                self.stream_name, state.last_sequence, log_last
+            )));
+        }
+        let front_missing = state.last_sequence > 0 && state.first_sequence > 1;
+        if front_missing && !limited {
+            // Purged (or partly lost) although nothing should ever expire: sequences
+            // cannot be reused, so the only way back to "sequence == position" is a new
+            // stream filled from the log.
+            tracing::warn!(
+                stream = %self.stream_name,
+                first_sequence = state.first_sequence,
+                last_sequence = state.last_sequence,
+                "stream lost its first events (purged?); recreating it and republishing the whole log"
+            );
+            self.js
+                .delete_stream(&self.stream_name)
+                .await
+                .map_err(|e| nats("delete purged stream", e))?;
+            self.ensure_stream().await?;
+            return Ok(0);
+        }
+        if state.last_sequence > 0 && state.messages > 0 {
+            self.check_same_event(&stream, state.last_sequence).await?;
+        }
+        Ok(state.last_sequence)
+    }
+
+    /// Gets the stream, creating it when missing; refuses a conflicting configuration.
+    async fn ensure_stream(&self) -> Result<jetstream::stream::Stream, RelayError> {
+        let config = stream_config(&self.stream_name);
+        let mut stream = self
+            .js
+            .get_or_create_stream(config)
+            .await
+            .map_err(|e| nats(&format!("get or create stream {}", self.stream_name), e))?;
+        let info = stream.info().await.map_err(|e| nats("stream info", e))?;
+        check_stream_config(&self.stream_name, &info.config)?;
+        Ok(stream)
+    }
+
+    /// The message at `sequence` must be the log's event at that position.
+    async fn check_same_event(
+        &self,
+        stream: &jetstream::stream::Stream,
+        sequence: u64,
+    ) -> Result<(), RelayError> {
+        let message = stream
+            .get_raw_message(sequence)
+            .await
+            .map_err(|e| nats(&format!("get message {sequence}"), e))?;
+        let in_stream = message
+            .headers
+            .get(HEADER_EVENT_ID)
+            .map(|v| v.as_str().to_string())
+            .unwrap_or_default();
+        let log = self.log.clone();
+        let in_log = tokio::task::spawn_blocking(move || log.event(sequence))
+            .await
+            .map_err(|e| RelayError::Nats(format!("log read task: {e}")))??
+            .and_then(|bytes| pb::EventEnvelope::decode(bytes.as_ref()).ok())
+            .map(|e| e.event_id)
+            .unwrap_or_default();
+        if in_stream != in_log {
+            return Err(RelayError::Conflict(format!(
+                "JetStream stream {} holds event {in_stream:?} at sequence {sequence}, but the event log has {in_log:?} there: \
+                 the stream was not written from this log. Refusing to publish.",
+                self.stream_name
+            )));
+        }
+        Ok(())
+    }
+
+    /// Publishes until `stop` is set and everything durable is published (or until a
+    /// fatal error). NATS outages are waited out with backoff.
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> Result<(), RelayError> {
+        let mut attempt: u32 = 0;
+        loop {
+            if *stop.borrow() && self.caught_up() {
+                return Ok(());
+            }
+            let resumed = if shop_shared::nats::is_connected(&self.client) {
+                self.prepare().await
+            } else {
+                Err(RelayError::Nats("not connected".into()))
+            };
+            let outcome = match resumed {
+                Ok(position) => {
+                    attempt = 0;
+                    self.status.published.store(position, Ordering::Release);
+                    self.status.set_error(None);
+                    tracing::info!(stream = %self.stream_name, resume_after = position, log_position = *self.durable.borrow(), "relay publishing");
+                    self.publish(position, &mut stop).await
+                }
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(()) => return Ok(()),
+                Err(RelayError::Nats(reason)) => {
+                    attempt = attempt.saturating_add(1);
+                    if attempt == 1 || attempt % 10 == 0 {
+                        tracing::warn!(%reason, attempt, "relay paused; events stay in the log and are published once NATS is back");
+                    }
+                    self.status.set_error(Some(reason));
+                    if *stop.borrow() {
+                        // Shutting down with NATS away: the log keeps the events.
+                        return Ok(());
+                    }
+                    let delay = shop_shared::nats::reconnect_delay(attempt as usize + 1)
+                        .min(RETRY_DELAY_MAX);
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        _ = stop.changed() => {}
+                    }
+                }
+                Err(fatal) => {
+                    tracing::error!(error = %fatal, "relay stopped");
+                    self.status.set_error(Some(fatal.to_string()));
+                    return Err(fatal);
+                }
+            }
+        }
+    }
+
+    fn caught_up(&self) -> bool {
+        self.status.published() >= *self.durable.borrow()
+    }
+
+    /// The publishing loop proper, from `published` on.
+    async fn publish(
+        &mut self,
+        mut published: u64,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<(), RelayError> {
+        let mut inflight: VecDeque<(u64, PublishAckFuture)> =
+            VecDeque::with_capacity(self.config.window);
+        let mut saved_cursor = published;
+        let mut idle_check = tokio::time::interval(IDLE_CHECK_INTERVAL);
+        idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let durable = *self.durable.borrow_and_update();
+            let next = published + inflight.len() as u64 + 1;
+            if next <= durable {
+                let to = durable.min(next + self.config.read_chunk as u64 - 1);
+                let log = self.log.clone();
+                let chunk = self.config.read_chunk;
+                let events = tokio::task::spawn_blocking(move || log.read_range(next, to, chunk))
+                    .await
+                    .map_err(|e| nats("log read task", e))??;
+                let mut expected = next;
+                for (position, bytes) in events {
+                    if position != expected {
+                        return Err(RelayError::Log(LogError::Corrupt {
+                            key: format!("E{position}"),
+                            reason: format!("log gap: expected position {expected}"),
+                        }));
+                    }
+                    expected += 1;
+                    if inflight.len() >= self.config.window {
+                        published = self.settle(&mut inflight).await?;
+                    }
+                    let ack = self.send(position, bytes).await?;
+                    inflight.push_back((position, ack));
+                }
+                continue;
+            }
+            if !inflight.is_empty() {
+                published = self.settle(&mut inflight).await?;
+                continue;
+            }
+            // Caught up with the log.
+            if published != saved_cursor {
+                let log = self.log.clone();
+                let _ =
+                    tokio::task::spawn_blocking(move || log.set_meta_u64(CURSOR_KEY, published))
+                        .await;
+                saved_cursor = published;
+            }
+            if *stop.borrow() {
+                return Ok(());
+            }
+            tokio::select! {
+                changed = self.durable.changed() => {
+                    if changed.is_err() {
+                        // The writer is gone (shutdown): everything durable is published.
+                        return Ok(());
+                    }
+                }
+                _ = stop.changed() => {}
+                _ = idle_check.tick() => self.check_idle_stream(published).await?,
+            }
+        }
+    }
+
+    /// While idle, notices a stream deleted or truncated behind the relay's back.
+    async fn check_idle_stream(&self, published: u64) -> Result<(), RelayError> {
+        let mut stream = self
+            .js
+            .get_stream(&self.stream_name)
+            .await
+            .map_err(|e| nats("stream check", e))?;
+        let info = stream.info().await.map_err(|e| nats("stream check", e))?;
+        let state = &info.state;
+        let limited = info.config.max_messages > 0
+            || info.config.max_bytes > 0
+            || !info.config.max_age.is_zero();
+        let front_missing = state.last_sequence > 0 && state.first_sequence > 1 && !limited;
+        if state.last_sequence != published || front_missing {
+            return Err(RelayError::Nats(format!(
+                "stream {} is at sequence {} (first {}), relay published up to {published}: resynchronising",
+                self.stream_name, state.last_sequence, state.first_sequence
+            )));
+        }
+        Ok(())
+    }
+
+    /// Sends one event; returns its ack future.
+    async fn send(&self, position: u64, bytes: sled::IVec) -> Result<PublishAckFuture, RelayError> {
+        let envelope = pb::EventEnvelope::decode(bytes.as_ref()).map_err(|e| {
+            RelayError::Log(LogError::Corrupt {
+                key: format!("E{position}"),
+                reason: e.to_string(),
+            })
+        })?;
+        let stream = StreamId::parse(&envelope.stream_id).map_err(|e| {
+            RelayError::Log(LogError::Corrupt {
+                key: format!("E{position}"),
+                reason: format!("stream id {:?}: {e}", envelope.stream_id),
+            })
+        })?;
+        let subject = subjects::subject(stream.kind, &stream.id);
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(
+            HEADER_EXPECTED_LAST_SEQUENCE,
+            (position - 1).to_string().as_str(),
+        );
+        headers.insert(HEADER_EVENT_ID, envelope.event_id.as_str());
+        headers.insert(HEADER_EVENT_TYPE, envelope.event_type.as_str());
+        headers.insert(HEADER_POSITION, position.to_string().as_str());
+        headers.insert(
+            HEADER_TRACEPARENT,
+            subjects::traceparent(&envelope.correlation_id, &envelope.event_id).as_str(),
+        );
+        self.js
+            .publish_with_headers(subject, headers, bytes::Bytes::copy_from_slice(&bytes))
+            .await
+            .map_err(|e| nats(&format!("publish position {position}"), e))
+    }
+
+    /// Awaits the oldest in-flight ack and checks it landed at its position.
+    async fn settle(
+        &self,
+        inflight: &mut VecDeque<(u64, PublishAckFuture)>,
+    ) -> Result<u64, RelayError> {
+        let Some((position, ack)) = inflight.pop_front() else {
+            return Ok(self.status.published());
+        };
+        let ack = ack
+            .await
+            .map_err(|e| nats(&format!("ack of position {position}"), e))?;
+        if ack.sequence != position || ack.duplicate {
+            return Err(RelayError::Nats(format!(
+                "position {position} was stored as sequence {} (duplicate: {}); resynchronising",
+                ack.sequence, ack.duplicate
+            )));
+        }
+        self.status.published.store(position, Ordering::Release);
+        Ok(position)
+    }
+}
+
+/// The configuration the relay creates the stream with.
+pub fn stream_config(name: &str) -> jetstream::stream::Config {
+    jetstream::stream::Config {
+        name: name.to_string(),
+        description: Some("shop events; stream sequence N is command-log position N".into()),
+        subjects: vec![STREAM_SUBJECTS.to_string()],
+        retention: jetstream::stream::RetentionPolicy::Limits,
+        storage: jetstream::stream::StorageType::File,
+        discard: jetstream::stream::DiscardPolicy::Old,
+        duplicate_window: DUPLICATE_WINDOW,
+        num_replicas: 1,
+        // Events are never deleted one by one; a purge is detected and repaired.
+        deny_delete: true,
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+/// Refuses an existing stream the relay cannot mirror the log into.
+fn check_stream_config(name: &str, config: &jetstream::stream::Config) -> Result<(), RelayError> {
+    let mut problems = Vec::new();
+    if config.subjects != [STREAM_SUBJECTS] {
+        problems.push(format!(
+            "its subjects are {:?}, expected exactly [{STREAM_SUBJECTS:?}] (other subjects would take sequence numbers)",
+            config.subjects
+        ));
+    }
+    if config.retention != jetstream::stream::RetentionPolicy::Limits {
+        problems.push(format!(
+            "its retention is {:?}, expected Limits (work-queue or interest retention deletes events)",
+            config.retention
+        ));
+    }
+    if config.sealed {
+        problems.push("it is sealed".into());
+    }
+    if config.mirror.is_some() || config.sources.as_ref().is_some_and(|s| !s.is_empty()) {
+        problems.push("it is a mirror or has sources".into());
+    }
+    if !problems.is_empty() {
+        return Err(RelayError::Conflict(format!(
+            "JetStream stream {name} exists with a configuration the relay cannot use: {}",
+            problems.join("; ")
+        )));
+    }
+    if config.max_messages > 0 || config.max_bytes > 0 || !config.max_age.is_zero() {
+        tracing::warn!(stream = name, "stream has limits: old events will expire and new query servers cannot rebuild from the start");
+    }
+    if config.storage == jetstream::stream::StorageType::Memory {
+        tracing::warn!(
+            stream = name,
+            "stream uses memory storage: it is republished from the log after every NATS restart"
+        );
+    }
+    Ok(())
+}

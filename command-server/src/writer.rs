@@ -1,0 +1,628 @@
+//! The single writer: every command goes through one bounded queue to one thread that
+//! decides it and appends its events; a second thread makes batches durable and replies.
+//!
+//! - **Serialized**: one thread decides every command against the latest state (its own
+//!   earlier decisions included), so there are no lost updates and no interleavings that
+//!   could break an invariant, with no locks.
+//! - **Atomic**: each batch of commands is one `sled::Batch`; a command's rows are added
+//!   only after `decide` accepted it, so a refused command writes nothing.
+//! - **Group commit**: while the flusher syncs batch N, the writer decides and applies
+//!   batch N+1; one sync then covers every batch applied before it. Exactly one thread
+//!   ever flushes.
+//! - **Acknowledged = durable**: every reply (refusals and idempotent replays included,
+//!   since they may depend on state that is not yet durable) is sent by the flusher after
+//!   the sync that covers the state it was decided on.
+//! - **Bounded**: the queue holds at most `queue_capacity` commands (then
+//!   RESOURCE_EXHAUSTED), a batch at most `batch_commands_max`, and at most
+//!   `FLUSH_QUEUE_BATCHES` applied batches wait for a sync (then the writer waits).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use prost::Message;
+use shop_shared::events::{event_type, now_micros, stream_of, timestamp_from_micros};
+use shop_shared::ids::{generate_id, StreamId, StreamKind};
+use shop_shared::pb;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::domain::{
+    self, email_key, order, Command, Customer, DomainError, Event, Order, Product,
+};
+use crate::log::{CommandRecord, EventLog, LogError, WriteBatch};
+
+/// Applied batches that may wait for the flusher before the writer blocks.
+const FLUSH_QUEUE_BATCHES: usize = 8;
+
+/// Everything about a command that is not the command itself.
+#[derive(Debug, Clone)]
+pub struct CommandMeta {
+    /// The command's id, recorded in its events' envelopes: the client's, or generated.
+    pub command_id: String,
+    /// Whether `command_id` came from the client and is an idempotency key (a generated
+    /// id cannot be retried, so no record is kept for it).
+    pub idempotent: bool,
+    /// Hash of the request (RPC name and payload without the command id), to tell a retry
+    /// from a different request reusing the id.
+    pub request_hash: [u8; 16],
+    /// Optimistic concurrency on the command's own stream.
+    pub expected_version: Option<u64>,
+    pub correlation_id: String,
+    pub causation_id: String,
+}
+
+impl CommandMeta {
+    /// The hash of a request, as stored in idempotency records.
+    pub fn hash_request(rpc: &str, payload: &[u8]) -> [u8; 16] {
+        let mut bytes = Vec::with_capacity(rpc.len() + 1 + payload.len());
+        bytes.extend_from_slice(rpc.as_bytes());
+        bytes.push(0);
+        bytes.extend_from_slice(payload);
+        xxhash_rust::xxh3::xxh3_128(&bytes).to_be_bytes()
+    }
+}
+
+/// An accepted command's reply.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Accepted {
+    pub result: pb::CommandResult,
+    /// True when this is the stored reply of an earlier request with the same command id.
+    pub replayed: bool,
+}
+
+/// Why a command was not accepted.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Domain(#[from] DomainError),
+    #[error("stream {stream} is at version {actual}, but expected_version was {expected}")]
+    VersionConflict {
+        stream: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("command_id {0:?} was already used for a different request")]
+    CommandIdReused(String),
+    #[error("the command queue is full ({0} commands waiting); retry with backoff")]
+    Overloaded(usize),
+    #[error("the command server is shutting down")]
+    ShuttingDown,
+    #[error("the event log is unusable: {0}")]
+    Storage(String),
+}
+
+/// Tuning of the writer.
+#[derive(Debug, Clone, Copy)]
+pub struct WriterConfig {
+    /// Commands that may wait in the queue.
+    pub queue_capacity: usize,
+    /// Commands decided into one atomic batch.
+    pub batch_commands_max: usize,
+}
+
+struct Submission {
+    command: Command,
+    meta: CommandMeta,
+    reply: oneshot::Sender<Result<Accepted, WriteError>>,
+}
+
+/// Cloneable handle to submit commands.
+#[derive(Clone)]
+pub struct Writer {
+    queue: mpsc::Sender<Submission>,
+    capacity: usize,
+    failure: watch::Receiver<Option<String>>,
+}
+
+/// Progress of the writer, for the relay, status and health.
+#[derive(Clone)]
+pub struct WriterWatch {
+    /// Last position known durable.
+    pub durable_position: watch::Receiver<u64>,
+    /// Set when the log failed and the writer stopped.
+    pub failure: watch::Receiver<Option<String>>,
+}
+
+/// The writer and flusher threads, to join at shutdown.
+pub struct WriterThreads {
+    writer: std::thread::JoinHandle<()>,
+    flusher: std::thread::JoinHandle<()>,
+}
+
+impl WriterThreads {
+    /// Waits for both threads. They end once every [`Writer`] handle is dropped and the
+    /// last batch is synced and answered.
+    pub fn join(self) {
+        let _ = self.writer.join();
+        let _ = self.flusher.join();
+    }
+}
+
+impl Writer {
+    /// Starts the writer and flusher threads over `log`.
+    pub fn start(
+        log: Arc<EventLog>,
+        config: WriterConfig,
+    ) -> Result<(Writer, WriterWatch, WriterThreads), LogError> {
+        let last_position = log.last_position()?;
+        let last_micros = match log.event(last_position)? {
+            Some(bytes) => pb::EventEnvelope::decode(bytes.as_ref())
+                .ok()
+                .and_then(|e| e.occurred_at)
+                .map_or(0, |t| shop_shared::events::micros_from_timestamp(&t)),
+            None => 0,
+        };
+        let (queue_tx, queue_rx) = mpsc::channel(config.queue_capacity.max(1));
+        let (flush_tx, flush_rx) = std::sync::mpsc::sync_channel(FLUSH_QUEUE_BATCHES);
+        let (durable_tx, durable_rx) = watch::channel(last_position);
+        let (failure_tx, failure_rx) = watch::channel(None);
+        let failure_tx = Arc::new(failure_tx);
+
+        let decider = Decider {
+            log: log.clone(),
+            next_position: last_position + 1,
+            last_micros,
+        };
+        let writer = {
+            let failure_tx = failure_tx.clone();
+            let batch_max = config.batch_commands_max.max(1);
+            std::thread::Builder::new()
+                .name("shop-writer".into())
+                .spawn(move || writer_loop(decider, queue_rx, flush_tx, batch_max, &failure_tx))
+                .map_err(|source| LogError::Io {
+                    path: "writer thread".into(),
+                    source,
+                })?
+        };
+        let flusher = std::thread::Builder::new()
+            .name("shop-flusher".into())
+            .spawn(move || flusher_loop(&log, flush_rx, &durable_tx, &failure_tx))
+            .map_err(|source| LogError::Io {
+                path: "flusher thread".into(),
+                source,
+            })?;
+        Ok((
+            Writer {
+                queue: queue_tx,
+                capacity: config.queue_capacity,
+                failure: failure_rx.clone(),
+            },
+            WriterWatch {
+                durable_position: durable_rx,
+                failure: failure_rx,
+            },
+            WriterThreads { writer, flusher },
+        ))
+    }
+
+    /// Submits a validated command and waits until it is durable (or refused).
+    pub async fn submit(
+        &self,
+        command: Command,
+        meta: CommandMeta,
+    ) -> Result<Accepted, WriteError> {
+        let (reply, answer) = oneshot::channel();
+        let submission = Submission {
+            command,
+            meta,
+            reply,
+        };
+        match self.queue.try_send(submission) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                return Err(WriteError::Overloaded(self.capacity))
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(self.stopped()),
+        }
+        answer.await.unwrap_or_else(|_| Err(self.stopped()))
+    }
+
+    fn stopped(&self) -> WriteError {
+        match self.failure.borrow().clone() {
+            Some(reason) => WriteError::Storage(reason),
+            None => WriteError::ShuttingDown,
+        }
+    }
+}
+
+type Reply = (
+    oneshot::Sender<Result<Accepted, WriteError>>,
+    Result<Accepted, WriteError>,
+);
+
+/// An applied batch waiting for a sync.
+struct FlushJob {
+    replies: Vec<Reply>,
+    last_position: u64,
+}
+
+fn writer_loop(
+    mut decider: Decider,
+    mut queue: mpsc::Receiver<Submission>,
+    flush: std::sync::mpsc::SyncSender<FlushJob>,
+    batch_max: usize,
+    failure: &watch::Sender<Option<String>>,
+) {
+    let mut submissions = Vec::with_capacity(batch_max);
+    while let Some(first) = queue.blocking_recv() {
+        submissions.push(first);
+        while submissions.len() < batch_max {
+            match queue.try_recv() {
+                Ok(s) => submissions.push(s),
+                Err(_) => break,
+            }
+        }
+        let replies_and_batch = decider.decide_batch(&mut submissions);
+        let (replies, batch) = match replies_and_batch {
+            Ok(done) => done,
+            Err(error) => {
+                fail(failure, &error);
+                return;
+            }
+        };
+        if !batch.is_empty() {
+            if let Err(error) = decider.log.apply(batch.into_sled()) {
+                // Nothing of this batch was acknowledged; its replies are dropped, so
+                // their callers see the storage failure.
+                fail(failure, &error);
+                return;
+            }
+        }
+        let job = FlushJob {
+            replies,
+            last_position: decider.next_position - 1,
+        };
+        if flush.send(job).is_err() {
+            // The flusher stopped after a sync failure; it reported it.
+            return;
+        }
+    }
+    tracing::debug!("command queue closed; writer done");
+}
+
+fn fail(failure: &watch::Sender<Option<String>>, error: &LogError) {
+    tracing::error!(%error, "event log write failed; the command server stops accepting commands");
+    failure.send_replace(Some(error.to_string()));
+}
+
+fn flusher_loop(
+    log: &EventLog,
+    jobs: std::sync::mpsc::Receiver<FlushJob>,
+    durable: &watch::Sender<u64>,
+    failure: &watch::Sender<Option<String>>,
+) {
+    let mut pending = Vec::new();
+    while let Ok(first) = jobs.recv() {
+        pending.push(first);
+        while let Ok(more) = jobs.try_recv() {
+            pending.push(more);
+        }
+        if let Err(error) = log.sync() {
+            // Unknown what reached the disk: acknowledge nothing more, ever.
+            tracing::error!(%error, "sync of the event log failed; the command server stops accepting commands");
+            failure.send_replace(Some(error.to_string()));
+            return;
+        }
+        let mut last = *durable.borrow();
+        for job in pending.drain(..) {
+            last = last.max(job.last_position);
+            for (reply, outcome) in job.replies {
+                let _client_gone = reply.send(outcome);
+            }
+        }
+        durable.send_if_modified(|position| {
+            let changed = *position != last;
+            *position = last;
+            changed
+        });
+    }
+    tracing::debug!("writer finished; flusher done");
+}
+
+/// The deciding half of the writer: positions, time, and the state overlay of a batch.
+struct Decider {
+    log: Arc<EventLog>,
+    next_position: u64,
+    /// `occurred_at` of the last event, so that it never decreases along positions.
+    last_micros: i64,
+}
+
+impl Decider {
+    /// Decides every submission of a batch; returns the replies and the rows to write.
+    fn decide_batch(
+        &mut self,
+        submissions: &mut Vec<Submission>,
+    ) -> Result<(Vec<Reply>, WriteBatch), LogError> {
+        let log = self.log.clone();
+        let mut overlay = Overlay::new(&log);
+        let mut batch = WriteBatch::default();
+        let mut replies = Vec::with_capacity(submissions.len());
+        for s in submissions.drain(..) {
+            let outcome = self.decide_one(&s.command, &s.meta, &mut overlay, &mut batch)?;
+            replies.push((s.reply, outcome));
+        }
+        overlay.write_dirty_states(&mut batch);
+        Ok((replies, batch))
+    }
+
+    fn decide_one(
+        &mut self,
+        command: &Command,
+        meta: &CommandMeta,
+        overlay: &mut Overlay<'_>,
+        batch: &mut WriteBatch,
+    ) -> Result<Result<Accepted, WriteError>, LogError> {
+        if meta.idempotent {
+            let command_id = &meta.command_id;
+            if let Some(record) = overlay.command(command_id)? {
+                return Ok(if record.request_hash == meta.request_hash {
+                    Ok(Accepted {
+                        result: record.result.unwrap_or_default(),
+                        replayed: true,
+                    })
+                } else {
+                    Err(WriteError::CommandIdReused(command_id.clone()))
+                });
+            }
+        }
+
+        for stream in command.streams_read() {
+            overlay.load(&stream)?;
+        }
+        if let Command::RegisterCustomer { email, .. } = command {
+            overlay.load_email(&email_key(email))?;
+        }
+        let own = command.stream();
+        if let (StreamKind::Order, Some(order)) = (own.kind, overlay.orders.get(&own.id)) {
+            let products: Vec<StreamId> = order.iter().flat_map(order::products_of).collect();
+            for p in products {
+                overlay.load(&p)?;
+            }
+        }
+        if let Some(expected) = meta.expected_version {
+            let actual = overlay.version(&own);
+            if actual != expected {
+                return Ok(Err(WriteError::VersionConflict {
+                    stream: own.to_string(),
+                    expected,
+                    actual,
+                }));
+            }
+        }
+        let events = match domain::decide(command, overlay) {
+            Ok(events) => events,
+            Err(refused) => return Ok(Err(refused.into())),
+        };
+
+        let event_count = u32::try_from(events.len()).unwrap_or(u32::MAX);
+        let now = now_micros().max(self.last_micros);
+        self.last_micros = now;
+        let occurred_at = timestamp_from_micros(now);
+        let mut own_version = overlay.version(&own);
+        let mut position = 0;
+        for event in events {
+            position = self.next_position;
+            self.next_position += 1;
+            let stream = stream_of(&event);
+            let version = overlay.evolve(&stream, &event, batch)?;
+            if stream == own {
+                own_version = version;
+            }
+            let envelope = pb::EventEnvelope {
+                event_id: generate_id(),
+                position,
+                stream_id: stream.to_string(),
+                stream_version: version,
+                event_type: event_type(&event).to_string(),
+                occurred_at: Some(occurred_at),
+                command_id: meta.command_id.clone(),
+                correlation_id: meta.correlation_id.clone(),
+                causation_id: meta.causation_id.clone(),
+                event: Some(pb::Event { kind: Some(event) }),
+            };
+            batch.event(position, &envelope.encode_to_vec());
+            batch.stream_index(&stream, version, position);
+        }
+        let result = pb::CommandResult {
+            stream_id: own.to_string(),
+            version: own_version,
+            position,
+            event_count,
+            id: own.id.clone(),
+        };
+        if meta.idempotent {
+            let record = CommandRecord {
+                request_hash: meta.request_hash.to_vec(),
+                result: Some(result.clone()),
+            };
+            batch.command(&meta.command_id, &record);
+            overlay.commands.insert(meta.command_id.clone(), record);
+        }
+        Ok(Ok(Accepted {
+            result,
+            replayed: false,
+        }))
+    }
+}
+
+/// State of the aggregates a batch touches: loaded from the log on first use, then
+/// evolved in memory as the batch's commands are decided. `None` = does not exist.
+struct Overlay<'l> {
+    log: &'l EventLog,
+    customers: HashMap<String, Option<Customer>>,
+    products: HashMap<String, Option<Product>>,
+    orders: HashMap<String, Option<Order>>,
+    /// Email key → live owner (`None`: known free).
+    emails: HashMap<String, Option<String>>,
+    commands: HashMap<String, CommandRecord>,
+    dirty: HashSet<StreamId>,
+}
+
+impl<'l> Overlay<'l> {
+    fn new(log: &'l EventLog) -> Self {
+        Overlay {
+            log,
+            customers: HashMap::new(),
+            products: HashMap::new(),
+            orders: HashMap::new(),
+            emails: HashMap::new(),
+            commands: HashMap::new(),
+            dirty: HashSet::new(),
+        }
+    }
+
+    fn command(&mut self, command_id: &str) -> Result<Option<CommandRecord>, LogError> {
+        if let Some(record) = self.commands.get(command_id) {
+            return Ok(Some(record.clone()));
+        }
+        self.log.command(command_id)
+    }
+
+    fn load(&mut self, stream: &StreamId) -> Result<(), LogError> {
+        let log = self.log;
+        match stream.kind {
+            StreamKind::Customer => {
+                if !self.customers.contains_key(&stream.id) {
+                    let state = log.state::<Customer>(stream)?;
+                    self.customers.insert(stream.id.clone(), state);
+                }
+            }
+            StreamKind::Product => {
+                if !self.products.contains_key(&stream.id) {
+                    let state = log.state::<Product>(stream)?;
+                    self.products.insert(stream.id.clone(), state);
+                }
+            }
+            StreamKind::Order => {
+                if !self.orders.contains_key(&stream.id) {
+                    let state = log.state::<Order>(stream)?;
+                    self.orders.insert(stream.id.clone(), state);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads the owner of an email key (for RegisterCustomer).
+    fn load_email(&mut self, key: &str) -> Result<(), LogError> {
+        if !self.emails.contains_key(key) {
+            let owner = self.log.email_owner(key)?;
+            self.emails.insert(key.to_string(), owner);
+        }
+        Ok(())
+    }
+
+    fn version(&self, stream: &StreamId) -> u64 {
+        let version = match stream.kind {
+            StreamKind::Customer => self
+                .customers
+                .get(&stream.id)
+                .and_then(|s| s.as_ref().map(|c| c.version)),
+            StreamKind::Product => self
+                .products
+                .get(&stream.id)
+                .and_then(|s| s.as_ref().map(|p| p.version)),
+            StreamKind::Order => self
+                .orders
+                .get(&stream.id)
+                .and_then(|s| s.as_ref().map(|o| o.version)),
+        };
+        version.unwrap_or(0)
+    }
+
+    /// Folds an accepted event into its stream's state, maintains the secondary indexes
+    /// in `batch`, and returns the stream's new version.
+    fn evolve(
+        &mut self,
+        stream: &StreamId,
+        event: &Event,
+        batch: &mut WriteBatch,
+    ) -> Result<u64, LogError> {
+        self.load(stream)?;
+        self.dirty.insert(stream.clone());
+        let version = match stream.kind {
+            StreamKind::Customer => {
+                let before = self.customers.get_mut(&stream.id).and_then(Option::take);
+                let freed_email = match (event, &before) {
+                    (Event::CustomerDeleted(_), Some(c)) => Some(email_key(&c.email)),
+                    _ => None,
+                };
+                let after = domain::customer::evolve(before, event);
+                if let Event::CustomerRegistered(e) = event {
+                    let key = email_key(&e.email);
+                    batch.email(&key, Some(&e.customer_id));
+                    self.emails.insert(key, Some(e.customer_id.clone()));
+                }
+                if let Some(key) = freed_email {
+                    batch.email(&key, None);
+                    self.emails.insert(key, None);
+                }
+                let version = after.version;
+                self.customers.insert(stream.id.clone(), Some(after));
+                version
+            }
+            StreamKind::Product => {
+                let before = self.products.get_mut(&stream.id).and_then(Option::take);
+                let after = domain::product::evolve(before, event);
+                debug_assert!(
+                    0 <= after.reserved && after.reserved <= after.on_hand,
+                    "stock invariant broken: {after:?}"
+                );
+                let version = after.version;
+                self.products.insert(stream.id.clone(), Some(after));
+                version
+            }
+            StreamKind::Order => {
+                let before = self.orders.get_mut(&stream.id).and_then(Option::take);
+                let after = domain::order::evolve(before, event);
+                batch.open_order(&after.customer_id, &stream.id, after.is_open());
+                let version = after.version;
+                self.orders.insert(stream.id.clone(), Some(after));
+                version
+            }
+        };
+        Ok(version)
+    }
+
+    fn write_dirty_states(&mut self, batch: &mut WriteBatch) {
+        for stream in self.dirty.drain() {
+            let bytes = match stream.kind {
+                StreamKind::Customer => self
+                    .customers
+                    .get(&stream.id)
+                    .and_then(Option::as_ref)
+                    .map(Message::encode_to_vec),
+                StreamKind::Product => self
+                    .products
+                    .get(&stream.id)
+                    .and_then(Option::as_ref)
+                    .map(Message::encode_to_vec),
+                StreamKind::Order => self
+                    .orders
+                    .get(&stream.id)
+                    .and_then(Option::as_ref)
+                    .map(Message::encode_to_vec),
+            };
+            if let Some(bytes) = bytes {
+                batch.state(&stream, &bytes);
+            }
+        }
+    }
+}
+
+impl domain::State for Overlay<'_> {
+    fn customer(&self, customer_id: &str) -> Option<&Customer> {
+        self.customers.get(customer_id).and_then(Option::as_ref)
+    }
+
+    fn product(&self, sku: &str) -> Option<&Product> {
+        self.products.get(sku).and_then(Option::as_ref)
+    }
+
+    fn order(&self, order_id: &str) -> Option<&Order> {
+        self.orders.get(order_id).and_then(Option::as_ref)
+    }
+
+    fn email_owner(&self, email_key: &str) -> Option<&str> {
+        self.emails.get(email_key).and_then(|o| o.as_deref())
+    }
+}
