@@ -1,0 +1,446 @@
+//! The consumer: JetStream → batches → projections → one atomic sled write.
+//!
+//! - Reads the stream in sequence order with an ordered consumer, starting right after
+//!   the checkpoint.
+//! - Applies a batch of events to the views and writes views, indexes, the events' copies
+//!   and the new checkpoint in **one** sled batch: after a crash the views are exactly a
+//!   fold of events 1..checkpoint, never partly ahead or behind.
+//! - Skips anything at or below the checkpoint (redelivery); refuses to apply past a gap
+//!   in sequences, or an event whose position is not its sequence, reporting why and
+//!   retrying from the checkpoint with backoff (the relay may be republishing).
+//! - Refuses a stream whose event at the checkpoint is not the one the views were built
+//!   from (the views belong to another stream: rebuild them).
+//! - After each commit: wakes `min_position` waiters and publishes watched changes.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer::pull, consumer::DeliverPolicy};
+use futures::{FutureExt, StreamExt};
+use prost::Message;
+use shop_shared::pb;
+use shop_shared::subjects::HEADER_EVENT_ID;
+use tokio::sync::watch;
+
+use crate::projections::{self, Changed};
+use crate::store::{Overlay, Store, StoreError};
+use crate::watch::{Update, WatchKey, Watchers};
+
+/// How often sled's buffers are written out (the consumer is the only flusher).
+const FLUSH_INTERVAL: Duration = Duration::from_millis(500);
+/// How often an idle consumer refreshes the stream's last sequence.
+const STREAM_INFO_INTERVAL: Duration = Duration::from_secs(2);
+/// Longest pause between attempts after an error.
+const RETRY_DELAY_MAX: Duration = Duration::from_secs(2);
+
+/// Consumer tuning.
+#[derive(Debug, Clone, Copy)]
+pub struct ConsumerConfig {
+    /// Events applied in one atomic write, at most.
+    pub batch_events_max: usize,
+}
+
+/// Progress of the consumer, shared with the gRPC side.
+pub struct ConsumerStatus {
+    /// Last applied (committed) position.
+    pub applied: watch::Sender<u64>,
+    /// Last sequence of the stream, as last seen.
+    stream_last: AtomicU64,
+    /// Consuming normally (connected, no error).
+    healthy: AtomicBool,
+    error: Mutex<Option<String>>,
+}
+
+impl ConsumerStatus {
+    pub fn new(applied: u64) -> Arc<Self> {
+        Arc::new(ConsumerStatus {
+            applied: watch::channel(applied).0,
+            stream_last: AtomicU64::new(applied),
+            healthy: AtomicBool::new(false),
+            error: Mutex::new(None),
+        })
+    }
+
+    pub fn applied(&self) -> u64 {
+        *self.applied.borrow()
+    }
+
+    pub fn stream_last(&self) -> u64 {
+        self.stream_last.load(Ordering::Acquire).max(self.applied())
+    }
+
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
+    }
+
+    pub fn error(&self) -> Option<String> {
+        self.error.lock().map(|e| e.clone()).unwrap_or(None)
+    }
+
+    fn set_error(&self, error: Option<String>) {
+        self.healthy.store(error.is_none(), Ordering::Release);
+        if let Ok(mut slot) = self.error.lock() {
+            *slot = error;
+        }
+    }
+
+    fn saw_stream_last(&self, sequence: u64) {
+        self.stream_last.store(sequence, Ordering::Release);
+    }
+}
+
+/// Why the consumer stopped applying.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumerError {
+    #[error("gap in the stream: expected sequence {expected}, got {got}; not applying past it")]
+    Gap { expected: u64, got: u64 },
+    #[error("event at sequence {sequence} cannot be applied: {reason}")]
+    Poison { sequence: u64, reason: String },
+    #[error("{0}")]
+    Conflict(String),
+    #[error("NATS: {0}")]
+    Nats(String),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// One message, as the blocking apply step needs it.
+struct Incoming {
+    sequence: u64,
+    payload: bytes::Bytes,
+}
+
+/// What a committed batch produced.
+struct Applied {
+    checkpoint: u64,
+    updates: Vec<(WatchKey, Update)>,
+    /// Applied up to `checkpoint`, then met this.
+    stopped: Option<ConsumerError>,
+}
+
+/// The consumer task's state.
+pub struct Consumer {
+    pub store: Arc<Store>,
+    pub client: async_nats::Client,
+    pub stream_name: String,
+    pub status: Arc<ConsumerStatus>,
+    pub watchers: Arc<Watchers>,
+    pub config: ConsumerConfig,
+}
+
+impl Consumer {
+    /// Consumes until `stop` is set, or (rebuild) until the applied position reaches
+    /// `until`. Errors are reported in the status and retried with backoff; only a
+    /// conflicting stream or a failing store ends the task with an error.
+    pub async fn run(
+        self,
+        mut stop: watch::Receiver<bool>,
+        until: Option<u64>,
+    ) -> Result<(), ConsumerError> {
+        let js = jetstream::new(self.client.clone());
+        let mut attempt = 0usize;
+        let result = loop {
+            if *stop.borrow() || until.is_some_and(|u| self.status.applied() >= u) {
+                break Ok(());
+            }
+            let outcome = self.consume(&js, &mut stop, until).await;
+            match outcome {
+                Ok(()) => break Ok(()),
+                Err(error @ (ConsumerError::Conflict(_) | ConsumerError::Store(_))) => {
+                    tracing::error!(%error, "consumer stopped");
+                    self.status.set_error(Some(error.to_string()));
+                    break Err(error);
+                }
+                Err(error) => {
+                    attempt += 1;
+                    if attempt == 1 || attempt % 10 == 0 {
+                        tracing::warn!(%error, attempt, applied = self.status.applied(), "consumer paused; retrying from the checkpoint");
+                    }
+                    self.status.set_error(Some(error.to_string()));
+                    let delay =
+                        shop_shared::nats::reconnect_delay(attempt + 1).min(RETRY_DELAY_MAX);
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        _ = stop.changed() => {}
+                    }
+                }
+            }
+        };
+        let store = self.store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.flush()).await;
+        result
+    }
+
+    /// One consumer session: verify, then apply batches until an error or the end.
+    async fn consume(
+        &self,
+        js: &jetstream::Context,
+        stop: &mut watch::Receiver<bool>,
+        until: Option<u64>,
+    ) -> Result<(), ConsumerError> {
+        if !shop_shared::nats::is_connected(&self.client) {
+            return Err(ConsumerError::Nats("not connected".into()));
+        }
+        let mut stream = js
+            .get_stream(&self.stream_name)
+            .await
+            .map_err(|e| ConsumerError::Nats(format!("stream {}: {e}", self.stream_name)))?;
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| ConsumerError::Nats(format!("stream info: {e}")))?
+            .clone();
+        self.status.saw_stream_last(info.state.last_sequence);
+        let store = self.store.clone();
+        let (checkpoint, checkpoint_event) =
+            tokio::task::spawn_blocking(move || store.checkpoint())
+                .await
+                .map_err(|e| ConsumerError::Nats(format!("store task: {e}")))??;
+        if checkpoint > 0 {
+            if info.state.last_sequence < checkpoint {
+                return Err(ConsumerError::Nats(format!(
+                    "stream {} ends at sequence {} but the views are at {checkpoint}; waiting for the relay to republish",
+                    self.stream_name, info.state.last_sequence
+                )));
+            }
+            match stream.get_raw_message(checkpoint).await {
+                Ok(message) => {
+                    let id = message
+                        .headers
+                        .get(HEADER_EVENT_ID)
+                        .map(|v| v.as_str().to_string())
+                        .unwrap_or_default();
+                    if id != checkpoint_event {
+                        return Err(ConsumerError::Conflict(format!(
+                            "the event at sequence {checkpoint} of stream {} is {id:?}, but the views were built with {checkpoint_event:?}: \
+                             these views come from another stream. Rebuild them (query-server rebuild) or use another --data-dir.",
+                            self.stream_name
+                        )));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, checkpoint, "cannot read the checkpoint's event to verify the stream; continuing")
+                }
+            }
+        }
+
+        let consumer = stream
+            .create_consumer(pull::OrderedConfig {
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: checkpoint + 1,
+                },
+                max_batch: i64::try_from(self.config.batch_events_max).unwrap_or(1000),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| ConsumerError::Nats(format!("create consumer: {e}")))?;
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| ConsumerError::Nats(format!("consumer messages: {e}")))?;
+        self.status.set_error(None);
+        tracing::info!(stream = %self.stream_name, from = checkpoint + 1, stream_last = info.state.last_sequence, "consuming");
+
+        let mut checkpoint = checkpoint;
+        let mut last_flush = Instant::now();
+        let mut dirty = false;
+        let mut info_tick = tokio::time::interval(STREAM_INFO_INTERVAL);
+        info_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut flush_tick = tokio::time::interval(FLUSH_INTERVAL);
+        flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if until.is_some_and(|u| checkpoint >= u) {
+                return Ok(());
+            }
+            let first = tokio::select! {
+                next = messages.next() => next,
+                _ = stop.changed() => return Ok(()),
+                _ = flush_tick.tick() => {
+                    if dirty {
+                        self.flush().await?;
+                        dirty = false;
+                        last_flush = Instant::now();
+                    }
+                    continue;
+                }
+                _ = info_tick.tick() => {
+                    if let Ok(info) = stream.info().await {
+                        self.status.saw_stream_last(info.state.last_sequence);
+                    }
+                    continue;
+                }
+            };
+            let mut batch = Vec::with_capacity(self.config.batch_events_max);
+            let mut next = first;
+            loop {
+                let message = match next {
+                    Some(Ok(m)) => m,
+                    Some(Err(e)) => {
+                        if batch.is_empty() {
+                            return Err(ConsumerError::Nats(format!("consumer: {e}")));
+                        }
+                        tracing::debug!(error = %e, "consumer error after a partial batch");
+                        break;
+                    }
+                    None => {
+                        if batch.is_empty() {
+                            return Err(ConsumerError::Nats("consumer ended".into()));
+                        }
+                        break;
+                    }
+                };
+                let info = message
+                    .info()
+                    .map_err(|e| ConsumerError::Nats(format!("message metadata: {e}")))?;
+                self.status
+                    .saw_stream_last(info.stream_sequence + info.pending);
+                batch.push(Incoming {
+                    sequence: info.stream_sequence,
+                    payload: message.payload.clone(),
+                });
+                if batch.len() >= self.config.batch_events_max {
+                    break;
+                }
+                match messages.next().now_or_never() {
+                    Some(n) => next = n,
+                    None => break,
+                }
+            }
+
+            let watched = self.watchers.watched();
+            let store = self.store.clone();
+            let from = checkpoint;
+            let applied =
+                tokio::task::spawn_blocking(move || apply_batch(&store, batch, from, &watched))
+                    .await
+                    .map_err(|e| ConsumerError::Nats(format!("apply task: {e}")))??;
+            if applied.checkpoint > checkpoint {
+                checkpoint = applied.checkpoint;
+                dirty = true;
+                self.status.applied.send_replace(checkpoint);
+                if !applied.updates.is_empty() {
+                    self.watchers.publish(applied.updates);
+                }
+            }
+            if let Some(error) = applied.stopped {
+                return Err(error);
+            }
+            if dirty && last_flush.elapsed() >= FLUSH_INTERVAL {
+                self.flush().await?;
+                dirty = false;
+                last_flush = Instant::now();
+            }
+        }
+    }
+
+    async fn flush(&self) -> Result<(), ConsumerError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.flush())
+            .await
+            .map_err(|e| ConsumerError::Nats(format!("flush task: {e}")))??;
+        Ok(())
+    }
+}
+
+/// Applies a batch to the views and commits it with the checkpoint, atomically. Stops
+/// (committing what came before) at a gap or an event that cannot be applied.
+fn apply_batch(
+    store: &Store,
+    batch: Vec<Incoming>,
+    checkpoint: u64,
+    watched: &HashSet<WatchKey>,
+) -> Result<Applied, ConsumerError> {
+    let mut overlay = Overlay::new(store);
+    let mut applied = checkpoint;
+    let mut applied_event = String::new();
+    let mut updates = Vec::new();
+    let mut stopped = None;
+    for message in batch {
+        if message.sequence <= applied {
+            continue;
+        }
+        if message.sequence != applied + 1 {
+            stopped = Some(ConsumerError::Gap {
+                expected: applied + 1,
+                got: message.sequence,
+            });
+            break;
+        }
+        let envelope = match pb::EventEnvelope::decode(message.payload.as_ref()) {
+            Ok(e) => e,
+            Err(e) => {
+                stopped = Some(ConsumerError::Poison {
+                    sequence: message.sequence,
+                    reason: format!("not an EventEnvelope: {e}"),
+                });
+                break;
+            }
+        };
+        if envelope.position != message.sequence {
+            stopped = Some(ConsumerError::Poison {
+                sequence: message.sequence,
+                reason: format!("its envelope says position {}", envelope.position),
+            });
+            break;
+        }
+        let changed = projections::apply(&mut overlay, &envelope);
+        overlay.add_event(
+            &envelope.stream_id,
+            envelope.stream_version,
+            &message.payload,
+        );
+        if !watched.is_empty() {
+            collect_updates(&mut overlay, changed, watched, &mut updates);
+        }
+        applied = message.sequence;
+        applied_event = envelope.event_id;
+    }
+    if applied > checkpoint {
+        store.commit(overlay.into_batch(applied, &applied_event)?)?;
+    }
+    Ok(Applied {
+        checkpoint: applied,
+        updates,
+        stopped,
+    })
+}
+
+fn collect_updates(
+    overlay: &mut Overlay<'_>,
+    changed: Vec<Changed>,
+    watched: &HashSet<WatchKey>,
+    updates: &mut Vec<(WatchKey, Update)>,
+) {
+    use crate::projections::Views;
+    for change in changed {
+        match change {
+            Changed::Order(id) => {
+                let key = WatchKey::Order(id);
+                if watched.contains(&key) {
+                    let WatchKey::Order(id) = &key else { continue };
+                    if let Some(mut order) = overlay.order(id) {
+                        order.customer_name = overlay
+                            .peek_customer(&order.customer_id)
+                            .map(|c| c.name)
+                            .unwrap_or_default();
+                        updates.push((key, Update::Order(order)));
+                    }
+                }
+            }
+            Changed::Customer(id) => {
+                let key = WatchKey::Customer(id);
+                if watched.contains(&key) {
+                    let WatchKey::Customer(id) = &key else {
+                        continue;
+                    };
+                    if let Some(customer) = overlay.customer(id) {
+                        updates.push((key, Update::Customer(customer)));
+                    }
+                }
+            }
+            Changed::Product(_) => {}
+        }
+    }
+}

@@ -1,0 +1,578 @@
+//! The query server's sled database: view rows, secondary indexes, a copy of every event
+//! (for history and as-of reads), and the checkpoint, all in one tree so that one batch
+//! of events is one atomic write (views + indexes + events + checkpoint together).
+//!
+//! Keys (first byte is the row kind):
+//! - `c` customer_id → `Customer` view
+//! - `p` sku → `Product` view
+//! - `o` order_id → `Order` view (customer_name is joined at read time)
+//! - `e` stream_id NUL version:u64be → the event's envelope bytes
+//! - `x` index keys, derived from the views (see [`Indexed`]); value = the view's id:
+//!   `xa` inv(placed_position) (all orders, newest first), `xc` customer_id NUL inv(...)
+//!   (orders of a customer), `xs` status inv(...) (orders by status), `xn` lower(name) NUL
+//!   customer_id (customers by name), `xp` available sku (products by stock)
+//! - `m` name → metadata: `checkpoint` (last applied position) and the id of the event at
+//!   the checkpoint (to notice a stream that is not the one the views were built from)
+//!
+//! Indexes are kept by diffing the index keys of a view before and after a batch, so a
+//! view and its index entries can never disagree.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+
+use prost::Message;
+use shop_shared::ids::StreamId;
+use shop_shared::pb;
+
+use crate::projections::Views;
+
+const CUSTOMER: u8 = b'c';
+const PRODUCT: u8 = b'p';
+const ORDER: u8 = b'o';
+const EVENT: u8 = b'e';
+
+/// Index prefixes.
+pub const INDEX_ALL_ORDERS: &[u8] = b"xa";
+pub const INDEX_ORDERS_BY_CUSTOMER: &[u8] = b"xc";
+pub const INDEX_ORDERS_BY_STATUS: &[u8] = b"xs";
+pub const INDEX_CUSTOMERS_BY_NAME: &[u8] = b"xn";
+pub const INDEX_PRODUCTS_BY_AVAILABLE: &[u8] = b"xp";
+
+const CHECKPOINT: &[u8] = b"mcheckpoint";
+const CHECKPOINT_EVENT: &[u8] = b"mcheckpoint_event";
+
+/// Storage failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("sled: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("corrupt row {key:?}: {reason}")]
+    Corrupt { key: String, reason: String },
+}
+
+/// The query server's database.
+pub struct Store {
+    db: sled::Db,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`; `cache_bytes` bounds sled's page cache.
+    pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            .mode(sled::Mode::HighThroughput)
+            // The consumer is the only flusher (sled#1308: concurrent flushes can hang).
+            .flush_every_ms(None)
+            .open()?;
+        Ok(Store { db })
+    }
+
+    /// Last applied position and the id of the event there (0 and "" when empty).
+    pub fn checkpoint(&self) -> Result<(u64, String), StoreError> {
+        let position = match self.db.get(CHECKPOINT)? {
+            Some(v) => decode_u64(&v, CHECKPOINT)?,
+            None => 0,
+        };
+        let event_id = self
+            .db
+            .get(CHECKPOINT_EVENT)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+            .unwrap_or_default();
+        Ok((position, event_id))
+    }
+
+    pub fn customer(&self, customer_id: &str) -> Result<Option<pb::Customer>, StoreError> {
+        self.get(&key(CUSTOMER, customer_id.as_bytes()))
+    }
+
+    pub fn product(&self, sku: &str) -> Result<Option<pb::Product>, StoreError> {
+        self.get(&key(PRODUCT, sku.as_bytes()))
+    }
+
+    pub fn order(&self, order_id: &str) -> Result<Option<pb::Order>, StoreError> {
+        self.get(&key(ORDER, order_id.as_bytes()))
+    }
+
+    fn get<T: Message + Default>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
+        match self.db.get(key)? {
+            None => Ok(None),
+            Some(bytes) => T::decode(bytes.as_ref())
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt {
+                    key: String::from_utf8_lossy(key).into_owned(),
+                    reason: e.to_string(),
+                }),
+        }
+    }
+
+    /// Up to `limit` events of a stream from `from_version`, in version order.
+    pub fn history(
+        &self,
+        stream: &StreamId,
+        from_version: u64,
+        limit: usize,
+    ) -> Result<Vec<pb::EventEnvelope>, StoreError> {
+        let prefix = event_prefix(stream);
+        let mut start = prefix.clone();
+        start.extend_from_slice(&from_version.to_be_bytes());
+        let mut out = Vec::new();
+        for row in self.db.range(start..).take(limit) {
+            let (k, v) = row?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            out.push(decode_envelope(&k, &v)?);
+        }
+        Ok(out)
+    }
+
+    /// Every event of a stream for which `keep` holds, stopping at the first that fails
+    /// (streams are in position order, so a position or time cut-off is a prefix).
+    pub fn stream_prefix_while(
+        &self,
+        stream: &StreamId,
+        keep: impl Fn(&pb::EventEnvelope) -> bool,
+    ) -> Result<Vec<pb::EventEnvelope>, StoreError> {
+        let mut out = Vec::new();
+        for row in self.db.scan_prefix(event_prefix(stream)) {
+            let (k, v) = row?;
+            let envelope = decode_envelope(&k, &v)?;
+            if !keep(&envelope) {
+                break;
+            }
+            out.push(envelope);
+        }
+        Ok(out)
+    }
+
+    /// Index entries under `prefix`, after `after` (exclusive; `None` = from the start),
+    /// at most `limit`: (key, value) pairs.
+    pub fn scan_index(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(sled::IVec, sled::IVec)>, StoreError> {
+        let iter = match after {
+            Some(after) => {
+                let mut start = after.to_vec();
+                start.push(0);
+                self.db.range(start..)
+            }
+            None => self.db.range(prefix.to_vec()..),
+        };
+        let mut out = Vec::new();
+        for row in iter {
+            let (k, v) = row?;
+            if !k.starts_with(prefix) || out.len() >= limit {
+                break;
+            }
+            out.push((k, v));
+        }
+        Ok(out)
+    }
+
+    /// Ids of every order a customer ever placed.
+    pub fn orders_of_customer(&self, customer_id: &str) -> Result<Vec<String>, StoreError> {
+        let prefix = orders_by_customer_prefix(customer_id);
+        let mut out = Vec::new();
+        for row in self.db.scan_prefix(&prefix) {
+            let (_, v) = row?;
+            out.push(String::from_utf8_lossy(&v).into_owned());
+        }
+        Ok(out)
+    }
+
+    /// Applies a batch atomically.
+    pub fn commit(&self, batch: sled::Batch) -> Result<(), StoreError> {
+        self.db.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Writes sled's buffers to disk (the store needs no fsync: after a crash it recovers a
+    /// consistent prefix of batches, views and checkpoint together).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Removes everything (for a rebuild).
+    pub fn clear(&self) -> Result<(), StoreError> {
+        self.db.clear()?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Bytes on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+fn key(kind: u8, id: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + id.len());
+    k.push(kind);
+    k.extend_from_slice(id);
+    k
+}
+
+fn event_prefix(stream: &StreamId) -> Vec<u8> {
+    let mut k = key(EVENT, stream.to_string().as_bytes());
+    k.push(0);
+    k
+}
+
+fn decode_u64(bytes: &[u8], key: &[u8]) -> Result<u64, StoreError> {
+    let array: [u8; 8] = bytes.try_into().map_err(|_| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: "expected 8 bytes".into(),
+    })?;
+    Ok(u64::from_be_bytes(array))
+}
+
+fn decode_envelope(key: &[u8], bytes: &[u8]) -> Result<pb::EventEnvelope, StoreError> {
+    pb::EventEnvelope::decode(bytes).map_err(|e| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: e.to_string(),
+    })
+}
+
+/// Newest first: positions inverted so an ascending scan runs from the newest.
+fn inverted(position: u64) -> [u8; 8] {
+    (u64::MAX - position).to_be_bytes()
+}
+
+/// Order-preserving encoding of a signed number.
+fn ordered_i64(value: i64) -> [u8; 8] {
+    ((value as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+/// Prefix of the orders-by-customer index for one customer.
+pub fn orders_by_customer_prefix(customer_id: &str) -> Vec<u8> {
+    let mut k = INDEX_ORDERS_BY_CUSTOMER.to_vec();
+    k.extend_from_slice(customer_id.as_bytes());
+    k.push(0);
+    k
+}
+
+/// Prefix of the orders-by-status index for one status.
+pub fn orders_by_status_prefix(status: pb::OrderStatus) -> Vec<u8> {
+    let mut k = INDEX_ORDERS_BY_STATUS.to_vec();
+    k.push(u8::try_from(status as i32).unwrap_or(0));
+    k
+}
+
+/// Prefix of the customers-by-name index for a (lower-cased) name prefix.
+pub fn customers_by_name_prefix(name_prefix: &str) -> Vec<u8> {
+    let mut k = INDEX_CUSTOMERS_BY_NAME.to_vec();
+    k.extend_from_slice(name_prefix.to_lowercase().as_bytes());
+    k
+}
+
+/// Key just past every product with `available <= max_available` in the stock index.
+pub fn products_by_available_end(max_available: i64) -> Vec<u8> {
+    let mut k = INDEX_PRODUCTS_BY_AVAILABLE.to_vec();
+    match max_available.checked_add(1) {
+        Some(next) => k.extend_from_slice(&ordered_i64(next)),
+        None => k.push(0xff),
+    }
+    k
+}
+
+/// A view with index entries.
+pub trait Indexed {
+    /// The index entries of this view: (key, value).
+    fn index_keys(&self) -> Vec<(Vec<u8>, Vec<u8>)>;
+}
+
+impl Indexed for pb::Customer {
+    fn index_keys(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut k = customers_by_name_prefix(&self.name);
+        k.push(0);
+        k.extend_from_slice(self.customer_id.as_bytes());
+        vec![(k, self.customer_id.as_bytes().to_vec())]
+    }
+}
+
+impl Indexed for pb::Product {
+    fn index_keys(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut k = INDEX_PRODUCTS_BY_AVAILABLE.to_vec();
+        k.extend_from_slice(&ordered_i64(self.available));
+        k.extend_from_slice(self.sku.as_bytes());
+        vec![(k, self.sku.as_bytes().to_vec())]
+    }
+}
+
+impl Indexed for pb::Order {
+    fn index_keys(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let inv = inverted(self.placed_position);
+        let id = self.order_id.as_bytes().to_vec();
+        let mut all = INDEX_ALL_ORDERS.to_vec();
+        all.extend_from_slice(&inv);
+        let mut by_customer = orders_by_customer_prefix(&self.customer_id);
+        by_customer.extend_from_slice(&inv);
+        let mut by_status = orders_by_status_prefix(self.status());
+        by_status.extend_from_slice(&inv);
+        vec![
+            (all, id.clone()),
+            (by_customer, id.clone()),
+            (by_status, id),
+        ]
+    }
+}
+
+/// One row of the overlay: the view as stored, and as it is now.
+struct Row<T> {
+    stored: Option<T>,
+    current: Option<T>,
+}
+
+/// The views a batch of events touches, loaded on first use and written back at commit.
+pub struct Overlay<'s> {
+    store: &'s Store,
+    customers: HashMap<String, Row<pb::Customer>>,
+    products: HashMap<String, Row<pb::Product>>,
+    orders: HashMap<String, Row<pb::Order>>,
+    events: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Storage error met while loading; reported at commit.
+    error: Option<StoreError>,
+}
+
+impl<'s> Overlay<'s> {
+    pub fn new(store: &'s Store) -> Self {
+        Overlay {
+            store,
+            customers: HashMap::new(),
+            products: HashMap::new(),
+            orders: HashMap::new(),
+            events: Vec::new(),
+            error: None,
+        }
+    }
+
+    /// Records an event's envelope bytes for history.
+    pub fn add_event(&mut self, stream_id: &str, version: u64, envelope: &[u8]) {
+        let mut k = key(EVENT, stream_id.as_bytes());
+        k.push(0);
+        k.extend_from_slice(&version.to_be_bytes());
+        self.events.push((k, envelope.to_vec()));
+    }
+
+    /// The current view of a customer (for joining names into order updates).
+    pub fn peek_customer(&mut self, customer_id: &str) -> Option<pb::Customer> {
+        self.customer(customer_id)
+    }
+
+    /// Builds the atomic batch: changed views, their index diffs, events, checkpoint.
+    pub fn into_batch(
+        self,
+        checkpoint: u64,
+        checkpoint_event_id: &str,
+    ) -> Result<sled::Batch, StoreError> {
+        if let Some(error) = self.error {
+            return Err(error);
+        }
+        let mut batch = sled::Batch::default();
+        write_rows(&mut batch, CUSTOMER, self.customers);
+        write_rows(&mut batch, PRODUCT, self.products);
+        write_rows(&mut batch, ORDER, self.orders);
+        for (k, v) in self.events {
+            batch.insert(k, v);
+        }
+        batch.insert(CHECKPOINT, &checkpoint.to_be_bytes());
+        batch.insert(CHECKPOINT_EVENT, checkpoint_event_id.as_bytes());
+        Ok(batch)
+    }
+
+    fn load<T: Message + Default>(&mut self, kind: u8, id: &str) -> Option<T> {
+        match self.store.get(&key(kind, id.as_bytes())) {
+            Ok(v) => v,
+            Err(e) => {
+                self.error.get_or_insert(e);
+                None
+            }
+        }
+    }
+}
+
+fn write_rows<T: Message + PartialEq + Indexed>(
+    batch: &mut sled::Batch,
+    kind: u8,
+    rows: HashMap<String, Row<T>>,
+) {
+    for (id, row) in rows {
+        if row.stored == row.current {
+            continue;
+        }
+        let before: BTreeSet<(Vec<u8>, Vec<u8>)> = row
+            .stored
+            .as_ref()
+            .map(|v| v.index_keys().into_iter().collect())
+            .unwrap_or_default();
+        let after: BTreeSet<(Vec<u8>, Vec<u8>)> = row
+            .current
+            .as_ref()
+            .map(|v| v.index_keys().into_iter().collect())
+            .unwrap_or_default();
+        for (k, _) in before.difference(&after) {
+            batch.remove(k.as_slice());
+        }
+        for (k, v) in after.difference(&before) {
+            batch.insert(k.as_slice(), v.as_slice());
+        }
+        match &row.current {
+            Some(view) => batch.insert(key(kind, id.as_bytes()), view.encode_to_vec()),
+            None => batch.remove(key(kind, id.as_bytes())),
+        }
+    }
+}
+
+macro_rules! overlay_view {
+    ($get:ident, $put:ident, $map:ident, $kind:expr, $ty:ty, $id:ident) => {
+        fn $get(&mut self, id: &str) -> Option<$ty> {
+            if let Some(row) = self.$map.get(id) {
+                return row.current.clone();
+            }
+            let stored: Option<$ty> = self.load($kind, id);
+            let current = stored.clone();
+            self.$map.insert(
+                id.to_string(),
+                Row {
+                    stored,
+                    current: current.clone(),
+                },
+            );
+            current
+        }
+
+        fn $put(&mut self, view: $ty) {
+            let id = view.$id.clone();
+            if !self.$map.contains_key(&id) {
+                let stored: Option<$ty> = self.load($kind, &id);
+                self.$map.insert(
+                    id.clone(),
+                    Row {
+                        stored,
+                        current: None,
+                    },
+                );
+            }
+            if let Some(row) = self.$map.get_mut(&id) {
+                row.current = Some(view);
+            }
+        }
+    };
+}
+
+impl Views for Overlay<'_> {
+    overlay_view!(
+        customer,
+        put_customer,
+        customers,
+        CUSTOMER,
+        pb::Customer,
+        customer_id
+    );
+    overlay_view!(product, put_product, products, PRODUCT, pb::Product, sku);
+    overlay_view!(order, put_order, orders, ORDER, pb::Order, order_id);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::projections::{apply, envelope};
+    use shop_shared::pb::event::Kind;
+
+    #[test]
+    fn views_indexes_and_checkpoint_commit_together() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), 8 << 20).expect("open");
+        let events = [
+            envelope(
+                1,
+                1,
+                Kind::CustomerRegistered(pb::CustomerRegistered {
+                    customer_id: "c1".into(),
+                    name: "Ada".into(),
+                    email: "a@x.io".into(),
+                    address: String::new(),
+                }),
+            ),
+            envelope(
+                2,
+                1,
+                Kind::OrderPlaced(pb::OrderPlaced {
+                    order_id: "o1".into(),
+                    customer_id: "c1".into(),
+                    lines: vec![],
+                    total_cents: 5,
+                }),
+            ),
+            envelope(
+                3,
+                2,
+                Kind::CustomerRenamed(pb::CustomerRenamed {
+                    customer_id: "c1".into(),
+                    name: "Bea".into(),
+                }),
+            ),
+        ];
+        let mut overlay = Overlay::new(&store);
+        for e in &events {
+            apply(&mut overlay, e);
+            overlay.add_event(&e.stream_id, e.stream_version, &e.encode_to_vec());
+        }
+        store
+            .commit(overlay.into_batch(3, "e3").expect("batch"))
+            .expect("commit");
+        assert_eq!(
+            store.checkpoint().expect("checkpoint"),
+            (3, "e3".to_string())
+        );
+        assert_eq!(
+            store.customer("c1").expect("get").expect("exists").name,
+            "Bea"
+        );
+        // The name index follows the rename: the old entry is gone.
+        assert!(store
+            .scan_index(&customers_by_name_prefix("ada"), None, 10)
+            .expect("scan")
+            .is_empty());
+        assert_eq!(
+            store
+                .scan_index(&customers_by_name_prefix("b"), None, 10)
+                .expect("scan")
+                .len(),
+            1
+        );
+        assert_eq!(store.orders_of_customer("c1").expect("scan"), ["o1"]);
+        assert_eq!(
+            store
+                .history(&StreamId::customer("c1"), 1, 10)
+                .expect("history")
+                .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn products_by_available_are_ordered_by_stock() {
+        let a = pb::Product {
+            sku: "a".into(),
+            available: 5,
+            ..Default::default()
+        }
+        .index_keys();
+        let b = pb::Product {
+            sku: "b".into(),
+            available: 40,
+            ..Default::default()
+        }
+        .index_keys();
+        assert!(a[0].0 < b[0].0);
+        assert!(a[0].0 < products_by_available_end(5));
+        assert!(b[0].0 > products_by_available_end(5));
+        assert!(b[0].0 < products_by_available_end(i64::MAX));
+    }
+}
