@@ -48,8 +48,10 @@ pub struct ConsumerStatus {
     pub applied: watch::Sender<u64>,
     /// Last sequence of the stream, as last seen.
     stream_last: AtomicU64,
-    /// Consuming normally (connected, no error).
+    /// Consuming normally (no error).
     healthy: AtomicBool,
+    /// The NATS client is connected.
+    connected: AtomicBool,
     error: Mutex<Option<String>>,
 }
 
@@ -59,6 +61,7 @@ impl ConsumerStatus {
             applied: watch::channel(applied).0,
             stream_last: AtomicU64::new(applied),
             healthy: AtomicBool::new(false),
+            connected: AtomicBool::new(false),
             error: Mutex::new(None),
         })
     }
@@ -71,8 +74,17 @@ impl ConsumerStatus {
         self.stream_last.load(Ordering::Acquire).max(self.applied())
     }
 
+    /// Applying events: connected and not stopped by an error.
     pub fn healthy(&self) -> bool {
-        self.healthy.load(Ordering::Acquire)
+        self.healthy.load(Ordering::Acquire) && self.connected()
+    }
+
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
+    pub fn set_connected(&self, connected: bool) {
+        self.connected.store(connected, Ordering::Release);
     }
 
     pub fn error(&self) -> Option<String> {

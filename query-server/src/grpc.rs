@@ -644,7 +644,7 @@ impl QueryService for Queries {
             applied_position: applied,
             stream_last_sequence: last,
             lag: last.saturating_sub(applied),
-            nats_connected: self.status.healthy(),
+            nats_connected: self.status.connected(),
             consumer_error: self.status.error().unwrap_or_default(),
             stream: self.stream.clone(),
             watchers: self.watchers.active() as u64,

@@ -153,7 +153,7 @@ pub async fn run(
     };
     let consumer_task = tokio::spawn(consumer.run(stop_rx.clone(), None));
     let (serving_tx, serving_rx) = tokio_watch::channel(true);
-    let health_task = tokio::spawn(watch_health(health.clone(), status.clone(), serving_rx));
+    let health_task = tokio::spawn(watch_health(health.clone(), status.clone(), client.clone(), serving_rx));
 
     let descriptors = prost_reflect::DescriptorPool::decode(shop_shared::FILE_DESCRIPTOR_SET)?;
     let (reflection_v1, reflection_v1alpha) = shop_shared::grpc::reflection(&[SERVICE_NAME])?;
@@ -212,19 +212,24 @@ pub async fn run(
 async fn watch_health(
     health: Health,
     status: Arc<ConsumerStatus>,
+    client: async_nats::Client,
     serving: tokio_watch::Receiver<bool>,
 ) {
     let mut last = None;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
         tick.tick().await;
+        let connected = shop_shared::nats::is_connected(&client);
+        status.set_connected(connected);
         let ok = status.healthy() && *serving.borrow();
         if last != Some(ok) {
             health.set("", ok).await;
             health.set(SERVICE_NAME, ok).await;
             if last.is_some() {
                 if ok {
-                    tracing::info!("consumer healthy again");
+                    tracing::info!("consumer applying events");
+                } else if !connected {
+                    tracing::warn!("NATS unreachable: not applying events; reads are answered from the views as they are");
                 } else {
                     tracing::warn!(
                         reason = status.error().unwrap_or_default(),

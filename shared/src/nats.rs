@@ -30,6 +30,10 @@ pub async fn connect(
                     async_nats::Event::Disconnected => {
                         tracing::warn!(%url, "disconnected from NATS; reconnecting in the background")
                     }
+                    // Every failed reconnect attempt reports an I/O error: not news.
+                    async_nats::Event::ClientError(error) => {
+                        tracing::debug!(%url, %error, "NATS client error")
+                    }
                     other => tracing::warn!(%url, event = %other, "NATS event"),
                 }
             }

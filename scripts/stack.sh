@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Starts the whole stack on this machine: nats-server with JetStream (store in
+# ./data/nats), the command server (127.0.0.1:50051) and the query server
+# (127.0.0.1:50052), built in release mode. Prints grpcurl calls to try, then runs until
+# Ctrl-C, which stops everything gracefully. Logs go to ./data/logs/.
+#
+# Environment: NATS_PORT (4222), SHOP_COMMAND_LISTEN, SHOP_QUERY_LISTEN, and every SHOP_*
+# variable the servers read (see `command-server --help`).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+nats_port="${NATS_PORT:-4222}"
+command_addr="${SHOP_COMMAND_LISTEN:-127.0.0.1:50051}"
+query_addr="${SHOP_QUERY_LISTEN:-127.0.0.1:50052}"
+nats_bin="$(scripts/ensure-nats.sh)"
+grpcurl_bin="$(scripts/ensure-grpcurl.sh || echo grpcurl)"
+mkdir -p data/nats data/logs
+
+echo "building the servers (release)..." >&2
+cargo build --release --locked -p command-server -p query-server
+
+pids=()
+stop() {
+  trap - INT TERM EXIT
+  echo "stopping..." >&2
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  echo "stopped" >&2
+}
+trap stop INT TERM EXIT
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+if port_open "$nats_port"; then
+  echo "something already listens on port $nats_port; using it as NATS" >&2
+else
+  "$nats_bin" -js -a 127.0.0.1 -p "$nats_port" -sd "$root/data/nats" >data/logs/nats.log 2>&1 &
+  pids+=($!)
+  for _ in $(seq 100); do port_open "$nats_port" && break; sleep 0.1; done
+fi
+export SHOP_NATS_URL="nats://127.0.0.1:$nats_port"
+
+target/release/command-server --listen "$command_addr" --data-dir data/command >data/logs/command-server.log 2>&1 &
+pids+=($!)
+target/release/query-server --listen "$query_addr" --data-dir data/query >data/logs/query-server.log 2>&1 &
+pids+=($!)
+
+for addr in "$command_addr" "$query_addr"; do
+  for _ in $(seq 300); do
+    if "$grpcurl_bin" -plaintext "$addr" grpc.health.v1.Health/Check 2>/dev/null | grep -q SERVING; then break; fi
+    for pid in "${pids[@]}"; do
+      kill -0 "$pid" 2>/dev/null || { echo "a process exited; see data/logs/" >&2; tail -n 20 data/logs/*.log >&2; exit 1; }
+    done
+    sleep 0.1
+  done
+done
+
+cat <<EOT
+
+The stack is up:
+  NATS (JetStream)  nats://127.0.0.1:$nats_port   store: data/nats
+  command server    $command_addr    log: data/logs/command-server.log
+  query server      $query_addr    log: data/logs/query-server.log
+
+Try (grpcurl is at $grpcurl_bin):
+  G=$grpcurl_bin
+  \$G -plaintext $command_addr list
+  \$G -plaintext $command_addr describe shop.v1.CommandService.PlaceOrder
+  \$G -plaintext -d '{"customer_id":"ada","name":"Ada Lovelace","email":"ada@example.com"}' $command_addr shop.v1.CommandService/RegisterCustomer
+  \$G -plaintext -d '{"sku":"pen","name":"Fountain pen","price_cents":2500,"initial_stock":10}' $command_addr shop.v1.CommandService/CreateProduct
+  \$G -plaintext -d '{"order_id":"o1","customer_id":"ada","lines":[{"sku":"pen","quantity":2}]}' $command_addr shop.v1.CommandService/PlaceOrder
+  \$G -plaintext -d '{"order_id":"o1","min_position":3}' $query_addr shop.v1.QueryService/GetOrder
+  \$G -plaintext -d '{"customer_id":"ada"}' $query_addr shop.v1.QueryService/GetCustomer
+  \$G -plaintext -d '{"stream_id":"order-o1"}' $query_addr shop.v1.QueryService/GetHistory
+  \$G -plaintext $query_addr shop.v1.QueryService/GetStatus
+  \$G -plaintext $command_addr shop.v1.LogService/GetLogStatus
+
+Ctrl-C stops everything.
+EOT
+wait
