@@ -232,56 +232,113 @@ fn correlation_id(metadata: &tonic::metadata::MetadataMap) -> Option<String> {
         .map(str::to_string)
 }
 
-/// The one place that decides which gRPC status a refusal becomes (SPEC §4).
+/// The one place that decides which gRPC status a refusal becomes (SPEC §4). The
+/// ErrorInfo reason and metadata carry what a program needs; the message is for people.
 pub fn status_of(error: &WriteError) -> Status {
+    use Code::*;
     let message = error.to_string();
+    let reason = |code, reason: &str, metadata: &[(&str, String)]| {
+        with_reason(code, reason, message.clone(), metadata)
+    };
     match error {
         WriteError::Domain(domain) => match domain {
             DomainError::Invalid(violations) => invalid_argument(violations),
-            DomainError::CustomerNotFound(_) => {
-                with_reason(Code::NotFound, "CUSTOMER_NOT_FOUND", message)
+            DomainError::CustomerNotFound(id) => reason(
+                NotFound,
+                "CUSTOMER_NOT_FOUND",
+                &[("customer_id", id.clone())],
+            ),
+            DomainError::ProductNotFound(sku) => {
+                reason(NotFound, "PRODUCT_NOT_FOUND", &[("sku", sku.clone())])
             }
-            DomainError::ProductNotFound(_) => {
-                with_reason(Code::NotFound, "PRODUCT_NOT_FOUND", message)
+            DomainError::OrderNotFound(id) => {
+                reason(NotFound, "ORDER_NOT_FOUND", &[("order_id", id.clone())])
             }
-            DomainError::OrderNotFound(_) => {
-                with_reason(Code::NotFound, "ORDER_NOT_FOUND", message)
+            DomainError::CustomerExists(id) => reason(
+                AlreadyExists,
+                "CUSTOMER_EXISTS",
+                &[("customer_id", id.clone())],
+            ),
+            DomainError::ProductExists(sku) => {
+                reason(AlreadyExists, "PRODUCT_EXISTS", &[("sku", sku.clone())])
             }
-            DomainError::CustomerExists(_) => {
-                with_reason(Code::AlreadyExists, "CUSTOMER_EXISTS", message)
+            DomainError::OrderExists(id) => {
+                reason(AlreadyExists, "ORDER_EXISTS", &[("order_id", id.clone())])
             }
-            DomainError::ProductExists(_) => {
-                with_reason(Code::AlreadyExists, "PRODUCT_EXISTS", message)
-            }
-            DomainError::OrderExists(_) => {
-                with_reason(Code::AlreadyExists, "ORDER_EXISTS", message)
-            }
-            DomainError::EmailTaken { .. } => {
-                with_reason(Code::AlreadyExists, "EMAIL_TAKEN", message)
-            }
-            DomainError::CustomerDeleted(_) => {
-                with_reason(Code::FailedPrecondition, "CUSTOMER_DELETED", message)
-            }
-            DomainError::InsufficientStock { .. } => {
-                with_reason(Code::FailedPrecondition, "INSUFFICIENT_STOCK", message)
-            }
-            DomainError::InvalidOrderState { .. } => {
-                with_reason(Code::FailedPrecondition, "INVALID_ORDER_STATE", message)
-            }
-            DomainError::AmountMismatch { .. } => {
-                with_reason(Code::FailedPrecondition, "AMOUNT_MISMATCH", message)
-            }
-            DomainError::StockLimit { .. } => {
-                with_reason(Code::FailedPrecondition, "STOCK_LIMIT", message)
+            DomainError::EmailTaken { customer_id, .. } => reason(
+                AlreadyExists,
+                "EMAIL_TAKEN",
+                &[
+                    ("field", "email".into()),
+                    ("customer_id", customer_id.clone()),
+                ],
+            ),
+            DomainError::CustomerDeleted(id) => reason(
+                FailedPrecondition,
+                "CUSTOMER_DELETED",
+                &[("customer_id", id.clone())],
+            ),
+            DomainError::InsufficientStock {
+                sku,
+                requested,
+                available,
+            } => reason(
+                FailedPrecondition,
+                "INSUFFICIENT_STOCK",
+                &[
+                    ("sku", sku.clone()),
+                    ("requested", requested.to_string()),
+                    ("available", available.to_string()),
+                ],
+            ),
+            DomainError::InvalidOrderState {
+                order_id, status, ..
+            } => reason(
+                FailedPrecondition,
+                "INVALID_ORDER_STATE",
+                &[
+                    ("order_id", order_id.clone()),
+                    ("status", (*status).to_string()),
+                ],
+            ),
+            DomainError::AmountMismatch {
+                amount_cents,
+                total_cents,
+            } => reason(
+                FailedPrecondition,
+                "AMOUNT_MISMATCH",
+                &[
+                    ("amount_cents", amount_cents.to_string()),
+                    ("total_cents", total_cents.to_string()),
+                ],
+            ),
+            DomainError::StockLimit { sku, .. } => {
+                reason(FailedPrecondition, "STOCK_LIMIT", &[("sku", sku.clone())])
             }
         },
-        WriteError::VersionConflict { .. } => {
-            with_reason(Code::Aborted, "VERSION_CONFLICT", message)
-        }
-        WriteError::CommandIdReused(_) => {
-            with_reason(Code::AlreadyExists, "COMMAND_ID_REUSED", message)
-        }
-        WriteError::Overloaded(_) => with_reason(Code::ResourceExhausted, "OVERLOADED", message),
+        WriteError::VersionConflict {
+            stream,
+            expected,
+            actual,
+        } => reason(
+            Aborted,
+            "VERSION_CONFLICT",
+            &[
+                ("stream_id", stream.clone()),
+                ("expected_version", expected.to_string()),
+                ("actual_version", actual.to_string()),
+            ],
+        ),
+        WriteError::CommandIdReused(id) => reason(
+            AlreadyExists,
+            "COMMAND_ID_REUSED",
+            &[("command_id", id.clone())],
+        ),
+        WriteError::Overloaded(capacity) => reason(
+            ResourceExhausted,
+            "OVERLOADED",
+            &[("queue_capacity", capacity.to_string())],
+        ),
         WriteError::ShuttingDown => Status::unavailable(message),
         WriteError::Storage(detail) => {
             tracing::error!(%detail, "command refused: event log unusable");

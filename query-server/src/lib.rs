@@ -153,7 +153,12 @@ pub async fn run(
     };
     let consumer_task = tokio::spawn(consumer.run(stop_rx.clone(), None));
     let (serving_tx, serving_rx) = tokio_watch::channel(true);
-    let health_task = tokio::spawn(watch_health(health.clone(), status.clone(), client.clone(), serving_rx));
+    let health_task = tokio::spawn(watch_health(
+        health.clone(),
+        status.clone(),
+        client.clone(),
+        serving_rx,
+    ));
 
     let descriptors = prost_reflect::DescriptorPool::decode(shop_shared::FILE_DESCRIPTOR_SET)?;
     let (reflection_v1, reflection_v1alpha) = shop_shared::grpc::reflection(&[SERVICE_NAME])?;

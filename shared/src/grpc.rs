@@ -166,13 +166,19 @@ pub fn invalid_argument(violations: &[FieldViolation]) -> Status {
     )
 }
 
-/// A status with a `google.rpc.ErrorInfo` carrying a machine-readable `reason`.
-pub fn with_reason(code: Code, reason: &str, message: impl Into<String>) -> Status {
-    let details = ErrorDetails::with_error_info(
-        reason,
-        ERROR_DOMAIN,
-        std::collections::HashMap::<String, String>::new(),
-    );
+/// A status with a `google.rpc.ErrorInfo` carrying a machine-readable `reason` and
+/// structured `metadata` (e.g. the actual stream version of a conflict).
+pub fn with_reason(
+    code: Code,
+    reason: &str,
+    message: impl Into<String>,
+    metadata: &[(&str, String)],
+) -> Status {
+    let metadata: std::collections::HashMap<String, String> = metadata
+        .iter()
+        .map(|(k, v)| ((*k).to_string(), v.clone()))
+        .collect();
+    let details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata);
     Status::with_error_details(code, message, details)
 }
 

@@ -98,7 +98,11 @@ pub fn free_port() -> u16 {
 }
 
 fn port_open(port: u16) -> bool {
-    TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_millis(100)).is_ok()
+    TcpStream::connect_timeout(
+        &SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(100),
+    )
+    .is_ok()
 }
 
 /// Polls `check` until it returns `Some`, or panics after `timeout` with `what`.
@@ -113,7 +117,10 @@ where
         if let Some(value) = check().await {
             return value;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_millis(200));
     }
@@ -129,7 +136,10 @@ pub struct Nats {
 impl Nats {
     /// Starts a nats-server on a free port with a fresh store directory.
     pub fn start() -> Nats {
-        let mut dir = tempfile::Builder::new().prefix("shop-nats-").tempdir().expect("tempdir");
+        let mut dir = tempfile::Builder::new()
+            .prefix("shop-nats-")
+            .tempdir()
+            .expect("tempdir");
         for _ in 0..5 {
             let mut nats = Nats {
                 port: free_port(),
@@ -153,7 +163,14 @@ impl Nats {
     fn spawn(&mut self) -> bool {
         let log = File::create(self.dir.path().join("nats.log")).expect("nats log");
         let child = Command::new(nats_server_bin())
-            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
             .arg(self.dir.path().join("store"))
             .stdout(Stdio::null())
             .stderr(log)
@@ -219,7 +236,9 @@ impl Nats {
 
     /// A client connected to this server.
     pub async fn client(&self) -> async_nats::Client {
-        async_nats::connect(self.url()).await.expect("connect to nats")
+        async_nats::connect(self.url())
+            .await
+            .expect("connect to nats")
     }
 
     pub fn log(&self) -> String {
@@ -234,7 +253,10 @@ impl Drop for Nats {
 }
 
 fn terminate(child: &Child) {
-    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
 }
 
 /// Which server binary.
@@ -283,7 +305,13 @@ impl Server {
     }
 
     /// A server on a given data dir (not started).
-    pub fn new(kind: Kind, nats_url: &str, data_dir: PathBuf, log_dir: PathBuf, extra_args: &[&str]) -> Server {
+    pub fn new(
+        kind: Kind,
+        nats_url: &str,
+        data_dir: PathBuf,
+        log_dir: PathBuf,
+        extra_args: &[&str],
+    ) -> Server {
         Server {
             kind,
             port: 0,
@@ -321,7 +349,12 @@ impl Server {
                         break;
                     }
                 }
-                assert!(Instant::now() < deadline, "{} did not listen in time:\n{}", self.kind.binary(), self.log());
+                assert!(
+                    Instant::now() < deadline,
+                    "{} did not listen in time:\n{}",
+                    self.kind.binary(),
+                    self.log()
+                );
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
@@ -331,7 +364,9 @@ impl Server {
     /// Spawns without waiting.
     pub fn spawn(&mut self) {
         self.starts += 1;
-        let log_path = self.log_dir.join(format!("{}-{}.log", self.kind.binary(), self.starts));
+        let log_path = self
+            .log_dir
+            .join(format!("{}-{}.log", self.kind.binary(), self.starts));
         let log = File::create(&log_path).expect("server log");
         let child = Command::new(server_bin(self.kind.binary()))
             .arg("--listen")
@@ -378,7 +413,11 @@ impl Server {
 
     /// The health status of `service` ("" = the server).
     pub async fn health(&self, service: &str) -> Option<ServingStatus> {
-        let channel = Channel::from_shared(self.endpoint()).ok()?.connect().await.ok()?;
+        let channel = Channel::from_shared(self.endpoint())
+            .ok()?
+            .connect()
+            .await
+            .ok()?;
         let response = HealthClient::new(channel)
             .check(HealthCheckRequest {
                 service: service.to_string(),
@@ -390,7 +429,8 @@ impl Server {
 
     /// Waits until the server reports SERVING.
     pub async fn wait_serving(&self) {
-        self.wait_health("", ServingStatus::Serving, START_TIMEOUT).await;
+        self.wait_health("", ServingStatus::Serving, START_TIMEOUT)
+            .await;
     }
 
     /// Waits until `service` reports `status`.
@@ -401,7 +441,11 @@ impl Server {
             if self.health(service).await == Some(status) {
                 return;
             }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}:\n{}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -491,7 +535,11 @@ impl Stack {
         let nats = Nats::start();
         let command = Server::start(Kind::Command, &nats, &[]).await;
         let query = Server::start(Kind::Query, &nats, &[]).await;
-        Stack { nats, command, query }
+        Stack {
+            nats,
+            command,
+            query,
+        }
     }
 }
 
@@ -524,7 +572,10 @@ pub async fn read_whole_log(client: &mut LogServiceClient<Channel>) -> Vec<pb::E
     let mut from = 1;
     loop {
         let page = client
-            .read_log(pb::ReadLogRequest { from_position: from, limit: 1000 })
+            .read_log(pb::ReadLogRequest {
+                from_position: from,
+                limit: 1000,
+            })
             .await
             .expect("read log")
             .into_inner();
@@ -535,4 +586,91 @@ pub async fn read_whole_log(client: &mut LogServiceClient<Channel>) -> Vec<pb::E
             return events;
         }
     }
+}
+
+/// The ErrorInfo metadata of a status.
+pub fn error_metadata(status: &tonic::Status) -> std::collections::HashMap<String, String> {
+    use tonic_types::StatusExt;
+    status
+        .get_details_error_info()
+        .map(|i| i.metadata)
+        .unwrap_or_default()
+}
+
+/// Request builders for the shop commands.
+pub mod req {
+    use super::pb;
+
+    pub fn register(id: &str, email: &str) -> pb::RegisterCustomerRequest {
+        pb::RegisterCustomerRequest {
+            customer_id: id.into(),
+            name: format!("Customer {id}"),
+            email: email.into(),
+            ..Default::default()
+        }
+    }
+
+    pub fn product(sku: &str, price_cents: i64, stock: i64) -> pb::CreateProductRequest {
+        pb::CreateProductRequest {
+            sku: sku.into(),
+            name: format!("Product {sku}"),
+            price_cents,
+            initial_stock: stock,
+            ..Default::default()
+        }
+    }
+
+    pub fn order(
+        order_id: &str,
+        customer_id: &str,
+        lines: &[(&str, i64)],
+    ) -> pb::PlaceOrderRequest {
+        pb::PlaceOrderRequest {
+            order_id: order_id.into(),
+            customer_id: customer_id.into(),
+            lines: lines
+                .iter()
+                .map(|(sku, quantity)| pb::OrderLineRequest {
+                    sku: (*sku).into(),
+                    quantity: *quantity,
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    pub fn pay(order_id: &str, amount_cents: i64) -> pb::PayOrderRequest {
+        pb::PayOrderRequest {
+            order_id: order_id.into(),
+            amount_cents,
+            payment_ref: format!("pay-{order_id}"),
+            ..Default::default()
+        }
+    }
+
+    pub fn ship(order_id: &str) -> pb::ShipOrderRequest {
+        pb::ShipOrderRequest {
+            order_id: order_id.into(),
+            tracking: format!("trk-{order_id}"),
+            ..Default::default()
+        }
+    }
+
+    pub fn cancel(order_id: &str, reason: &str) -> pb::CancelOrderRequest {
+        pb::CancelOrderRequest {
+            order_id: order_id.into(),
+            reason: reason.into(),
+            ..Default::default()
+        }
+    }
+}
+
+/// The log's last position (through LogService).
+pub async fn log_position(client: &mut LogServiceClient<Channel>) -> u64 {
+    client
+        .get_log_status(pb::GetLogStatusRequest {})
+        .await
+        .expect("log status")
+        .into_inner()
+        .log_position
 }

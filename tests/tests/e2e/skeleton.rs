@@ -15,7 +15,9 @@ async fn reflected_services(server: &Server) -> (Vec<String>, Vec<String>) {
     let mut v1_client = v1::server_reflection_client::ServerReflectionClient::new(channel.clone());
     let request = v1::ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(String::new())),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
     };
     let mut responses = v1_client
         .server_reflection_info(tokio_stream::iter([request]))
@@ -24,7 +26,9 @@ async fn reflected_services(server: &Server) -> (Vec<String>, Vec<String>) {
         .into_inner();
     let mut v1_names = Vec::new();
     if let Some(Ok(r)) = responses.next().await {
-        if let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) = r.message_response {
+        if let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+            r.message_response
+        {
             v1_names = list.service.into_iter().map(|s| s.name).collect();
         }
     }
@@ -32,7 +36,9 @@ async fn reflected_services(server: &Server) -> (Vec<String>, Vec<String>) {
     let mut alpha = v1alpha::server_reflection_client::ServerReflectionClient::new(channel);
     let request = v1alpha::ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(v1alpha::server_reflection_request::MessageRequest::ListServices(String::new())),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
     };
     let mut responses = alpha
         .server_reflection_info(tokio_stream::iter([request]))
@@ -41,7 +47,10 @@ async fn reflected_services(server: &Server) -> (Vec<String>, Vec<String>) {
         .into_inner();
     let mut alpha_names = Vec::new();
     if let Some(Ok(r)) = responses.next().await {
-        if let Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) = r.message_response {
+        if let Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(
+            list,
+        )) = r.message_response
+        {
             alpha_names = list.service.into_iter().map(|s| s.name).collect();
         }
     }
@@ -55,7 +64,10 @@ mod tonic_reflection_pb {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_servers_serve_and_list_their_services() {
     let stack = Stack::start().await;
-    for (server, api) in [(&stack.command, "shop.v1.CommandService"), (&stack.query, "shop.v1.QueryService")] {
+    for (server, api) in [
+        (&stack.command, "shop.v1.CommandService"),
+        (&stack.query, "shop.v1.QueryService"),
+    ] {
         assert_eq!(server.health("").await, Some(ServingStatus::Serving));
         assert_eq!(server.health(api).await, Some(ServingStatus::Serving));
         let (v1, v1alpha) = reflected_services(server).await;
@@ -66,7 +78,10 @@ async fn both_servers_serve_and_list_their_services() {
                 "grpc.reflection.v1.ServerReflection",
                 "grpc.reflection.v1alpha.ServerReflection",
             ] {
-                assert!(names.iter().any(|n| n == expected), "{expected} missing from {names:?}");
+                assert!(
+                    names.iter().any(|n| n == expected),
+                    "{expected} missing from {names:?}"
+                );
             }
         }
     }
@@ -78,18 +93,45 @@ async fn both_servers_serve_and_list_their_services() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_follows_nats_outages() {
     let mut stack = Stack::start().await;
-    stack.command.wait_health(command_server::RELAY_HEALTH_SERVICE, ServingStatus::Serving, Duration::from_secs(10)).await;
+    stack
+        .command
+        .wait_health(
+            command_server::RELAY_HEALTH_SERVICE,
+            ServingStatus::Serving,
+            Duration::from_secs(10),
+        )
+        .await;
 
     stack.nats.kill();
     // The query server cannot consume: NOT_SERVING. The command server still accepts
     // commands (they wait in the log), so only its relay reports the outage.
-    stack.query.wait_health("", ServingStatus::NotServing, Duration::from_secs(15)).await;
-    stack.command.wait_health(command_server::RELAY_HEALTH_SERVICE, ServingStatus::NotServing, Duration::from_secs(15)).await;
+    stack
+        .query
+        .wait_health("", ServingStatus::NotServing, Duration::from_secs(15))
+        .await;
+    stack
+        .command
+        .wait_health(
+            command_server::RELAY_HEALTH_SERVICE,
+            ServingStatus::NotServing,
+            Duration::from_secs(15),
+        )
+        .await;
     assert_eq!(stack.command.health("").await, Some(ServingStatus::Serving));
 
     stack.nats.restart();
-    stack.query.wait_health("", ServingStatus::Serving, Duration::from_secs(20)).await;
-    stack.command.wait_health(command_server::RELAY_HEALTH_SERVICE, ServingStatus::Serving, Duration::from_secs(20)).await;
+    stack
+        .query
+        .wait_health("", ServingStatus::Serving, Duration::from_secs(20))
+        .await;
+    stack
+        .command
+        .wait_health(
+            command_server::RELAY_HEALTH_SERVICE,
+            ServingStatus::Serving,
+            Duration::from_secs(20),
+        )
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -98,7 +140,13 @@ async fn servers_started_before_nats_wait_for_it_without_crashing() {
     let url = nats.url();
     nats.kill();
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut query = Server::new(Kind::Query, &url, dir.path().join("q"), dir.path().to_path_buf(), &[]);
+    let mut query = Server::new(
+        Kind::Query,
+        &url,
+        dir.path().join("q"),
+        dir.path().to_path_buf(),
+        &[],
+    );
     query.spawn_until_listening();
     let mut command = Server::new(
         Kind::Command,
@@ -108,16 +156,36 @@ async fn servers_started_before_nats_wait_for_it_without_crashing() {
         &["--nats-startup-wait-ms", "200"],
     );
     command.spawn_until_listening();
-    query.wait_health("", ServingStatus::NotServing, Duration::from_secs(10)).await;
-    command.wait_health(command_server::RELAY_HEALTH_SERVICE, ServingStatus::NotServing, Duration::from_secs(10)).await;
+    query
+        .wait_health("", ServingStatus::NotServing, Duration::from_secs(10))
+        .await;
+    command
+        .wait_health(
+            command_server::RELAY_HEALTH_SERVICE,
+            ServingStatus::NotServing,
+            Duration::from_secs(10),
+        )
+        .await;
     // Still alive a moment later: retrying, not crash-looping.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(query.running() && command.running());
-    assert!(query.log().contains("NATS"), "the query server says why it waits:\n{}", query.log());
+    assert!(
+        query.log().contains("NATS"),
+        "the query server says why it waits:\n{}",
+        query.log()
+    );
 
     nats.restart();
-    query.wait_health("", ServingStatus::Serving, Duration::from_secs(20)).await;
-    command.wait_health(command_server::RELAY_HEALTH_SERVICE, ServingStatus::Serving, Duration::from_secs(20)).await;
+    query
+        .wait_health("", ServingStatus::Serving, Duration::from_secs(20))
+        .await;
+    command
+        .wait_health(
+            command_server::RELAY_HEALTH_SERVICE,
+            ServingStatus::Serving,
+            Duration::from_secs(20),
+        )
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -125,7 +193,12 @@ async fn sigterm_shuts_down_gracefully_with_exit_code_zero() {
     let mut stack = Stack::start().await;
     for server in [&mut stack.query, &mut stack.command] {
         let status = server.terminate().expect("exit status");
-        assert!(status.success(), "{:?} exited with {status}:\n{}", server.kind, server.log());
+        assert!(
+            status.success(),
+            "{:?} exited with {status}:\n{}",
+            server.kind,
+            server.log()
+        );
         assert!(server.log().contains("stopped"), "{}", server.log());
     }
 }
@@ -150,7 +223,10 @@ fn help_documents_every_flag_and_its_environment_variable() {
             "SHOP_NATS_URL",
             "SHOP_STREAM",
         ] {
-            assert!(help.contains(needle), "{binary} --help lacks {needle}:\n{help}");
+            assert!(
+                help.contains(needle),
+                "{binary} --help lacks {needle}:\n{help}"
+            );
         }
     }
 }
