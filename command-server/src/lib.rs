@@ -161,7 +161,7 @@ pub async fn run(
     );
 
     let client = shop_shared::nats::connect(&config.nats.nats_url, "command-server").await?;
-    let relay_status = Arc::new(RelayStatus::default());
+    let relay_status = Arc::new(RelayStatus::new(client.clone()));
     let relay = Relay::new(
         log.clone(),
         client.clone(),

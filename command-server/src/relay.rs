@@ -51,8 +51,9 @@ pub struct RelayConfig {
 }
 
 /// What the relay is doing, for status and health.
-#[derive(Default)]
 pub struct RelayStatus {
+    /// The relay's NATS client, whose connection state is part of the relay's health.
+    client: async_nats::Client,
     /// Every position up to this one is acknowledged by JetStream.
     published: AtomicU64,
     /// Connected to NATS with a verified stream.
@@ -62,12 +63,22 @@ pub struct RelayStatus {
 }
 
 impl RelayStatus {
+    pub fn new(client: async_nats::Client) -> Self {
+        RelayStatus {
+            client,
+            published: AtomicU64::new(0),
+            connected: AtomicBool::new(false),
+            error: Mutex::new(None),
+        }
+    }
+
     pub fn published(&self) -> u64 {
         self.published.load(Ordering::Acquire)
     }
 
+    /// Connected to NATS, with the stream verified and no error.
     pub fn connected(&self) -> bool {
-        self.connected.load(Ordering::Acquire)
+        self.connected.load(Ordering::Acquire) && shop_shared::nats::is_connected(&self.client)
     }
 
     pub fn error(&self) -> Option<String> {
@@ -292,6 +303,11 @@ impl Relay {
             let durable = *self.durable.borrow_and_update();
             let next = published + inflight.len() as u64 + 1;
             if next <= durable {
+                if !shop_shared::nats::is_connected(&self.client) {
+                    // Publishing into a dead connection only queues requests that will
+                    // time out; pause and resynchronise once NATS is back.
+                    return Err(RelayError::Nats("disconnected from NATS".into()));
+                }
                 let to = durable.min(next + self.config.read_chunk as u64 - 1);
                 let log = self.log.clone();
                 let chunk = self.config.read_chunk;

@@ -1,6 +1,7 @@
 //! End-to-end tests: real nats-server, real server processes, gRPC over TCP.
 //! One test binary (one link) with a module per area.
 
+mod bus;
 mod commands;
 mod crash;
 mod skeleton;
