@@ -241,7 +241,7 @@ impl Relay {
             if *stop.borrow() && self.caught_up() {
                 return Ok(());
             }
-            let resumed = if shop_shared::nats::is_connected(&self.client) {
+            let resumed = if self.wait_connected(&stop).await {
                 self.prepare().await
             } else {
                 Err(RelayError::Nats("not connected".into()))
@@ -282,6 +282,18 @@ impl Relay {
                 }
             }
         }
+    }
+
+    /// The client connects in the background; give it a moment before calling it down.
+    async fn wait_connected(&self, stop: &watch::Receiver<bool>) -> bool {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while !shop_shared::nats::is_connected(&self.client) {
+            if tokio::time::Instant::now() >= deadline || *stop.borrow() {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
     }
 
     fn caught_up(&self) -> bool {

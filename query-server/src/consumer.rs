@@ -192,8 +192,13 @@ impl Consumer {
         stop: &mut watch::Receiver<bool>,
         until: Option<u64>,
     ) -> Result<(), ConsumerError> {
-        if !shop_shared::nats::is_connected(&self.client) {
-            return Err(ConsumerError::Nats("not connected".into()));
+        // The client connects in the background; give a fresh one a moment.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !shop_shared::nats::is_connected(&self.client) {
+            if Instant::now() >= deadline || *stop.borrow() {
+                return Err(ConsumerError::Nats("not connected".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let mut stream = js
             .get_stream(&self.stream_name)

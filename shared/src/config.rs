@@ -1,5 +1,5 @@
 //! Flags both binaries take. Every flag also reads an environment variable; `--help`
-//! lists both.
+//! lists both. They are `global` so that subcommands (`query-server rebuild`) take them.
 
 use crate::subjects::DEFAULT_STREAM;
 
@@ -7,11 +7,16 @@ use crate::subjects::DEFAULT_STREAM;
 #[derive(clap::Args, Debug, Clone)]
 pub struct NatsArgs {
     /// NATS server URL (JetStream must be enabled).
-    #[arg(long, env = "SHOP_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    #[arg(
+        long,
+        env = "SHOP_NATS_URL",
+        default_value = "nats://127.0.0.1:4222",
+        global = true
+    )]
     pub nats_url: String,
 
     /// JetStream stream that carries the events.
-    #[arg(long, env = "SHOP_STREAM", default_value = DEFAULT_STREAM, value_parser = parse_stream_name)]
+    #[arg(long, env = "SHOP_STREAM", default_value = DEFAULT_STREAM, value_parser = parse_stream_name, global = true)]
     pub stream: String,
 }
 
@@ -19,11 +24,11 @@ pub struct NatsArgs {
 #[derive(clap::Args, Debug, Clone)]
 pub struct LogArgs {
     /// Log line format.
-    #[arg(long, env = "SHOP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, env = "SHOP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
 
     /// Log filter, `tracing` EnvFilter syntax (e.g. `info,command_server=debug`).
-    #[arg(long = "log", env = "SHOP_LOG", default_value = "info")]
+    #[arg(long = "log", env = "SHOP_LOG", default_value = "info", global = true)]
     pub log_filter: String,
 }
 

@@ -4,4 +4,6 @@
 mod bus;
 mod commands;
 mod crash;
+mod model;
+mod queries;
 mod skeleton;
