@@ -361,6 +361,11 @@ impl Server {
         panic!("{} could not start:\n{}", self.kind.binary(), self.log());
     }
 
+    /// Points later (re)starts at another NATS URL.
+    pub fn set_nats_url(&mut self, url: &str) {
+        self.nats_url = url.to_string();
+    }
+
     /// Spawns without waiting.
     pub fn spawn(&mut self) {
         self.starts += 1;

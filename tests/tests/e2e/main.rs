@@ -5,5 +5,6 @@ mod bus;
 mod commands;
 mod crash;
 mod model;
-mod queries;
+pub mod queries;
+mod query_crash;
 mod skeleton;

@@ -22,7 +22,7 @@ const NAMES: [&str; 5] = ["Ann", "Anna", "anne-marie", "Bob", "Zoë"];
 /// Sends one random command, valid or not; the outcome does not matter (the log is the
 /// truth the views are checked against). Weighted so that orders move through every
 /// status, with a fair share of refusals (unknown ids, bad quantities, wrong amounts).
-async fn random_command(c: &mut CommandServiceClient<Channel>, rng: &mut rand::rngs::StdRng) {
+pub async fn random_command(c: &mut CommandServiceClient<Channel>, rng: &mut rand::rngs::StdRng) {
     let customer = format!("c{}", rng.random_range(0..6));
     let sku = format!("p{}", rng.random_range(0..5));
     let order = format!("o{}", rng.random_range(0..40));
