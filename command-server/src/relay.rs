@@ -326,15 +326,13 @@ impl Relay {
                 let events = tokio::task::spawn_blocking(move || log.read_range(next, to, chunk))
                     .await
                     .map_err(|e| nats("log read task", e))??;
-                let mut expected = next;
-                for (position, bytes) in events {
+                for (expected, (position, bytes)) in (next..).zip(events) {
                     if position != expected {
                         return Err(RelayError::Log(LogError::Corrupt {
                             key: format!("E{position}"),
                             reason: format!("log gap: expected position {expected}"),
                         }));
                     }
-                    expected += 1;
                     if inflight.len() >= self.config.window {
                         published = self.settle(&mut inflight).await?;
                     }
