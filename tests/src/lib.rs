@@ -455,6 +455,11 @@ impl Server {
         }
     }
 
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// `kill -9`.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {

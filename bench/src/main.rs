@@ -1,0 +1,770 @@
+//! The benchmark. Starts its own stack (nats-server, command server, query server, each a
+//! process with its data in a temp dir) and measures, in one run:
+//!
+//! - commands: the mixed durable workload at each concurrency, next to the echo ceiling
+//!   (a no-op tonic server, same request shapes, same concurrency) and a raw sled
+//!   group-commit ceiling; ack → visible latency of sampled commands; query lag;
+//! - half load: the same workload paced at half the best rate (p99, ack → visible);
+//! - queries: GetOrder and ListOrders at each concurrency next to an echo GetOrder;
+//! - pipeline: relay publishing a backlog vs raw JetStream publish; the query server
+//!   applying a backlog and `query-server rebuild` vs a raw ordered-consumer read;
+//! - growth: command rate, RSS and start-up time with 0, 1M (and, by flag, 10M) events.
+//!
+//! Output (in `--out`, default `bench-results/`): `results.json` (every figure),
+//! `report.md` (tables, ratios next to ceilings, targets), `throughput.svg`,
+//! `latency-cdf.svg`, and with `--perf` a profile of the command server.
+//!
+//! `cargo run --release -p bench` for the full run; `--quick` for a few seconds per
+//! stage (CI: proves the harness works, numbers mean nothing).
+
+mod ceilings;
+mod report;
+mod stats;
+mod system;
+mod workload;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use shop_tests::{Kind, Nats, Server};
+
+use crate::report::{CommandPoint, Drain, GrowthPoint, HalfLoad, QueryPoint, Results, Target};
+use crate::stats::Latency;
+use crate::workload::{Catalog, Load, QueryKind, Visibility};
+
+#[derive(clap::Parser, Debug)]
+#[command(
+    name = "bench",
+    about = "End-to-end benchmark of the shop stack, each figure next to a ceiling measured in the same run."
+)]
+struct Args {
+    #[command(subcommand)]
+    command: Option<Sub>,
+
+    /// A second or so per stage, tiny growth: proves the harness works (CI). Numbers mean nothing.
+    #[arg(long)]
+    quick: bool,
+
+    /// Concurrent clients to sweep.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
+    clients: Vec<usize>,
+
+    /// HTTP/2 connections the clients share.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+
+    /// Seconds per load run.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+
+    /// Log sizes (events) for the growth stage, besides the empty log. `1000000,10000000`
+    /// for the manual run.
+    #[arg(long, value_delimiter = ',', default_value = "1000000")]
+    growth: Vec<u64>,
+
+    /// Clients for the half-load, relay-drain and growth runs.
+    #[arg(long, default_value_t = 64)]
+    reference_clients: usize,
+
+    /// Record a CPU profile (perf) of the command server during the reference-clients run.
+    #[arg(long)]
+    perf: bool,
+
+    /// Where to write the results.
+    #[arg(long, default_value = "bench-results")]
+    out: PathBuf,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Sub {
+    /// Serve the no-op echo ceiling (used by the benchmark itself).
+    EchoServer {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let mut args = Args::parse();
+    if let Some(Sub::EchoServer { listen }) = args.command {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        return rt.block_on(ceilings::serve_echo(listen));
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter("warn")
+        .with_writer(std::io::stderr)
+        .init();
+    if args.quick {
+        args.clients = vec![4];
+        args.connections = 2;
+        args.seconds = 1;
+        args.growth = vec![3_000];
+        args.reference_clients = 8;
+    }
+    let bin_dir = system::prepare_binaries()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(run(args, bin_dir))
+}
+
+fn say(message: impl AsRef<str>) {
+    eprintln!("[bench] {}", message.as_ref());
+}
+
+struct EchoProcess(std::process::Child, String);
+
+impl Drop for EchoProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn start_echo() -> anyhow::Result<EchoProcess> {
+    let port = shop_tests::free_port();
+    let child = std::process::Command::new(std::env::current_exe()?)
+        .args(["echo-server", "--listen", &format!("127.0.0.1:{port}")])
+        .spawn()?;
+    let endpoint = format!("http://127.0.0.1:{port}");
+    for _ in 0..200 {
+        if workload::channels(&endpoint, 1).await.is_ok() {
+            return Ok(EchoProcess(child, endpoint));
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    anyhow::bail!("echo server did not start")
+}
+
+fn load(concurrency: usize, args: &Args) -> Load {
+    Load {
+        concurrency,
+        connections: args.connections.min(concurrency).max(1),
+        duration: Duration::from_secs(args.seconds),
+        rate: None,
+    }
+}
+
+async fn run(args: Args, bin_dir: PathBuf) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut results = Results {
+        started_at: run_clock(),
+        mode: if args.quick {
+            "quick".into()
+        } else {
+            "full".into()
+        },
+        command_line: std::env::args().collect::<Vec<_>>().join(" "),
+        ..Default::default()
+    };
+    let mut nats = Nats::start();
+    let nats_bin = shop_tests::nats_server_bin();
+    let command = Server::start(Kind::Command, &nats, &[]).await;
+    let mut query = Server::start(Kind::Query, &nats, &[]).await;
+    results.machine = system::machine(&command.data_dir, &nats_bin);
+    say(format!(
+        "stack up (binaries from {}); {} cores",
+        bin_dir.display(),
+        results.machine.cores
+    ));
+    let echo = start_echo().await?;
+
+    let max_clients = args
+        .clients
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(64)
+        .max(args.reference_clients);
+    let catalog = Catalog {
+        customers: (max_clients * 4).max(1000),
+        skus: 200,
+    };
+    workload::setup(&command.endpoint(), catalog).await?;
+    let command_channel = workload::channels(&command.endpoint(), 1).await?.remove(0);
+    let query_channel = workload::channels(&query.endpoint(), 1).await?.remove(0);
+    let (envelope_bytes, _) = envelope_size(command_channel.clone()).await?;
+
+    // Commands, with their echo and sled ceilings, at each concurrency.
+    let mut orders: Vec<String> = Vec::new();
+    for (run_index, &clients) in args.clients.iter().enumerate() {
+        let l = load(clients, &args);
+        let echo_run = workload::run_echo(&echo.1, false, &l).await?;
+        let before = workload::log_position(command_channel.clone()).await?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let monitor = tokio::spawn(workload::monitor_lag(
+            command_channel.clone(),
+            query_channel.clone(),
+            Duration::from_millis(200),
+            stop.clone(),
+        ));
+        let visibility = Visibility {
+            query: shop_shared::pb::query_service_client::QueryServiceClient::new(
+                query_channel.clone(),
+            ),
+            every: 20,
+            latency: workload::shared_histogram(),
+        };
+        let profile = (args.perf && clients == args.reference_clients)
+            .then(|| perf_start(command.pid(), &args));
+        let run = workload::run_commands(
+            &command.endpoint(),
+            &format!("c{run_index}"),
+            catalog,
+            &l,
+            Some(visibility.clone()),
+        )
+        .await?;
+        if let Some(Some(p)) = profile {
+            perf_finish(p, &args.out);
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let lag = monitor.await?;
+        let after = workload::log_position(command_channel.clone()).await?;
+        let drain = workload::wait_applied(query_channel.clone(), after, Duration::from_secs(60))
+            .await
+            .unwrap_or(Duration::from_secs(60));
+        let events_per_command = (after - before) as f64 / run.summary.ok.max(1) as f64;
+        let sled_dir = tempfile::tempdir()?;
+        let record = (envelope_bytes * events_per_command) as usize;
+        let sled = tokio::task::spawn_blocking({
+            let dir = sled_dir.path().to_path_buf();
+            let d = l.duration;
+            move || ceilings::sled_group_commit(&dir, record, clients, d)
+        })
+        .await??;
+        let vis = visibility
+            .latency
+            .lock()
+            .map(|h| Latency::of(&h))
+            .unwrap_or_default();
+        say(format!(
+            "commands x{clients}: {:.0}/s (echo {:.0}/s, sled ceiling {:.0}/s), p99 {:.2} ms, visible p99 {:.2} ms, drained in {:.2}s",
+            run.summary.per_second, echo_run.per_second, sled.per_second, run.summary.latency.p99_ms, vis.p99_ms, drain.as_secs_f64()
+        ));
+        orders.extend(run.orders.iter().cloned());
+        results.commands.push(CommandPoint {
+            ratio_to_echo: run.summary.per_second / echo_run.per_second.max(1e-9),
+            max_query_lag: lag.iter().map(|s| s.query_lag()).max().unwrap_or(0),
+            max_relay_lag: lag
+                .iter()
+                .map(|s| s.log_position.saturating_sub(s.published))
+                .max()
+                .unwrap_or(0),
+            commands: run.summary,
+            kinds: run.kinds,
+            events_per_command,
+            echo: echo_run,
+            sled_ceiling: sled,
+            visibility: vis,
+            drain_s: drain.as_secs_f64(),
+            lag,
+        });
+    }
+
+    // Half load: paced at half the best throughput.
+    let best = results
+        .commands
+        .iter()
+        .map(|p| p.commands.per_second)
+        .fold(0.0, f64::max);
+    {
+        let mut l = load(args.reference_clients, &args);
+        l.rate = Some(best / 2.0);
+        let stop = Arc::new(AtomicBool::new(false));
+        let monitor = tokio::spawn(workload::monitor_lag(
+            command_channel.clone(),
+            query_channel.clone(),
+            Duration::from_millis(200),
+            stop.clone(),
+        ));
+        let visibility = Visibility {
+            query: shop_shared::pb::query_service_client::QueryServiceClient::new(
+                query_channel.clone(),
+            ),
+            every: 10,
+            latency: workload::shared_histogram(),
+        };
+        let run = workload::run_commands(
+            &command.endpoint(),
+            "half",
+            catalog,
+            &l,
+            Some(visibility.clone()),
+        )
+        .await?;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let lag = monitor.await?;
+        let vis = visibility
+            .latency
+            .lock()
+            .map(|h| Latency::of(&h))
+            .unwrap_or_default();
+        say(format!(
+            "half load {:.0}/s: achieved {:.0}/s, p99 {:.2} ms, visible p99 {:.2} ms",
+            best / 2.0,
+            run.summary.per_second,
+            run.summary.latency.p99_ms,
+            vis.p99_ms
+        ));
+        results.half_load = Some(HalfLoad {
+            target_rate: best / 2.0,
+            commands: run.summary,
+            visibility: vis,
+            max_query_lag: lag.iter().map(|s| s.query_lag()).max().unwrap_or(0),
+        });
+    }
+
+    // Queries.
+    let orders = Arc::new(if orders.is_empty() {
+        vec!["none".to_string()]
+    } else {
+        orders
+    });
+    for &clients in &args.clients {
+        let l = load(clients, &args);
+        let echo_run = workload::run_echo(&echo.1, true, &l).await?;
+        let get = workload::run_queries(
+            &query.endpoint(),
+            QueryKind::GetOrder,
+            orders.clone(),
+            catalog,
+            &l,
+        )
+        .await?;
+        let list = workload::run_queries(
+            &query.endpoint(),
+            QueryKind::ListOrders,
+            orders.clone(),
+            catalog,
+            &l,
+        )
+        .await?;
+        say(format!(
+            "queries x{clients}: GetOrder {:.0}/s (echo {:.0}/s), ListOrders {:.0}/s",
+            get.per_second, echo_run.per_second, list.per_second
+        ));
+        results.queries.push(QueryPoint {
+            ratio_to_echo: get.per_second / echo_run.per_second.max(1e-9),
+            get_order: get,
+            list_orders: list,
+            echo: echo_run,
+        });
+    }
+    drop(echo);
+
+    // Pipeline: the relay and the consumer draining a backlog, and the raw ceilings.
+    {
+        query.terminate();
+        nats.stop();
+        let l = load(args.reference_clients, &args);
+        workload::run_commands(&command.endpoint(), "backlog", catalog, &l, None).await?;
+        let log_end = workload::log_position(command_channel.clone()).await?;
+        let published =
+            shop_shared::pb::log_service_client::LogServiceClient::new(command_channel.clone())
+                .get_log_status(shop_shared::pb::GetLogStatusRequest {})
+                .await?
+                .into_inner()
+                .published_position;
+        let restarted = Instant::now();
+        nats.restart();
+        let mut log =
+            shop_shared::pb::log_service_client::LogServiceClient::new(command_channel.clone());
+        while log
+            .get_log_status(shop_shared::pb::GetLogStatusRequest {})
+            .await?
+            .into_inner()
+            .published_position
+            < log_end
+        {
+            anyhow::ensure!(
+                restarted.elapsed() < Duration::from_secs(300),
+                "relay did not catch up"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let relay = Drain {
+            events: log_end - published,
+            seconds: restarted.elapsed().as_secs_f64(),
+            per_second: (log_end - published) as f64 / restarted.elapsed().as_secs_f64().max(1e-9),
+        };
+        say(format!(
+            "relay published a {}-event backlog at {:.0} events/s (incl. NATS restart)",
+            relay.events, relay.per_second
+        ));
+        results.relay_drain = Some(relay);
+
+        let applied_before = {
+            query.spawn_until_listening();
+            query.wait_serving().await;
+            let q = workload::channels(&query.endpoint(), 1).await?.remove(0);
+            let s = shop_shared::pb::query_service_client::QueryServiceClient::new(q.clone())
+                .get_status(shop_shared::pb::GetStatusRequest {})
+                .await?
+                .into_inner();
+            (s.applied_position, q)
+        };
+        let t = Instant::now();
+        let took =
+            workload::wait_applied(applied_before.1.clone(), log_end, Duration::from_secs(300))
+                .await
+                .unwrap_or(Duration::from_secs(300));
+        let _ = t;
+        let consumer = Drain {
+            events: log_end - applied_before.0,
+            seconds: took.as_secs_f64(),
+            per_second: (log_end - applied_before.0) as f64 / took.as_secs_f64().max(1e-9),
+        };
+        say(format!(
+            "query server applied a {}-event backlog at {:.0} events/s",
+            consumer.events, consumer.per_second
+        ));
+        results.consumer_drain = Some(consumer);
+    }
+    results.jetstream_publish = Some(
+        ceilings::jetstream_publish(
+            &nats.url(),
+            envelope_bytes as usize,
+            Duration::from_secs(args.seconds.max(2)),
+            2048,
+        )
+        .await?,
+    );
+    results.ordered_read = Some(ceilings::ordered_consumer_read(&nats.url(), "SHOP_EVENTS").await?);
+    say(format!(
+        "ceilings: JetStream publish {:.0}/s, ordered read {:.0}/s",
+        results
+            .jetstream_publish
+            .as_ref()
+            .map_or(0.0, |c| c.per_second),
+        results.ordered_read.as_ref().map_or(0.0, |c| c.per_second)
+    ));
+
+    // Rebuild.
+    {
+        query.terminate();
+        let events = workload::log_position(command_channel.clone()).await?;
+        let t = Instant::now();
+        let out = std::process::Command::new(bin_dir.join("query-server"))
+            .arg("rebuild")
+            .arg("--data-dir")
+            .arg(&query.data_dir)
+            .arg("--nats-url")
+            .arg(nats.url())
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "rebuild failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let seconds = t.elapsed().as_secs_f64();
+        results.rebuild = Some(Drain {
+            events,
+            seconds,
+            per_second: events as f64 / seconds.max(1e-9),
+        });
+        say(format!(
+            "rebuild: {events} events in {seconds:.2}s = {:.0} events/s (process start included)",
+            events as f64 / seconds
+        ));
+    }
+    drop(command);
+    drop(query);
+    drop(nats);
+
+    // Growth, on a fresh stack.
+    results.growth = growth(&args, catalog).await?;
+
+    results.targets = targets(&results, &args);
+    results.write(&args.out)?;
+    println!("{}", results.markdown());
+    say(format!(
+        "done in {:.0}s; results in {}",
+        started.elapsed().as_secs_f64(),
+        args.out.display()
+    ));
+    Ok(())
+}
+
+/// Average envelope size of the log's first events, and how many were sampled.
+async fn envelope_size(command: tonic::transport::Channel) -> anyhow::Result<(f64, usize)> {
+    use prost::Message;
+    let events = shop_shared::pb::log_service_client::LogServiceClient::new(command)
+        .read_log(shop_shared::pb::ReadLogRequest {
+            from_position: 1,
+            limit: 1000,
+        })
+        .await?
+        .into_inner()
+        .events;
+    let total: usize = events.iter().map(Message::encoded_len).sum();
+    Ok((total as f64 / events.len().max(1) as f64, events.len()))
+}
+
+async fn growth(args: &Args, catalog: Catalog) -> anyhow::Result<Vec<GrowthPoint>> {
+    let nats = Nats::start();
+    let mut command = Server::start(Kind::Command, &nats, &[]).await;
+    let mut query = Server::start(Kind::Query, &nats, &[]).await;
+    workload::setup(&command.endpoint(), catalog).await?;
+    let channel = workload::channels(&command.endpoint(), 1).await?.remove(0);
+    let mut sizes = vec![0u64];
+    sizes.extend(args.growth.iter().copied());
+    let mut points: Vec<GrowthPoint> = Vec::new();
+    let l = load(args.reference_clients, args);
+    for (i, size) in sizes.into_iter().enumerate() {
+        let mut chunk = 0;
+        while workload::log_position(channel.clone()).await? < size {
+            let mut fill = l.clone();
+            fill.duration = Duration::from_secs(5);
+            workload::run_commands(
+                &command.endpoint(),
+                &format!("fill{i}-{chunk}"),
+                catalog,
+                &fill,
+                None,
+            )
+            .await?;
+            chunk += 1;
+            say(format!(
+                "growth: filling the log: {} / {size} events",
+                workload::log_position(channel.clone()).await?
+            ));
+        }
+        let in_log = workload::log_position(channel.clone()).await?;
+        let q = workload::channels(&query.endpoint(), 1).await?.remove(0);
+        workload::wait_applied(q, in_log, Duration::from_secs(600)).await;
+        let run = workload::run_commands(
+            &command.endpoint(),
+            &format!("growth{i}"),
+            catalog,
+            &l,
+            None,
+        )
+        .await?;
+        let command_rss = command.pid().map_or(0.0, system::rss_mb);
+        let query_rss = query.pid().map_or(0.0, system::rss_mb);
+        let command_start = restart_time(&mut command).await;
+        let query_start = restart_time(&mut query).await;
+        let empty = points
+            .first()
+            .map_or(run.summary.per_second, |p| p.commands_per_second);
+        say(format!(
+            "growth: {in_log} events: {:.0} commands/s, RSS {command_rss:.0}/{query_rss:.0} MB, start {command_start:.2}/{query_start:.2} s",
+            run.summary.per_second
+        ));
+        points.push(GrowthPoint {
+            events_in_log: in_log,
+            commands_per_second: run.summary.per_second,
+            ratio_to_empty: run.summary.per_second / empty.max(1e-9),
+            command_server_rss_mb: command_rss,
+            query_server_rss_mb: query_rss,
+            command_server_start_s: command_start,
+            query_server_start_s: query_start,
+            command_data_mb: system::dir_mb(&command.data_dir),
+            query_data_mb: system::dir_mb(&query.data_dir),
+        });
+    }
+    Ok(points)
+}
+
+/// Graceful stop, then the time from spawn to health SERVING.
+async fn restart_time(server: &mut Server) -> f64 {
+    server.terminate();
+    let t = Instant::now();
+    server.spawn_until_listening();
+    server.wait_serving().await;
+    t.elapsed().as_secs_f64()
+}
+
+/// A perf recording of the command server, if perf is available.
+struct Perf {
+    child: std::process::Child,
+    data: PathBuf,
+}
+
+fn perf_start(pid: Option<u32>, args: &Args) -> Option<Perf> {
+    let pid = pid?;
+    std::fs::create_dir_all(&args.out).ok()?;
+    let data = args.out.join("perf-command-server.data");
+    let child = std::process::Command::new("perf")
+        .args([
+            "record",
+            "-e",
+            "cpu-clock",
+            "-F",
+            "499",
+            "-g",
+            "-p",
+            &pid.to_string(),
+            "-o",
+        ])
+        .arg(&data)
+        .args(["--", "sleep", &args.seconds.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    Some(Perf { child, data })
+}
+
+fn perf_finish(mut perf: Perf, out: &std::path::Path) {
+    let _ = perf.child.wait();
+    let report = std::process::Command::new("perf")
+        .args([
+            "report",
+            "--stdio",
+            "--no-children",
+            "--sort",
+            "dso,symbol",
+            "--percent-limit",
+            "1",
+            "-g",
+            "none",
+            "-i",
+        ])
+        .arg(&perf.data)
+        .output();
+    if let Ok(r) = report {
+        let _ = std::fs::write(out.join("perf-command-server.txt"), r.stdout);
+    }
+}
+
+fn run_clock() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+/// P1–P6 against this run's figures.
+fn targets(r: &Results, args: &Args) -> Vec<Target> {
+    let mut t = Vec::new();
+    let reference = r
+        .commands
+        .iter()
+        .find(|p| p.commands.concurrency == args.reference_clients)
+        .or_else(|| {
+            r.commands
+                .iter()
+                .max_by(|a, b| a.commands.per_second.total_cmp(&b.commands.per_second))
+        });
+    if let Some(p) = reference {
+        t.push(Target {
+            id: "P1".into(),
+            goal: "durable mixed commands ≥ 50% of the echo ceiling at the same concurrency".into(),
+            measured: format!(
+                "{:.0}/s vs echo {:.0}/s at {} clients = {:.0}%",
+                p.commands.per_second,
+                p.echo.per_second,
+                p.commands.concurrency,
+                100.0 * p.ratio_to_echo
+            ),
+            met: p.ratio_to_echo >= 0.5,
+        });
+    }
+    if let Some(h) = &r.half_load {
+        t.push(Target {
+            id: "P2".into(),
+            goal: "command p99 ≤ 5 ms at half of the maximum throughput".into(),
+            measured: format!(
+                "p99 {:.2} ms at {:.0}/s",
+                h.commands.latency.p99_ms, h.commands.per_second
+            ),
+            met: h.commands.latency.p99_ms <= 5.0,
+        });
+        let max_load = r
+            .commands
+            .iter()
+            .max_by(|a, b| a.commands.per_second.total_cmp(&b.commands.per_second));
+        let bounded = max_load.is_some_and(|p| lag_bounded(&p.lag));
+        t.push(Target {
+            id: "P3".into(),
+            goal: "ack → visible p99 ≤ 20 ms at half load; query lag bounded at maximum load".into(),
+            measured: format!(
+                "visible p99 {:.2} ms; at max load lag peaked at {} events and drained in {:.2} s ({})",
+                h.visibility.p99_ms,
+                max_load.map_or(0, |p| p.max_query_lag),
+                max_load.map_or(0.0, |p| p.drain_s),
+                if bounded { "not growing" } else { "growing" }
+            ),
+            met: h.visibility.p99_ms <= 20.0 && bounded,
+        });
+    }
+    if let (Some(rb), Some(oc)) = (&r.rebuild, &r.ordered_read) {
+        let ratio = rb.per_second / oc.per_second.max(1e-9);
+        t.push(Target {
+            id: "P4".into(),
+            goal: "rebuild ≥ 50% of the raw ordered-consumer ceiling".into(),
+            measured: format!(
+                "{:.0} events/s vs {:.0}/s = {:.0}%",
+                rb.per_second,
+                oc.per_second,
+                100.0 * ratio
+            ),
+            met: ratio >= 0.5,
+        });
+    }
+    if let Some(q) = r
+        .queries
+        .iter()
+        .find(|q| q.get_order.concurrency == args.reference_clients)
+        .or_else(|| r.queries.last())
+    {
+        t.push(Target {
+            id: "P5".into(),
+            goal: "GetOrder ≥ 70% of the echo ceiling".into(),
+            measured: format!(
+                "{:.0}/s vs echo {:.0}/s at {} clients = {:.0}%",
+                q.get_order.per_second,
+                q.echo.per_second,
+                q.get_order.concurrency,
+                100.0 * q.ratio_to_echo
+            ),
+            met: q.ratio_to_echo >= 0.7,
+        });
+    }
+    if let Some(g) = r.growth.last() {
+        t.push(Target {
+            id: "P6".into(),
+            goal: "with 10M events: each server starts ≤ 2 s, RSS ≤ 300 MB, command rate within 10% of the empty log".into(),
+            measured: format!(
+                "at {} events: start {:.2}/{:.2} s, RSS {:.0}/{:.0} MB, rate {:.0}% of empty",
+                g.events_in_log,
+                g.command_server_start_s,
+                g.query_server_start_s,
+                g.command_server_rss_mb,
+                g.query_server_rss_mb,
+                100.0 * g.ratio_to_empty
+            ),
+            met: g.events_in_log >= 10_000_000
+                && g.command_server_start_s <= 2.0
+                && g.query_server_start_s <= 2.0
+                && g.command_server_rss_mb <= 300.0
+                && g.query_server_rss_mb <= 300.0
+                && g.ratio_to_empty >= 0.9,
+        });
+    }
+    t
+}
+
+/// Whether the query lag stayed bounded: the lag in the last third of the run is not
+/// well above the lag in the middle third.
+fn lag_bounded(lag: &[workload::LagSample]) -> bool {
+    if lag.len() < 6 {
+        return true;
+    }
+    let third = lag.len() / 3;
+    let mean = |s: &[workload::LagSample]| {
+        s.iter().map(|x| x.query_lag() as f64).sum::<f64>() / s.len().max(1) as f64
+    };
+    let middle = mean(&lag[third..2 * third]);
+    let last = mean(&lag[2 * third..]);
+    last <= middle * 1.5 + 2_000.0
+}
