@@ -17,6 +17,9 @@
 //! `cargo run --release -p bench` for the full run; `--quick` for a few seconds per
 //! stage (CI: proves the harness works, numbers mean nothing).
 
+// A command-line tool that prints its report (the servers log through `tracing`).
+#![allow(clippy::print_stdout)]
+
 mod ceilings;
 mod report;
 mod stats;
