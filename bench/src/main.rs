@@ -73,6 +73,14 @@ struct Args {
     #[arg(long, default_value_t = 64)]
     reference_clients: usize,
 
+    /// Stages to run: commands, half, queries, pipeline, rebuild, growth.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "commands,half,queries,pipeline,rebuild,growth"
+    )]
+    stages: Vec<String>,
+
     /// Record a CPU profile (perf) of the command server during the reference-clients run.
     #[arg(long)]
     perf: bool,
@@ -89,15 +97,60 @@ enum Sub {
         #[arg(long)]
         listen: SocketAddr,
     },
+    /// Drive a running stack with the mixed command workload (and optionally GetOrder)
+    /// and print what it measured; starts nothing.
+    Load {
+        /// Command server, e.g. http://127.0.0.1:50051.
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        command_addr: String,
+        /// Query server; when given, ack → visible is sampled and GetOrder is loaded too.
+        #[arg(long)]
+        query_addr: Option<String>,
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Total rate to pace at (commands/s); as fast as possible when absent.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Register the bench customers and products first.
+        #[arg(long)]
+        setup: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     let mut args = Args::parse();
-    if let Some(Sub::EchoServer { listen }) = args.command {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?;
-        return rt.block_on(ceilings::serve_echo(listen));
+    match args.command.take() {
+        Some(Sub::EchoServer { listen }) => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            return rt.block_on(ceilings::serve_echo(listen));
+        }
+        Some(Sub::Load {
+            command_addr,
+            query_addr,
+            clients,
+            connections,
+            seconds,
+            rate,
+            setup,
+        }) => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let l = Load {
+                concurrency: clients,
+                connections,
+                duration: Duration::from_secs(seconds),
+                rate,
+            };
+            return rt.block_on(load_running(command_addr, query_addr, l, setup));
+        }
+        None => {}
     }
     tracing_subscriber::fmt()
         .with_env_filter("warn")
@@ -194,9 +247,15 @@ async fn run(args: Args, bin_dir: PathBuf) -> anyhow::Result<()> {
     let query_channel = workload::channels(&query.endpoint(), 1).await?.remove(0);
     let (envelope_bytes, _) = envelope_size(command_channel.clone()).await?;
 
+    let stage = |name: &str| args.stages.iter().any(|s| s == name);
     // Commands, with their echo and sled ceilings, at each concurrency.
     let mut orders: Vec<String> = Vec::new();
-    for (run_index, &clients) in args.clients.iter().enumerate() {
+    let sweep: &[usize] = if stage("commands") || stage("queries") {
+        &args.clients
+    } else {
+        &[]
+    };
+    for (run_index, &clients) in sweep.iter().enumerate() {
         let l = load(clients, &args);
         let echo_run = workload::run_echo(&echo.1, false, &l).await?;
         let before = workload::log_position(command_channel.clone()).await?;
@@ -216,6 +275,12 @@ async fn run(args: Args, bin_dir: PathBuf) -> anyhow::Result<()> {
         };
         let profile = (args.perf && clients == args.reference_clients)
             .then(|| perf_start(command.pid(), &args));
+        let meter = system::CpuMeter::start(&[
+            ("command-server", command.pid()),
+            ("query-server", query.pid()),
+            ("nats-server", nats.pid()),
+            ("bench", Some(std::process::id())),
+        ]);
         let run = workload::run_commands(
             &command.endpoint(),
             &format!("c{run_index}"),
@@ -224,6 +289,7 @@ async fn run(args: Args, bin_dir: PathBuf) -> anyhow::Result<()> {
             Some(visibility.clone()),
         )
         .await?;
+        let cpu = meter.stop();
         if let Some(Some(p)) = profile {
             perf_finish(p, &args.out);
         }
@@ -267,6 +333,7 @@ async fn run(args: Args, bin_dir: PathBuf) -> anyhow::Result<()> {
             sled_ceiling: sled,
             visibility: vis,
             drain_s: drain.as_secs_f64(),
+            cpu,
             lag,
         });
     }
@@ -277,7 +344,7 @@ async fn run(args: Args, bin_dir: PathBuf) -> anyhow::Result<()> {
         .iter()
         .map(|p| p.commands.per_second)
         .fold(0.0, f64::max);
-    {
+    if stage("half") && best > 0.0 {
         let mut l = load(args.reference_clients, &args);
         l.rate = Some(best / 2.0);
         let stop = Arc::new(AtomicBool::new(false));
@@ -330,7 +397,8 @@ async fn run(args: Args, bin_dir: PathBuf) -> anyhow::Result<()> {
     } else {
         orders
     });
-    for &clients in &args.clients {
+    let query_sweep: &[usize] = if stage("queries") { &args.clients } else { &[] };
+    for &clients in query_sweep {
         let l = load(clients, &args);
         let echo_run = workload::run_echo(&echo.1, true, &l).await?;
         let get = workload::run_queries(
@@ -363,7 +431,7 @@ async fn run(args: Args, bin_dir: PathBuf) -> anyhow::Result<()> {
     drop(echo);
 
     // Pipeline: the relay and the consumer draining a backlog, and the raw ceilings.
-    {
+    if stage("pipeline") {
         query.terminate();
         nats.stop();
         let l = load(args.reference_clients, &args);
@@ -375,30 +443,21 @@ async fn run(args: Args, bin_dir: PathBuf) -> anyhow::Result<()> {
                 .await?
                 .into_inner()
                 .published_position;
-        let restarted = Instant::now();
         nats.restart();
-        let mut log =
+        let log =
             shop_shared::pb::log_service_client::LogServiceClient::new(command_channel.clone());
-        while log
-            .get_log_status(shop_shared::pb::GetLogStatusRequest {})
-            .await?
-            .into_inner()
-            .published_position
-            < log_end
-        {
-            anyhow::ensure!(
-                restarted.elapsed() < Duration::from_secs(300),
-                "relay did not catch up"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let relay = Drain {
-            events: log_end - published,
-            seconds: restarted.elapsed().as_secs_f64(),
-            per_second: (log_end - published) as f64 / restarted.elapsed().as_secs_f64().max(1e-9),
-        };
+        let relay = drain(published, log_end, || {
+            let mut log = log.clone();
+            async move {
+                log.get_log_status(shop_shared::pb::GetLogStatusRequest {})
+                    .await
+                    .map(|s| s.into_inner().published_position)
+                    .ok()
+            }
+        })
+        .await?;
         say(format!(
-            "relay published a {}-event backlog at {:.0} events/s (incl. NATS restart)",
+            "relay published a {}-event backlog at {:.0} events/s",
             relay.events, relay.per_second
         ));
         results.relay_drain = Some(relay);
@@ -413,44 +472,48 @@ async fn run(args: Args, bin_dir: PathBuf) -> anyhow::Result<()> {
                 .into_inner();
             (s.applied_position, q)
         };
-        let t = Instant::now();
-        let took =
-            workload::wait_applied(applied_before.1.clone(), log_end, Duration::from_secs(300))
-                .await
-                .unwrap_or(Duration::from_secs(300));
-        let _ = t;
-        let consumer = Drain {
-            events: log_end - applied_before.0,
-            seconds: took.as_secs_f64(),
-            per_second: (log_end - applied_before.0) as f64 / took.as_secs_f64().max(1e-9),
-        };
+        let q = shop_shared::pb::query_service_client::QueryServiceClient::new(
+            applied_before.1.clone(),
+        );
+        let consumer = drain(applied_before.0, log_end, || {
+            let mut q = q.clone();
+            async move {
+                q.get_status(shop_shared::pb::GetStatusRequest {})
+                    .await
+                    .map(|s| s.into_inner().applied_position)
+                    .ok()
+            }
+        })
+        .await?;
         say(format!(
             "query server applied a {}-event backlog at {:.0} events/s",
             consumer.events, consumer.per_second
         ));
         results.consumer_drain = Some(consumer);
     }
-    results.jetstream_publish = Some(
-        ceilings::jetstream_publish(
-            &nats.url(),
-            envelope_bytes as usize,
-            Duration::from_secs(args.seconds.max(2)),
-            2048,
-        )
-        .await?,
-    );
-    results.ordered_read = Some(ceilings::ordered_consumer_read(&nats.url(), "SHOP_EVENTS").await?);
-    say(format!(
-        "ceilings: JetStream publish {:.0}/s, ordered read {:.0}/s",
-        results
-            .jetstream_publish
-            .as_ref()
-            .map_or(0.0, |c| c.per_second),
-        results.ordered_read.as_ref().map_or(0.0, |c| c.per_second)
-    ));
-
+    if stage("pipeline") || stage("rebuild") {
+        results.jetstream_publish = Some(
+            ceilings::jetstream_publish(
+                &nats.url(),
+                envelope_bytes as usize,
+                Duration::from_secs(args.seconds.max(2)),
+                2048,
+            )
+            .await?,
+        );
+        results.ordered_read =
+            Some(ceilings::ordered_consumer_read(&nats.url(), "SHOP_EVENTS").await?);
+        say(format!(
+            "ceilings: JetStream publish {:.0}/s, ordered read {:.0}/s",
+            results
+                .jetstream_publish
+                .as_ref()
+                .map_or(0.0, |c| c.per_second),
+            results.ordered_read.as_ref().map_or(0.0, |c| c.per_second)
+        ));
+    }
     // Rebuild.
-    {
+    if stage("rebuild") {
         query.terminate();
         let events = workload::log_position(command_channel.clone()).await?;
         let t = Instant::now();
@@ -477,12 +540,22 @@ async fn run(args: Args, bin_dir: PathBuf) -> anyhow::Result<()> {
             events as f64 / seconds
         ));
     }
+    save_logs(
+        &args.out,
+        &[
+            ("command-server", command.log()),
+            ("query-server", query.log()),
+            ("nats-server", nats.log()),
+        ],
+    );
     drop(command);
     drop(query);
     drop(nats);
 
     // Growth, on a fresh stack.
-    results.growth = growth(&args, catalog).await?;
+    if stage("growth") {
+        results.growth = growth(&args, catalog).await?;
+    }
 
     results.targets = targets(&results, &args);
     results.write(&args.out)?;
@@ -493,6 +566,34 @@ async fn run(args: Args, bin_dir: PathBuf) -> anyhow::Result<()> {
         args.out.display()
     ));
     Ok(())
+}
+
+/// How fast a position moves from `from` to `to`, timed from its first move (so that
+/// reconnecting and start-up are not counted).
+async fn drain<F, Fut>(from: u64, to: u64, mut position: F) -> anyhow::Result<Drain>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<u64>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let (mut first, mut at_first) = (None, from);
+    loop {
+        let now = position().await.unwrap_or(from);
+        if first.is_none() && now > from {
+            first = Some(Instant::now());
+            at_first = now;
+        }
+        if now >= to {
+            let seconds = first.map_or(0.0, |t: Instant| t.elapsed().as_secs_f64());
+            return Ok(Drain {
+                events: to - from,
+                seconds,
+                per_second: (to - at_first) as f64 / seconds.max(1e-9),
+            });
+        }
+        anyhow::ensure!(Instant::now() < deadline, "no progress from {from} to {to}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
 }
 
 /// Average envelope size of the log's first events, and how many were sampled.
@@ -574,6 +675,76 @@ async fn growth(args: &Args, catalog: Catalog) -> anyhow::Result<Vec<GrowthPoint
         });
     }
     Ok(points)
+}
+
+/// The `load` subcommand: the command workload (and GetOrder) against a running stack.
+async fn load_running(
+    command: String,
+    query: Option<String>,
+    l: Load,
+    setup: bool,
+) -> anyhow::Result<()> {
+    let catalog = Catalog {
+        customers: (l.concurrency * 4).max(1000),
+        skus: 200,
+    };
+    if setup {
+        workload::setup(&command, catalog).await?;
+    }
+    let visibility = match &query {
+        Some(q) => Some(Visibility {
+            query: shop_shared::pb::query_service_client::QueryServiceClient::new(
+                workload::channels(q, 1).await?.remove(0),
+            ),
+            every: 20,
+            latency: workload::shared_histogram(),
+        }),
+        None => None,
+    };
+    let tag = format!("load{}", shop_shared::events::now_micros());
+    let run = workload::run_commands(&command, &tag, catalog, &l, visibility.clone()).await?;
+    let s = &run.summary;
+    say(format!(
+        "commands x{}: {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, errors {:?}",
+        s.concurrency,
+        s.per_second,
+        s.latency.p50_ms,
+        s.latency.p99_ms,
+        s.latency.p999_ms,
+        s.errors
+    ));
+    if let (Some(q), Some(v)) = (query, visibility) {
+        let vis = v
+            .latency
+            .lock()
+            .map(|h| Latency::of(&h))
+            .unwrap_or_default();
+        say(format!(
+            "ack → visible p50 {:.2} ms, p99 {:.2} ms",
+            vis.p50_ms, vis.p99_ms
+        ));
+        let orders = Arc::new(if run.orders.is_empty() {
+            vec!["none".to_string()]
+        } else {
+            run.orders
+        });
+        let get = workload::run_queries(&q, QueryKind::GetOrder, orders, catalog, &l).await?;
+        say(format!(
+            "GetOrder x{}: {:.0}/s, p99 {:.2} ms",
+            get.concurrency, get.per_second, get.latency.p99_ms
+        ));
+    }
+    Ok(())
+}
+
+/// Keeps the processes' logs with the results (their temp dirs go away).
+fn save_logs(out: &std::path::Path, logs: &[(&str, String)]) {
+    let dir = out.join("logs");
+    if std::fs::create_dir_all(&dir).is_ok() {
+        for (name, log) in logs {
+            let _ = std::fs::write(dir.join(format!("{name}.log")), log);
+        }
+    }
 }
 
 /// Graceful stop, then the time from spawn to health SERVING.

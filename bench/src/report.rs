@@ -39,6 +39,8 @@ pub struct CommandPoint {
     pub max_relay_lag: u64,
     /// Time for the query server to apply everything once the load stopped.
     pub drain_s: f64,
+    /// Cores used by each process during the run.
+    pub cpu: Vec<(String, f64)>,
     pub lag: Vec<LagSample>,
 }
 
@@ -198,18 +200,22 @@ impl Results {
             }
             let _ = writeln!(
                 md,
-                "\nAck → visible (reply of a sampled command until a query with its `min_position` returned it), during the same runs:\n\n\
-                 | clients | p50 ms | p99 ms | p99.9 ms |\n|---|---|---|---|"
+                "\nAck → visible (reply of a sampled command until a query with its `min_position` returned it), and where the \
+                 CPU went (cores used by each process; the machine has {}):\n\n\
+                 | clients | visible p50 ms | visible p99 ms | visible p99.9 ms | CPU (cores) |\n|---|---|---|---|---|",
+                self.machine.cores
             );
             for p in &self.commands {
                 let v = &p.visibility;
+                let cpu: Vec<String> = p.cpu.iter().map(|(n, c)| format!("{n} {c:.2}")).collect();
                 let _ = writeln!(
                     md,
-                    "| {} | {} | {} | {} |",
+                    "| {} | {} | {} | {} | {} |",
                     p.commands.concurrency,
                     f(v.p50_ms),
                     f(v.p99_ms),
-                    f(v.p999_ms)
+                    f(v.p999_ms),
+                    cpu.join(", ")
                 );
             }
             md.push('\n');

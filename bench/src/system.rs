@@ -127,11 +127,16 @@ pub fn workspace_root() -> PathBuf {
 /// (same profile), and that a nats-server is available; returns the binaries' directory.
 pub fn prepare_binaries() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .map(Path::to_path_buf)
-        .ok_or_else(|| anyhow::anyhow!("no exe dir"))?;
-    let mut build = Command::new("cargo");
+    let prebuilt = std::env::var_os("SHOP_BIN_DIR").map(PathBuf::from);
+    let dir = match &prebuilt {
+        // Prebuilt servers (e.g. a frame-pointer build for profiling): used as they are.
+        Some(dir) => dir.clone(),
+        None => exe
+            .parent()
+            .map(Path::to_path_buf)
+            .ok_or_else(|| anyhow::anyhow!("no exe dir"))?,
+    };
+    let mut build = Command::new(if prebuilt.is_some() { "true" } else { "cargo" });
     build.current_dir(workspace_root()).args([
         "build",
         "--bins",
@@ -171,4 +176,52 @@ pub fn prepare_binaries() -> anyhow::Result<PathBuf> {
     }
     std::env::set_var("SHOP_BIN_DIR", &dir);
     Ok(dir)
+}
+
+/// CPU time (user + system) a process has used so far, in seconds.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = read(&format!("/proc/{pid}/stat"));
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of /proc/pid/stat, i.e. 11 and 12 here.
+    (ticks(11) + ticks(12)) / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    run("getconf", &["CLK_TCK"]).parse().unwrap_or(100.0)
+}
+
+/// CPU used by each named process between two snapshots, in cores.
+pub struct CpuMeter {
+    processes: Vec<(String, u32, f64)>,
+    start: std::time::Instant,
+}
+
+impl CpuMeter {
+    pub fn start(processes: &[(&str, Option<u32>)]) -> CpuMeter {
+        CpuMeter {
+            processes: processes
+                .iter()
+                .filter_map(|(name, pid)| pid.map(|p| (name.to_string(), p, cpu_seconds(p))))
+                .collect(),
+            start: std::time::Instant::now(),
+        }
+    }
+
+    pub fn stop(&self) -> Vec<(String, f64)> {
+        let wall = self.start.elapsed().as_secs_f64().max(1e-9);
+        self.processes
+            .iter()
+            .map(|(name, pid, before)| (name.clone(), (cpu_seconds(*pid) - before) / wall))
+            .collect()
+    }
 }

@@ -118,6 +118,16 @@ pub enum ConsumerError {
     Store(#[from] StoreError),
 }
 
+/// A consumer session's progress.
+struct Session {
+    /// Last committed position.
+    checkpoint: u64,
+    /// The apply running on a blocking thread, if any.
+    inflight: Option<tokio::task::JoinHandle<Result<Applied, ConsumerError>>>,
+    /// Committed since the last flush.
+    dirty: bool,
+}
+
 /// One message, as the blocking apply step needs it.
 struct Incoming {
     sequence: u64,
@@ -260,95 +270,142 @@ impl Consumer {
         self.status.set_error(None);
         tracing::info!(stream = %self.stream_name, from = checkpoint + 1, stream_last = info.state.last_sequence, "consuming");
 
-        let mut checkpoint = checkpoint;
+        let mut session = Session {
+            checkpoint,
+            inflight: None,
+            dirty: false,
+        };
+        let result = self
+            .apply_messages(&mut session, &mut messages, &mut stream, stop, until)
+            .await;
+        // Never leave an apply running behind the session: a later session must start
+        // from the checkpoint it commits.
+        let drained = match session.inflight.take() {
+            Some(apply) => self.finish(apply.await, &mut session),
+            None => Ok(()),
+        };
+        result.and(drained)
+    }
+
+    /// Applies batches as they come. Batching adapts to load: while one batch is being
+    /// applied (on a blocking thread), arriving events are gathered, and the next apply
+    /// takes all of them (up to `batch_events_max`). Idle, an event is applied at once;
+    /// busy, batches grow and fold more updates of the same view into one write.
+    async fn apply_messages(
+        &self,
+        session: &mut Session,
+        messages: &mut pull::Ordered,
+        stream: &mut jetstream::stream::Stream,
+        stop: &mut watch::Receiver<bool>,
+        until: Option<u64>,
+    ) -> Result<(), ConsumerError> {
+        let max = self.config.batch_events_max;
+        let mut pending: Vec<Incoming> = Vec::with_capacity(max);
+        // Last sequence received (handed to an apply or pending).
+        let mut received = session.checkpoint;
         let mut last_flush = Instant::now();
-        let mut dirty = false;
         let mut info_tick = tokio::time::interval(STREAM_INFO_INTERVAL);
         info_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut flush_tick = tokio::time::interval(FLUSH_INTERVAL);
         flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            if until.is_some_and(|u| checkpoint >= u) {
+            if session.inflight.is_none() && !pending.is_empty() {
+                self.launch(
+                    session,
+                    std::mem::replace(&mut pending, Vec::with_capacity(max)),
+                );
+            }
+            if session.inflight.is_none() && until.is_some_and(|u| session.checkpoint >= u) {
                 return Ok(());
             }
-            let first = tokio::select! {
-                next = messages.next() => next,
-                _ = stop.changed() => return Ok(()),
-                _ = flush_tick.tick() => {
-                    if dirty {
+            let want_more = pending.len() < max && !until.is_some_and(|u| received >= u);
+            tokio::select! {
+                done = async {
+                    match session.inflight.as_mut() {
+                        Some(apply) => apply.await,
+                        None => std::future::pending().await,
+                    }
+                }, if session.inflight.is_some() => {
+                    session.inflight = None;
+                    self.finish(done, session)?;
+                    if session.dirty && last_flush.elapsed() >= FLUSH_INTERVAL {
                         self.flush().await?;
-                        dirty = false;
+                        session.dirty = false;
                         last_flush = Instant::now();
                     }
-                    continue;
+                }
+                next = messages.next(), if want_more => {
+                    let mut next = next;
+                    loop {
+                        match next {
+                            Some(Ok(message)) => {
+                                let info = message
+                                    .info()
+                                    .map_err(|e| ConsumerError::Nats(format!("message metadata: {e}")))?;
+                                self.status.saw_stream_last(info.stream_sequence + info.pending);
+                                received = received.max(info.stream_sequence);
+                                pending.push(Incoming {
+                                    sequence: info.stream_sequence,
+                                    payload: message.payload.clone(),
+                                });
+                            }
+                            Some(Err(e)) => return Err(ConsumerError::Nats(format!("consumer: {e}"))),
+                            None => return Err(ConsumerError::Nats("consumer ended".into())),
+                        }
+                        if pending.len() >= max {
+                            break;
+                        }
+                        match messages.next().now_or_never() {
+                            Some(n) => next = n,
+                            None => break,
+                        }
+                    }
+                }
+                _ = stop.changed() => return Ok(()),
+                _ = flush_tick.tick() => {
+                    if session.dirty && session.inflight.is_none() {
+                        self.flush().await?;
+                        session.dirty = false;
+                        last_flush = Instant::now();
+                    }
                 }
                 _ = info_tick.tick() => {
                     if let Ok(info) = stream.info().await {
                         self.status.saw_stream_last(info.state.last_sequence);
                     }
-                    continue;
-                }
-            };
-            let mut batch = Vec::with_capacity(self.config.batch_events_max);
-            let mut next = first;
-            loop {
-                let message = match next {
-                    Some(Ok(m)) => m,
-                    Some(Err(e)) => {
-                        if batch.is_empty() {
-                            return Err(ConsumerError::Nats(format!("consumer: {e}")));
-                        }
-                        tracing::debug!(error = %e, "consumer error after a partial batch");
-                        break;
-                    }
-                    None => {
-                        if batch.is_empty() {
-                            return Err(ConsumerError::Nats("consumer ended".into()));
-                        }
-                        break;
-                    }
-                };
-                let info = message
-                    .info()
-                    .map_err(|e| ConsumerError::Nats(format!("message metadata: {e}")))?;
-                self.status
-                    .saw_stream_last(info.stream_sequence + info.pending);
-                batch.push(Incoming {
-                    sequence: info.stream_sequence,
-                    payload: message.payload.clone(),
-                });
-                if batch.len() >= self.config.batch_events_max {
-                    break;
-                }
-                match messages.next().now_or_never() {
-                    Some(n) => next = n,
-                    None => break,
                 }
             }
+        }
+    }
 
-            let watched = self.watchers.watched();
-            let store = self.store.clone();
-            let from = checkpoint;
-            let applied =
-                tokio::task::spawn_blocking(move || apply_batch(&store, batch, from, &watched))
-                    .await
-                    .map_err(|e| ConsumerError::Nats(format!("apply task: {e}")))??;
-            if applied.checkpoint > checkpoint {
-                checkpoint = applied.checkpoint;
-                dirty = true;
-                self.status.applied.send_replace(checkpoint);
-                if !applied.updates.is_empty() {
-                    self.watchers.publish(applied.updates);
-                }
+    /// Starts applying a batch on a blocking thread.
+    fn launch(&self, session: &mut Session, batch: Vec<Incoming>) {
+        let watched = self.watchers.watched();
+        let store = self.store.clone();
+        let from = session.checkpoint;
+        session.inflight = Some(tokio::task::spawn_blocking(move || {
+            apply_batch(&store, batch, from, &watched)
+        }));
+    }
+
+    /// Takes in the result of an apply: checkpoint, waiters, watchers.
+    fn finish(
+        &self,
+        joined: Result<Result<Applied, ConsumerError>, tokio::task::JoinError>,
+        session: &mut Session,
+    ) -> Result<(), ConsumerError> {
+        let applied = joined.map_err(|e| ConsumerError::Nats(format!("apply task: {e}")))??;
+        if applied.checkpoint > session.checkpoint {
+            session.checkpoint = applied.checkpoint;
+            session.dirty = true;
+            self.status.applied.send_replace(applied.checkpoint);
+            if !applied.updates.is_empty() {
+                self.watchers.publish(applied.updates);
             }
-            if let Some(error) = applied.stopped {
-                return Err(error);
-            }
-            if dirty && last_flush.elapsed() >= FLUSH_INTERVAL {
-                self.flush().await?;
-                dirty = false;
-                last_flush = Instant::now();
-            }
+        }
+        match applied.stopped {
+            Some(error) => Err(error),
+            None => Ok(()),
         }
     }
 

@@ -34,6 +34,9 @@ use crate::consumer::{Consumer, ConsumerConfig, ConsumerError, ConsumerStatus};
 use crate::store::{Store, StoreError};
 use crate::watch::Watchers;
 
+/// Events per atomic write during a rebuild, at least.
+const REBUILD_BATCH_EVENTS: usize = 10_000;
+
 /// gRPC service name of the query API.
 pub const SERVICE_NAME: &str = "shop.v1.QueryService";
 
@@ -280,7 +283,8 @@ pub async fn rebuild(config: Config) -> Result<RebuildReport, ServerError> {
         status: status.clone(),
         watchers: Watchers::new(0),
         config: ConsumerConfig {
-            batch_events_max: config.batch_events_max.max(1),
+            // Nobody waits on a rebuild: bigger batches fold more updates of a view into one write.
+            batch_events_max: config.batch_events_max.max(REBUILD_BATCH_EVENTS),
         },
     };
     let started = Instant::now();

@@ -2,6 +2,11 @@
 //! (or, with `rebuild`, recomputes every view from the stream and exits).
 
 use anyhow::Context;
+
+/// sled allocates on every insert; mimalloc makes that markedly cheaper than glibc's
+/// malloc (measured in BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::Parser;
 
 #[derive(clap::Parser, Debug)]

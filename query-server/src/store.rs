@@ -6,7 +6,9 @@
 //! - `c` customer_id → `Customer` view
 //! - `p` sku → `Product` view
 //! - `o` order_id → `Order` view (customer_name is joined at read time)
-//! - `e` stream_id NUL version:u64be → the event's envelope bytes
+//! - `e` stream_id NUL first_version:u64be → a [`HistoryChunk`]: the envelopes of that
+//!   stream's consecutive events applied in one batch (one row per stream per batch, not
+//!   per event: hot streams and short-lived orders cost one write per batch)
 //! - `x` index keys, derived from the views (see [`Indexed`]); value = the view's id:
 //!   `xa` inv(placed_position) (all orders, newest first), `xc` customer_id NUL inv(...)
 //!   (orders of a customer), `xs` status inv(...) (orders by status), `xn` lower(name) NUL
@@ -114,15 +116,24 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<pb::EventEnvelope>, StoreError> {
         let prefix = event_prefix(stream);
-        let mut start = prefix.clone();
-        start.extend_from_slice(&from_version.to_be_bytes());
+        let mut at = prefix.clone();
+        at.extend_from_slice(&from_version.to_be_bytes());
+        // The chunk holding `from_version` starts at or before it.
+        let start = match self.db.range(prefix.clone()..=at).next_back() {
+            Some(row) => row?.0.to_vec(),
+            None => prefix.clone(),
+        };
         let mut out = Vec::new();
-        for row in self.db.range(start..).take(limit) {
+        for row in self.db.range(start..) {
             let (k, v) = row?;
-            if !k.starts_with(&prefix) {
+            if !k.starts_with(&prefix) || out.len() >= limit {
                 break;
             }
-            out.push(decode_envelope(&k, &v)?);
+            for envelope in decode_chunk(&k, &v)? {
+                if envelope.stream_version >= from_version && out.len() < limit {
+                    out.push(envelope);
+                }
+            }
         }
         Ok(out)
     }
@@ -137,11 +148,12 @@ impl Store {
         let mut out = Vec::new();
         for row in self.db.scan_prefix(event_prefix(stream)) {
             let (k, v) = row?;
-            let envelope = decode_envelope(&k, &v)?;
-            if !keep(&envelope) {
-                break;
+            for envelope in decode_chunk(&k, &v)? {
+                if !keep(&envelope) {
+                    return Ok(out);
+                }
+                out.push(envelope);
             }
-            out.push(envelope);
         }
         Ok(out)
     }
@@ -231,11 +243,24 @@ fn decode_u64(bytes: &[u8], key: &[u8]) -> Result<u64, StoreError> {
     Ok(u64::from_be_bytes(array))
 }
 
-fn decode_envelope(key: &[u8], bytes: &[u8]) -> Result<pb::EventEnvelope, StoreError> {
-    pb::EventEnvelope::decode(bytes).map_err(|e| StoreError::Corrupt {
+/// The events of one stream applied in one batch, as received from JetStream.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HistoryChunk {
+    #[prost(bytes = "vec", repeated, tag = "1")]
+    pub envelopes: Vec<Vec<u8>>,
+}
+
+fn decode_chunk(key: &[u8], bytes: &[u8]) -> Result<Vec<pb::EventEnvelope>, StoreError> {
+    let corrupt = |e: prost::DecodeError| StoreError::Corrupt {
         key: String::from_utf8_lossy(key).into_owned(),
         reason: e.to_string(),
-    })
+    };
+    HistoryChunk::decode(bytes)
+        .map_err(corrupt)?
+        .envelopes
+        .iter()
+        .map(|e| pb::EventEnvelope::decode(e.as_slice()).map_err(corrupt))
+        .collect()
 }
 
 /// Newest first: positions inverted so an ascending scan runs from the newest.
@@ -334,7 +359,8 @@ pub struct Overlay<'s> {
     customers: HashMap<String, Row<pb::Customer>>,
     products: HashMap<String, Row<pb::Product>>,
     orders: HashMap<String, Row<pb::Order>>,
-    events: Vec<(Vec<u8>, Vec<u8>)>,
+    /// History chunks of this batch: stream id → (first version, envelopes).
+    events: HashMap<String, (u64, HistoryChunk)>,
     /// Storage error met while loading; reported at commit.
     error: Option<StoreError>,
 }
@@ -346,17 +372,19 @@ impl<'s> Overlay<'s> {
             customers: HashMap::new(),
             products: HashMap::new(),
             orders: HashMap::new(),
-            events: Vec::new(),
+            events: HashMap::new(),
             error: None,
         }
     }
 
-    /// Records an event's envelope bytes for history.
+    /// Records an event's envelope bytes for history (events of a stream arrive in
+    /// version order).
     pub fn add_event(&mut self, stream_id: &str, version: u64, envelope: &[u8]) {
-        let mut k = key(EVENT, stream_id.as_bytes());
-        k.push(0);
-        k.extend_from_slice(&version.to_be_bytes());
-        self.events.push((k, envelope.to_vec()));
+        let chunk = self
+            .events
+            .entry(stream_id.to_string())
+            .or_insert_with(|| (version, HistoryChunk::default()));
+        chunk.1.envelopes.push(envelope.to_vec());
     }
 
     /// The current view of a customer (for joining names into order updates).
@@ -377,8 +405,11 @@ impl<'s> Overlay<'s> {
         write_rows(&mut batch, CUSTOMER, self.customers);
         write_rows(&mut batch, PRODUCT, self.products);
         write_rows(&mut batch, ORDER, self.orders);
-        for (k, v) in self.events {
-            batch.insert(k, v);
+        for (stream_id, (first_version, chunk)) in self.events {
+            let mut k = key(EVENT, stream_id.as_bytes());
+            k.push(0);
+            k.extend_from_slice(&first_version.to_be_bytes());
+            batch.insert(k, chunk.encode_to_vec());
         }
         batch.insert(CHECKPOINT, &checkpoint.to_be_bytes());
         batch.insert(CHECKPOINT_EVENT, checkpoint_event_id.as_bytes());
@@ -554,6 +585,67 @@ mod tests {
                 .len(),
             2
         );
+    }
+
+    #[test]
+    fn history_reads_across_chunks_from_any_version() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), 8 << 20).expect("open");
+        let restock = |position: u64| {
+            envelope(
+                position,
+                position,
+                Kind::ProductRestocked(pb::ProductRestocked {
+                    sku: "p".into(),
+                    quantity: 1,
+                }),
+            )
+        };
+        // Three batches: versions 1-3, 4-5, 6 (one chunk each).
+        for (batch, versions) in [(1..=3u64), (4..=5), (6..=6)].into_iter().enumerate() {
+            let mut overlay = Overlay::new(&store);
+            let mut last = 0;
+            for v in versions {
+                let e = restock(v);
+                overlay.add_event(&e.stream_id, e.stream_version, &e.encode_to_vec());
+                last = v;
+            }
+            store
+                .commit(
+                    overlay
+                        .into_batch(last, &format!("e{last}"))
+                        .expect("batch"),
+                )
+                .expect("commit");
+            assert_eq!(
+                store.checkpoint().expect("checkpoint").0,
+                last,
+                "batch {batch}"
+            );
+        }
+        let stream = StreamId::product("p");
+        let versions = |from, limit| -> Vec<u64> {
+            store
+                .history(&stream, from, limit)
+                .expect("history")
+                .iter()
+                .map(|e| e.stream_version)
+                .collect()
+        };
+        assert_eq!(versions(1, 100), [1, 2, 3, 4, 5, 6]);
+        assert_eq!(versions(2, 3), [2, 3, 4]);
+        assert_eq!(versions(5, 100), [5, 6]);
+        assert_eq!(versions(6, 100), [6]);
+        assert!(versions(7, 100).is_empty());
+        let until_4 = store
+            .stream_prefix_while(&stream, |e| e.position <= 4)
+            .expect("prefix");
+        assert_eq!(until_4.len(), 4);
+        // Another stream whose id extends this one's is not mixed in.
+        assert!(store
+            .history(&StreamId::product("pp"), 1, 10)
+            .expect("history")
+            .is_empty());
     }
 
     #[test]
