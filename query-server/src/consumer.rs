@@ -318,7 +318,7 @@ impl Consumer {
             if session.inflight.is_none() && until.is_some_and(|u| session.checkpoint >= u) {
                 return Ok(());
             }
-            let want_more = pending.len() < max && !until.is_some_and(|u| received >= u);
+            let want_more = pending.len() < max && until.is_none_or(|u| received < u);
             tokio::select! {
                 done = async {
                     match session.inflight.as_mut() {
