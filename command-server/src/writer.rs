@@ -159,6 +159,7 @@ impl Writer {
 
         let decider = Decider {
             log: log.clone(),
+            states: States::new(log.clone()),
             next_position: last_position + 1,
             last_micros,
         };
@@ -321,6 +322,8 @@ fn flusher_loop(
 /// The deciding half of the writer: positions, time, and the state overlay of a batch.
 struct Decider {
     log: Arc<EventLog>,
+    /// Aggregate states, kept across batches (bounded) so deciding rarely reads sled.
+    states: States,
     next_position: u64,
     /// `occurred_at` of the last event, so that it never decreases along positions.
     last_micros: i64,
@@ -332,15 +335,14 @@ impl Decider {
         &mut self,
         submissions: &mut Vec<Submission>,
     ) -> Result<(Vec<Reply>, WriteBatch), LogError> {
-        let log = self.log.clone();
-        let mut overlay = Overlay::new(&log);
+        self.states.begin_batch();
         let mut batch = WriteBatch::default();
         let mut replies = Vec::with_capacity(submissions.len());
         for s in submissions.drain(..) {
-            let outcome = self.decide_one(&s.command, &s.meta, &mut overlay, &mut batch)?;
+            let outcome = self.decide_one(&s.command, &s.meta, &mut batch)?;
             replies.push((s.reply, outcome));
         }
-        overlay.write_dirty_states(&mut batch);
+        self.states.write_dirty_states(&mut batch);
         Ok((replies, batch))
     }
 
@@ -348,9 +350,9 @@ impl Decider {
         &mut self,
         command: &Command,
         meta: &CommandMeta,
-        overlay: &mut Overlay<'_>,
         batch: &mut WriteBatch,
     ) -> Result<Result<Accepted, WriteError>, LogError> {
+        let overlay = &mut self.states;
         if meta.idempotent {
             let command_id = &meta.command_id;
             if let Some(record) = overlay.command(command_id)? {
@@ -444,10 +446,15 @@ impl Decider {
     }
 }
 
-/// State of the aggregates a batch touches: loaded from the log on first use, then
-/// evolved in memory as the batch's commands are decided. `None` = does not exist.
-struct Overlay<'l> {
-    log: &'l EventLog,
+/// Aggregates cached in memory beyond this many are dropped between batches (they are
+/// all in sled by then).
+const STATE_CACHE_MAX: usize = 200_000;
+
+/// Aggregate states: loaded from the log on first use, evolved in memory as commands are
+/// decided, written to sled with each batch and kept cached across batches (bounded, see
+/// [`STATE_CACHE_MAX`]). `None` = known not to exist.
+struct States {
+    log: Arc<EventLog>,
     customers: HashMap<String, Option<Customer>>,
     products: HashMap<String, Option<Product>>,
     orders: HashMap<String, Option<Order>>,
@@ -457,9 +464,9 @@ struct Overlay<'l> {
     dirty: HashSet<StreamId>,
 }
 
-impl<'l> Overlay<'l> {
-    fn new(log: &'l EventLog) -> Self {
-        Overlay {
+impl States {
+    fn new(log: Arc<EventLog>) -> Self {
+        States {
             log,
             customers: HashMap::new(),
             products: HashMap::new(),
@@ -467,6 +474,20 @@ impl<'l> Overlay<'l> {
             emails: HashMap::new(),
             commands: HashMap::new(),
             dirty: HashSet::new(),
+        }
+    }
+
+    /// Starts a batch: command records are per batch; the cache is trimmed when large
+    /// (everything cached was written with an earlier batch, so nothing is lost).
+    fn begin_batch(&mut self) {
+        self.commands.clear();
+        let cached =
+            self.customers.len() + self.products.len() + self.orders.len() + self.emails.len();
+        if cached > STATE_CACHE_MAX {
+            self.customers.clear();
+            self.products.clear();
+            self.orders.clear();
+            self.emails.clear();
         }
     }
 
@@ -478,7 +499,7 @@ impl<'l> Overlay<'l> {
     }
 
     fn load(&mut self, stream: &StreamId) -> Result<(), LogError> {
-        let log = self.log;
+        let log = &self.log;
         match stream.kind {
             StreamKind::Customer => {
                 if !self.customers.contains_key(&stream.id) {
@@ -609,7 +630,7 @@ impl<'l> Overlay<'l> {
     }
 }
 
-impl domain::State for Overlay<'_> {
+impl domain::State for States {
     fn customer(&self, customer_id: &str) -> Option<&Customer> {
         self.customers.get(customer_id).and_then(Option::as_ref)
     }
