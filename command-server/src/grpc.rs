@@ -446,12 +446,10 @@ fn read_limit(limit: u32) -> usize {
     }
 }
 
-fn decode_all(
-    rows: impl IntoIterator<Item = sled::IVec>,
-) -> Result<Vec<pb::EventEnvelope>, Status> {
+fn decode_all(rows: Vec<(u64, Vec<u8>)>) -> Result<Vec<pb::EventEnvelope>, Status> {
     rows.into_iter()
-        .map(|bytes| {
-            pb::EventEnvelope::decode(bytes.as_ref()).map_err(|e| {
+        .map(|(position, bytes)| {
+            crate::log::decode_envelope(position, &bytes).map_err(|e| {
                 tracing::error!(error = %e, "undecodable event in the log");
                 Status::internal("the log holds an undecodable event")
             })
@@ -500,7 +498,7 @@ impl LogService for LogReader {
             Some((last, _)) if *last < durable => last + 1,
             _ => 0,
         };
-        let events = decode_all(rows.into_iter().map(|(_, bytes)| bytes))?;
+        let events = decode_all(rows)?;
         Ok(Response::new(pb::ReadLogResponse { events, next }))
     }
 
@@ -515,11 +513,10 @@ impl LogService for LogReader {
         let limit = read_limit(request.limit);
         let durable = *self.watch.durable_position.borrow();
         let log = self.log.clone();
-        let rows = tokio::task::spawn_blocking(move || log.read_stream(&stream, from, limit))
+        let mut events = tokio::task::spawn_blocking(move || log.read_stream(&stream, from, limit))
             .await
             .map_err(log_failure)?
             .map_err(log_failure)?;
-        let mut events = decode_all(rows)?;
         // Only what is durable is visible.
         events.retain(|e| e.position <= durable);
         let next = match events.last() {

@@ -1,26 +1,36 @@
 //! The event log in sled: what is appended, how it is keyed, how it is made durable, and
 //! how it is read back.
 //!
-//! Everything lives in one sled tree so that one `sled::Batch` is one atomic write: a
-//! command's events (possibly on several streams), their stream-index rows, the new state
-//! rows of every aggregate they touch, the idempotency record and the secondary indexes
-//! are all written together or not at all.
+//! Everything lives in one sled tree so that one `sled::Batch` is one atomic write.
 //!
 //! Keys (first byte is the row kind; stream ids never contain NUL):
-//! - `E` pos:u64be → encoded `EventEnvelope` (the exact bytes published to JetStream)
-//! - `S` stream_id NUL version:u64be → pos:u64be (read a stream in version order)
-//! - `A` stream_id → current aggregate state (so no command replays history)
-//! - `C` command_id → `CommandRecord` (idempotency: request hash + original reply)
-//! - `M` email_key → customer_id (unique email among live customers)
-//! - `O` customer_id NUL order_id → empty (the customer's open orders, for the policy)
-//! - `Z` name → metadata (relay cursor)
+//! - `B` first_position:u64be → [`CommitRecord`]: the encoded envelopes of consecutive
+//!   positions (the exact bytes published to JetStream), plus the idempotency entries of
+//!   the commands that ended in it. Records are capped at [`RECORD_BYTES_MAX`], so one
+//!   batch of commands is a handful of rows, not one per event.
+//! - `E` `email_key` → customer id (live customers; written with the commit)
+//! - `O` customer_id NUL order_id → empty (open orders, for the policy; with the commit)
+//! - Derived rows, written in snapshots (see below):
+//!   - `A` stream_id → current aggregate state
+//!   - `S` stream_id NUL first_version:u64be → [`PositionChunk`] (stream index)
+//!   - `C` command_id → [`CommandRecord`] (idempotency)
+//! - `Z` name → metadata: `derived` (position up to which the derived rows are complete),
+//!   `relay_published`.
 //!
-//! Durability: `sync` calls sled's `flush`, which writes its buffers and then uses
-//! `sync_file_range` (survives a process crash, not a power loss: neither the disk cache
-//! nor the file size are made durable), and then, in `fsync` mode, `fdatasync`s sled's
-//! data file (`<dir>/db`, the only file sled 0.34 writes log data to for values below its
-//! blob threshold, which ours always are) so the write survives power loss too.
+//! **Snapshots.** Derived rows are kept in memory by the writer and written every
+//! ~100 ms in the same atomic batch as that moment's commits, together with `derived`.
+//! A crash loses no information: on start the writer replays the commit records after
+//! `derived` (at most a snapshot interval's worth) to rebuild them. This keeps a
+//! command's synchronous write to its events plus rare index rows.
+//!
+//! **Durability.** `sync` calls sled's `flush` (writes its buffers, then
+//! `sync_file_range`: survives a process crash, not a power loss) and then, in `fsync`
+//! mode, `fdatasync`s sled's data file `<dir>/db`. That file holds everything as long
+//! as no node outgrows sled's blob threshold (a quarter of the segment size, blobs are
+//! separate files sled never fsyncs); records are capped and the segment size raised so
+//! that cannot happen.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -29,14 +39,22 @@ use shop_shared::ids::StreamId;
 use shop_shared::pb;
 
 /// Row kind prefixes.
-const EVENT: u8 = b'E';
-const STREAM: u8 = b'S';
-const STATE: u8 = b'A';
-const COMMAND: u8 = b'C';
-const EMAIL: u8 = b'M';
+const RECORD: u8 = b'B';
+const EMAIL: u8 = b'E';
 const OPEN_ORDER: u8 = b'O';
+const STATE: u8 = b'A';
+const STREAM: u8 = b'S';
+const COMMAND: u8 = b'C';
 const META: u8 = b'Z';
 
+/// Metadata key: position up to which the derived rows (A, S, C) are complete.
+const DERIVED: &str = "derived";
+
+/// A commit record is closed once it holds this many bytes of envelopes.
+pub const RECORD_BYTES_MAX: usize = 4 * 1024;
+/// sled segment size: its blob threshold (segment / 4) stays far above any node of
+/// ours (a leaf holds at most 17 entries).
+const SEGMENT_BYTES: usize = 8 << 20;
 /// Most events one read returns.
 pub const READ_LIMIT_MAX: usize = 1_000;
 
@@ -74,6 +92,25 @@ pub enum LogError {
     Corrupt { key: String, reason: String },
 }
 
+/// Consecutive events of the log, and the idempotency entries of the commands whose last
+/// event is among them.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CommitRecord {
+    #[prost(bytes = "vec", repeated, tag = "1")]
+    pub envelopes: Vec<Vec<u8>>,
+    #[prost(message, repeated, tag = "2")]
+    pub commands: Vec<CommandEntry>,
+}
+
+/// The idempotency entry of one accepted command (with a client-chosen id).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CommandEntry {
+    #[prost(string, tag = "1")]
+    pub command_id: String,
+    #[prost(message, optional, tag = "2")]
+    pub record: Option<CommandRecord>,
+}
+
 /// The idempotency record of one accepted command.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct CommandRecord {
@@ -83,6 +120,13 @@ pub struct CommandRecord {
     /// The reply that was sent.
     #[prost(message, optional, tag = "2")]
     pub result: Option<pb::CommandResult>,
+}
+
+/// Positions of consecutive versions of one stream, from the chunk key's first version.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PositionChunk {
+    #[prost(uint64, repeated, tag = "1")]
+    pub positions: Vec<u64>,
 }
 
 /// The sled event log of the command server.
@@ -104,6 +148,7 @@ impl EventLog {
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_bytes)
+            .segment_size(SEGMENT_BYTES)
             .mode(sled::Mode::HighThroughput)
             // Exactly one task flushes (the flusher): sled's own periodic flusher would
             // race with it (upstream sled#1308 can hang concurrent flushes).
@@ -127,8 +172,8 @@ impl EventLog {
     }
 
     /// Applies one batch atomically (in memory; durable after the next [`Self::sync`]).
-    pub fn apply(&self, batch: sled::Batch) -> Result<(), LogError> {
-        self.db.apply_batch(batch)?;
+    pub fn apply(&self, batch: WriteBatch) -> Result<(), LogError> {
+        self.db.apply_batch(batch.batch)?;
         Ok(())
     }
 
@@ -147,66 +192,160 @@ impl EventLog {
 
     /// Position of the last event, 0 when the log is empty.
     pub fn last_position(&self) -> Result<u64, LogError> {
-        match self.db.scan_prefix([EVENT]).next_back() {
+        match self.db.scan_prefix([RECORD]).next_back() {
             None => Ok(0),
             Some(row) => {
-                let (key, _) = row?;
-                decode_u64(&key[1..], &key)
+                let (key, value) = row?;
+                let first = decode_u64(&key[1..], &key)?;
+                let record = decode_record(&key, &value)?;
+                Ok(first + record.envelopes.len() as u64 - 1)
             }
         }
     }
 
-    /// The envelope at `position`.
-    pub fn event(&self, position: u64) -> Result<Option<sled::IVec>, LogError> {
-        Ok(self.db.get(event_key(position))?)
+    /// Position up to which the derived rows (states, stream index, idempotency) are
+    /// complete.
+    pub fn derived_position(&self) -> Result<u64, LogError> {
+        Ok(self.meta_u64(DERIVED)?.unwrap_or(0))
     }
 
-    /// Up to `limit` events from `from` (inclusive) to `to` (inclusive), in order, as
-    /// stored bytes.
+    /// The envelope at `position`.
+    pub fn event(&self, position: u64) -> Result<Option<Vec<u8>>, LogError> {
+        Ok(self
+            .read_range(position, position, 1)?
+            .pop()
+            .map(|(_, e)| e))
+    }
+
+    /// Up to `limit` events from `from` to `to` (both inclusive), in order, as stored.
     pub fn read_range(
         &self,
         from: u64,
         to: u64,
         limit: usize,
-    ) -> Result<Vec<(u64, sled::IVec)>, LogError> {
+    ) -> Result<Vec<(u64, Vec<u8>)>, LogError> {
         let mut out = Vec::new();
         if from > to || limit == 0 {
             return Ok(out);
         }
-        for row in self.db.range(event_key(from)..=event_key(to)).take(limit) {
-            let (key, value) = row?;
-            out.push((decode_u64(&key[1..], &key)?, value));
-        }
+        self.for_each_record_from(from, |first, record| {
+            for (i, envelope) in record.envelopes.into_iter().enumerate() {
+                let position = first + i as u64;
+                if position > to || out.len() >= limit {
+                    return false;
+                }
+                if position >= from {
+                    out.push((position, envelope));
+                }
+            }
+            true
+        })?;
         Ok(out)
     }
 
-    /// Up to `limit` events of `stream` from version `from_version`, in version order.
+    /// Calls `visit(first_position, record)` for the record holding `from` and every
+    /// later one, until it returns false.
+    pub fn for_each_record_from(
+        &self,
+        from: u64,
+        mut visit: impl FnMut(u64, CommitRecord) -> bool,
+    ) -> Result<(), LogError> {
+        let start = match self.db.range(record_key(0)..=record_key(from)).next_back() {
+            Some(row) => row?.0.to_vec(),
+            None => record_key(0).to_vec(),
+        };
+        for row in self.db.range(start..) {
+            let (key, value) = row?;
+            if key.first() != Some(&RECORD) {
+                break;
+            }
+            let first = decode_u64(&key[1..], &key)?;
+            if !visit(first, decode_record(&key, &value)?) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Up to `limit` events of `stream` from version `from_version`, in version order,
+    /// decoded: the stream index (up to the derived position) plus the commit records
+    /// after it (at most a snapshot interval's worth).
     pub fn read_stream(
         &self,
         stream: &StreamId,
         from_version: u64,
         limit: usize,
-    ) -> Result<Vec<sled::IVec>, LogError> {
+    ) -> Result<Vec<pb::EventEnvelope>, LogError> {
+        // Read `derived` first: the chunks read next cover at least up to it.
+        let derived = self.derived_position()?;
         let prefix = stream_prefix(stream);
-        let mut start = prefix.clone();
-        start.extend_from_slice(&from_version.to_be_bytes());
-        let mut out = Vec::new();
-        for row in self.db.range(start..).take(limit) {
-            let (key, pos) = row?;
+        let mut at = prefix.clone();
+        at.extend_from_slice(&from_version.to_be_bytes());
+        let start = match self.db.range(prefix.clone()..=at).next_back() {
+            Some(row) => row?.0.to_vec(),
+            None => prefix.clone(),
+        };
+        let mut positions = Vec::new();
+        'chunks: for row in self.db.range(start..) {
+            let (key, value) = row?;
             if !key.starts_with(&prefix) {
                 break;
             }
-            let position = decode_u64(&pos, &key)?;
-            let event = self.event(position)?.ok_or_else(|| LogError::Corrupt {
-                key: String::from_utf8_lossy(&key).into_owned(),
-                reason: format!("stream index points at missing position {position}"),
-            })?;
-            out.push(event);
+            let first_version = decode_u64(&key[prefix.len()..], &key)?;
+            let chunk = PositionChunk::decode(value.as_ref()).map_err(|e| corrupt(&key, e))?;
+            for (i, position) in chunk.positions.into_iter().enumerate() {
+                if first_version + i as u64 >= from_version {
+                    positions.push(position);
+                    if positions.len() >= limit {
+                        break 'chunks;
+                    }
+                }
+            }
         }
-        Ok(out)
+        let mut by_version = BTreeMap::new();
+        let mut cached: Option<(u64, CommitRecord)> = None;
+        for position in positions {
+            let in_cache = cached.as_ref().is_some_and(|(first, r)| {
+                (*first..*first + r.envelopes.len() as u64).contains(&position)
+            });
+            if !in_cache {
+                self.for_each_record_from(position, |first, record| {
+                    cached = Some((first, record));
+                    false
+                })?;
+            }
+            if let Some((first, record)) = &cached {
+                if let Some(bytes) = record.envelopes.get((position - first) as usize) {
+                    let e = decode_envelope(position, bytes)?;
+                    by_version.insert(e.stream_version, e);
+                }
+            }
+        }
+        // The tail not yet in the index.
+        let wanted = stream.to_string();
+        let mut failure = None;
+        self.for_each_record_from(derived + 1, |first, record| {
+            for (i, bytes) in record.envelopes.iter().enumerate() {
+                match decode_envelope(first + i as u64, bytes) {
+                    Ok(e) if e.stream_id == wanted && e.stream_version >= from_version => {
+                        by_version.insert(e.stream_version, e);
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        failure = Some(e);
+                        return false;
+                    }
+                }
+            }
+            true
+        })?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        Ok(by_version.into_values().take(limit).collect())
     }
 
-    /// The stored state of an aggregate.
+    /// The stored state of an aggregate (as of the derived position).
     pub fn state<T: Message + Default>(&self, stream: &StreamId) -> Result<Option<T>, LogError> {
         let key = state_key(stream);
         match self.db.get(&key)? {
@@ -238,7 +377,7 @@ impl EventLog {
         Ok(out)
     }
 
-    /// The idempotency record of a command id.
+    /// The stored idempotency record of a command id (as of the derived position).
     pub fn command(&self, command_id: &str) -> Result<Option<CommandRecord>, LogError> {
         let key = prefixed(COMMAND, command_id.as_bytes());
         match self.db.get(&key)? {
@@ -279,14 +418,16 @@ pub struct WriteBatch {
 }
 
 impl WriteBatch {
-    pub fn event(&mut self, position: u64, envelope: &[u8]) {
-        self.put(event_key(position).to_vec(), envelope);
+    /// A commit record starting at `first_position`.
+    pub fn record(&mut self, first_position: u64, record: &CommitRecord) {
+        self.put(record_key(first_position).to_vec(), &record.encode_to_vec());
     }
 
-    pub fn stream_index(&mut self, stream: &StreamId, version: u64, position: u64) {
+    /// Positions of `stream`'s versions from `first_version` on.
+    pub fn stream_chunk(&mut self, stream: &StreamId, first_version: u64, chunk: &PositionChunk) {
         let mut key = stream_prefix(stream);
-        key.extend_from_slice(&version.to_be_bytes());
-        self.put(key, &position.to_be_bytes());
+        key.extend_from_slice(&first_version.to_be_bytes());
+        self.put(key, &chunk.encode_to_vec());
     }
 
     pub fn state(&mut self, stream: &StreamId, state: &[u8]) {
@@ -298,6 +439,11 @@ impl WriteBatch {
             prefixed(COMMAND, command_id.as_bytes()),
             &record.encode_to_vec(),
         );
+    }
+
+    /// Marks the derived rows complete up to `position`.
+    pub fn derived(&mut self, position: u64) {
+        self.put(prefixed(META, DERIVED.as_bytes()), &position.to_be_bytes());
     }
 
     pub fn email(&mut self, email_key: &str, owner: Option<&str>) {
@@ -323,8 +469,9 @@ impl WriteBatch {
         self.rows == 0
     }
 
-    pub fn into_sled(self) -> sled::Batch {
-        self.batch
+    /// Rows in the batch.
+    pub fn len(&self) -> usize {
+        self.rows
     }
 
     fn put(&mut self, key: Vec<u8>, value: &[u8]) {
@@ -345,9 +492,9 @@ fn prefixed(kind: u8, rest: &[u8]) -> Vec<u8> {
     key
 }
 
-fn event_key(position: u64) -> [u8; 9] {
-    let mut key = [EVENT; 9];
-    key[1..].copy_from_slice(&position.to_be_bytes());
+fn record_key(first_position: u64) -> [u8; 9] {
+    let mut key = [RECORD; 9];
+    key[1..].copy_from_slice(&first_position.to_be_bytes());
     key
 }
 
@@ -369,6 +516,25 @@ fn decode_u64(bytes: &[u8], key: &[u8]) -> Result<u64, LogError> {
     Ok(u64::from_be_bytes(array))
 }
 
+fn decode_record(key: &[u8], value: &[u8]) -> Result<CommitRecord, LogError> {
+    let record = CommitRecord::decode(value).map_err(|e| corrupt(key, e))?;
+    if record.envelopes.is_empty() {
+        return Err(LogError::Corrupt {
+            key: String::from_utf8_lossy(key).into_owned(),
+            reason: "empty commit record".into(),
+        });
+    }
+    Ok(record)
+}
+
+/// Decodes a stored envelope.
+pub fn decode_envelope(position: u64, bytes: &[u8]) -> Result<pb::EventEnvelope, LogError> {
+    pb::EventEnvelope::decode(bytes).map_err(|e| LogError::Corrupt {
+        key: format!("event at position {position}"),
+        reason: e.to_string(),
+    })
+}
+
 fn corrupt(key: &[u8], error: prost::DecodeError) -> LogError {
     LogError::Corrupt {
         key: String::from_utf8_lossy(key).into_owned(),
@@ -385,40 +551,106 @@ mod tests {
         EventLog::open(dir, Durability::Fsync, 8 << 20).expect("open log")
     }
 
+    fn envelope(position: u64, stream: &StreamId, version: u64) -> Vec<u8> {
+        pb::EventEnvelope {
+            event_id: format!("e{position}"),
+            position,
+            stream_id: stream.to_string(),
+            stream_version: version,
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
     #[test]
-    fn batches_are_read_back_by_position_and_stream() {
+    fn records_are_read_back_by_position() {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = open(dir.path());
         assert_eq!(log.last_position().expect("last"), 0);
-        let stream = StreamId::product("p1");
+        let s = StreamId::product("p1");
         let mut batch = WriteBatch::default();
-        for position in 1..=5u64 {
-            batch.event(position, format!("event {position}").as_bytes());
-            batch.stream_index(&stream, position, position);
+        // Records 1-3, 4-5, 6.
+        for (first, n) in [(1u64, 3u64), (4, 2), (6, 1)] {
+            let record = CommitRecord {
+                envelopes: (first..first + n).map(|p| envelope(p, &s, p)).collect(),
+                commands: vec![],
+            };
+            batch.record(first, &record);
         }
+        log.apply(batch).expect("apply");
+        log.sync().expect("sync");
+        assert_eq!(log.last_position().expect("last"), 6);
+        let positions = |from, to, limit| -> Vec<u64> {
+            log.read_range(from, to, limit)
+                .expect("range")
+                .iter()
+                .map(|(p, _)| *p)
+                .collect()
+        };
+        assert_eq!(positions(1, 6, 100), [1, 2, 3, 4, 5, 6]);
+        assert_eq!(positions(2, 4, 100), [2, 3, 4]);
+        assert_eq!(positions(5, 9, 100), [5, 6]);
+        assert_eq!(positions(3, 6, 2), [3, 4]);
+        assert!(positions(7, 9, 100).is_empty());
+        assert!(log.event(4).expect("event").is_some());
+    }
+
+    #[test]
+    fn streams_are_read_from_the_index_and_the_tail() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = open(dir.path());
+        let p = StreamId::product("p");
+        let other = StreamId::product("pp");
+        // Positions 1..=6 alternate between p (versions 1..=3) and pp.
+        let mut batch = WriteBatch::default();
+        let envelopes = (1..=6u64)
+            .map(|pos| {
+                if pos % 2 == 1 {
+                    envelope(pos, &p, pos.div_ceil(2))
+                } else {
+                    envelope(pos, &other, pos / 2)
+                }
+            })
+            .collect();
+        batch.record(
+            1,
+            &CommitRecord {
+                envelopes,
+                commands: vec![],
+            },
+        );
+        // The index knows p's first two versions (positions 1, 3); position 5 is the tail.
+        batch.stream_chunk(
+            &p,
+            1,
+            &PositionChunk {
+                positions: vec![1, 3],
+            },
+        );
+        batch.derived(4);
         batch.state(
-            &stream,
+            &p,
             &Product {
-                version: 5,
+                version: 2,
                 ..Default::default()
             }
             .encode_to_vec(),
         );
-        log.apply(batch.into_sled()).expect("apply");
-        log.sync().expect("sync");
-        assert_eq!(log.last_position().expect("last"), 5);
-        let range = log.read_range(2, 4, 10).expect("range");
-        assert_eq!(range.iter().map(|(p, _)| *p).collect::<Vec<_>>(), [2, 3, 4]);
-        assert_eq!(log.read_range(2, 9, 2).expect("range").len(), 2);
-        let by_stream = log.read_stream(&stream, 4, 10).expect("stream");
-        assert_eq!(by_stream, [&b"event 4"[..], &b"event 5"[..]]);
-        // A stream whose name is a prefix of another is not mixed in.
-        assert!(log
-            .read_stream(&StreamId::product("p"), 1, 10)
-            .expect("stream")
-            .is_empty());
-        let state: Product = log.state(&stream).expect("state").expect("present");
-        assert_eq!(state.version, 5);
+        log.apply(batch).expect("apply");
+        let versions = |from, limit| -> Vec<u64> {
+            log.read_stream(&p, from, limit)
+                .expect("stream")
+                .iter()
+                .map(|e| e.stream_version)
+                .collect()
+        };
+        assert_eq!(versions(1, 100), [1, 2, 3]);
+        assert_eq!(versions(2, 100), [2, 3]);
+        assert_eq!(versions(3, 100), [3]);
+        assert_eq!(versions(1, 2), [1, 2]);
+        let state: Product = log.state(&p).expect("state").expect("present");
+        assert_eq!(state.version, 2);
+        assert_eq!(log.derived_position().expect("derived"), 4);
     }
 
     #[test]
@@ -438,10 +670,10 @@ mod tests {
                     result: None,
                 },
             );
-            log.apply(batch.into_sled()).expect("apply");
+            log.apply(batch).expect("apply");
             let mut batch = WriteBatch::default();
             batch.open_order("c1", "o1", false);
-            log.apply(batch.into_sled()).expect("apply");
+            log.apply(batch).expect("apply");
             log.sync().expect("sync");
         }
         let log = open(dir.path());

@@ -220,7 +220,7 @@ impl Relay {
         let in_log = tokio::task::spawn_blocking(move || log.event(sequence))
             .await
             .map_err(|e| RelayError::Nats(format!("log read task: {e}")))??
-            .and_then(|bytes| pb::EventEnvelope::decode(bytes.as_ref()).ok())
+            .and_then(|bytes| pb::EventEnvelope::decode(bytes.as_slice()).ok())
             .map(|e| e.event_id)
             .unwrap_or_default();
         if in_stream != in_log {
@@ -392,8 +392,8 @@ impl Relay {
     }
 
     /// Sends one event; returns its ack future.
-    async fn send(&self, position: u64, bytes: sled::IVec) -> Result<PublishAckFuture, RelayError> {
-        let envelope = pb::EventEnvelope::decode(bytes.as_ref()).map_err(|e| {
+    async fn send(&self, position: u64, bytes: Vec<u8>) -> Result<PublishAckFuture, RelayError> {
+        let envelope = pb::EventEnvelope::decode(bytes.as_slice()).map_err(|e| {
             RelayError::Log(LogError::Corrupt {
                 key: format!("E{position}"),
                 reason: e.to_string(),
@@ -419,7 +419,7 @@ impl Relay {
             subjects::traceparent(&envelope.correlation_id, &envelope.event_id).as_str(),
         );
         self.js
-            .publish_with_headers(subject, headers, bytes::Bytes::copy_from_slice(&bytes))
+            .publish_with_headers(subject, headers, bytes::Bytes::from(bytes))
             .await
             .map_err(|e| nats(&format!("publish position {position}"), e))
     }

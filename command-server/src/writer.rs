@@ -15,9 +15,14 @@
 //! - **Bounded**: the queue holds at most `queue_capacity` commands (then
 //!   RESOURCE_EXHAUSTED), a batch at most `batch_commands_max`, and at most
 //!   `FLUSH_QUEUE_BATCHES` applied batches wait for a sync (then the writer waits).
+//! - **Derived rows in snapshots**: aggregate states, the stream index and idempotency
+//!   records are kept in memory and written with the batch that falls due every
+//!   `SNAPSHOT_INTERVAL` (see `log.rs`); on start, the records after the last snapshot
+//!   are replayed to rebuild them, so restarts never replay more than that.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use prost::Message;
 use shop_shared::events::{event_type, now_micros, stream_of, timestamp_from_micros};
@@ -28,10 +33,17 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::domain::{
     self, email_key, order, Command, Customer, DomainError, Event, Order, Product,
 };
-use crate::log::{CommandRecord, EventLog, LogError, WriteBatch};
+use crate::log::{
+    decode_envelope, CommandEntry, CommandRecord, CommitRecord, EventLog, LogError, PositionChunk,
+    WriteBatch, RECORD_BYTES_MAX,
+};
 
 /// Applied batches that may wait for the flusher before the writer blocks.
 const FLUSH_QUEUE_BATCHES: usize = 8;
+/// How often the derived rows are written (and so how much a restart replays, at most).
+const SNAPSHOT_INTERVAL: Duration = Duration::from_millis(100);
+/// Pending derived rows that force a snapshot regardless of time (bounds memory).
+const SNAPSHOT_PENDING_MAX: usize = 50_000;
 
 /// Everything about a command that is not the command itself.
 #[derive(Debug, Clone)]
@@ -138,31 +150,35 @@ impl WriterThreads {
 }
 
 impl Writer {
-    /// Starts the writer and flusher threads over `log`.
+    /// Starts the writer and flusher threads over `log`, after rebuilding the derived
+    /// rows of the records written since the last snapshot.
     pub fn start(
         log: Arc<EventLog>,
         config: WriterConfig,
     ) -> Result<(Writer, WriterWatch, WriterThreads), LogError> {
         let last_position = log.last_position()?;
         let last_micros = match log.event(last_position)? {
-            Some(bytes) => pb::EventEnvelope::decode(bytes.as_ref())
+            Some(bytes) => pb::EventEnvelope::decode(bytes.as_slice())
                 .ok()
                 .and_then(|e| e.occurred_at)
                 .map_or(0, |t| shop_shared::events::micros_from_timestamp(&t)),
             None => 0,
         };
+        let mut decider = Decider {
+            log: log.clone(),
+            states: States::new(log.clone()),
+            pending: Pending::default(),
+            last_snapshot: Instant::now(),
+            next_position: last_position + 1,
+            last_micros,
+        };
+        decider.recover()?;
+
         let (queue_tx, queue_rx) = mpsc::channel(config.queue_capacity.max(1));
         let (flush_tx, flush_rx) = std::sync::mpsc::sync_channel(FLUSH_QUEUE_BATCHES);
         let (durable_tx, durable_rx) = watch::channel(last_position);
         let (failure_tx, failure_rx) = watch::channel(None);
         let failure_tx = Arc::new(failure_tx);
-
-        let decider = Decider {
-            log: log.clone(),
-            states: States::new(log.clone()),
-            next_position: last_position + 1,
-            last_micros,
-        };
         let writer = {
             let failure_tx = failure_tx.clone();
             let batch_max = config.batch_commands_max.max(1);
@@ -252,8 +268,7 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
-        let replies_and_batch = decider.decide_batch(&mut submissions);
-        let (replies, batch) = match replies_and_batch {
+        let (replies, batch) = match decider.decide_batch(&mut submissions) {
             Ok(done) => done,
             Err(error) => {
                 fail(failure, &error);
@@ -261,7 +276,7 @@ fn writer_loop(
             }
         };
         if !batch.is_empty() {
-            if let Err(error) = decider.log.apply(batch.into_sled()) {
+            if let Err(error) = decider.log.apply(batch) {
                 // Nothing of this batch was acknowledged; its replies are dropped, so
                 // their callers see the storage failure.
                 fail(failure, &error);
@@ -276,6 +291,18 @@ fn writer_loop(
             // The flusher stopped after a sync failure; it reported it.
             return;
         }
+    }
+    // Shutting down: a last snapshot, so the next start replays nothing.
+    let mut batch = WriteBatch::default();
+    decider.snapshot(&mut batch);
+    match decider.log.apply(batch) {
+        Ok(()) => {
+            let _ = flush.send(FlushJob {
+                replies: Vec::new(),
+                last_position: decider.next_position - 1,
+            });
+        }
+        Err(error) => fail(failure, &error),
     }
     tracing::debug!("command queue closed; writer done");
 }
@@ -319,30 +346,182 @@ fn flusher_loop(
     tracing::debug!("writer finished; flusher done");
 }
 
-/// The deciding half of the writer: positions, time, and the state overlay of a batch.
+/// Derived rows not yet written: the next snapshot writes them.
+#[derive(Default)]
+struct Pending {
+    /// Idempotency records of accepted commands.
+    commands: HashMap<String, CommandRecord>,
+    /// Stream index: stream → (first version, positions of it and the next versions).
+    streams: HashMap<StreamId, (u64, Vec<u64>)>,
+}
+
+impl Pending {
+    fn len(&self) -> usize {
+        self.commands.len() + self.streams.len()
+    }
+
+    fn index(&mut self, stream: &StreamId, version: u64, position: u64) {
+        self.streams
+            .entry(stream.clone())
+            .or_insert_with(|| (version, Vec::new()))
+            .1
+            .push(position);
+    }
+}
+
+/// The commit records of one batch, closed at `RECORD_BYTES_MAX`.
+struct Records {
+    first: u64,
+    open: CommitRecord,
+    bytes: usize,
+}
+
+impl Records {
+    fn new(first: u64) -> Self {
+        Records {
+            first,
+            open: CommitRecord::default(),
+            bytes: 0,
+        }
+    }
+
+    fn push(&mut self, position: u64, envelope: Vec<u8>, batch: &mut WriteBatch) {
+        if !self.open.envelopes.is_empty() && self.bytes + envelope.len() > RECORD_BYTES_MAX {
+            self.close(batch);
+        }
+        if self.open.envelopes.is_empty() {
+            self.first = position;
+        }
+        self.bytes += envelope.len();
+        self.open.envelopes.push(envelope);
+    }
+
+    /// Attaches a command's idempotency entry to the record holding its last event.
+    fn command(&mut self, entry: CommandEntry) {
+        self.open.commands.push(entry);
+    }
+
+    fn close(&mut self, batch: &mut WriteBatch) {
+        if !self.open.envelopes.is_empty() {
+            batch.record(self.first, &self.open);
+        }
+        self.open = CommitRecord::default();
+        self.bytes = 0;
+    }
+}
+
+/// The deciding half of the writer: positions, time, states and pending derived rows.
 struct Decider {
     log: Arc<EventLog>,
     /// Aggregate states, kept across batches (bounded) so deciding rarely reads sled.
     states: States,
+    pending: Pending,
+    last_snapshot: Instant,
     next_position: u64,
     /// `occurred_at` of the last event, so that it never decreases along positions.
     last_micros: i64,
 }
 
 impl Decider {
+    /// Rebuilds the derived rows of the records after the last snapshot, and writes
+    /// them (synced) before anything else happens.
+    fn recover(&mut self) -> Result<(), LogError> {
+        let derived = self.log.derived_position()?;
+        let last = self.next_position - 1;
+        if last <= derived {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let mut records = Vec::new();
+        self.log
+            .for_each_record_from(derived + 1, |first, record| {
+                records.push((first, record));
+                true
+            })?;
+        let mut scratch = WriteBatch::default();
+        let mut replayed = 0u64;
+        for (first, record) in records {
+            for (i, bytes) in record.envelopes.iter().enumerate() {
+                let position = first + i as u64;
+                if position <= derived {
+                    continue;
+                }
+                let envelope = decode_envelope(position, bytes)?;
+                let Some(event) = envelope.event.and_then(|e| e.kind) else {
+                    return Err(LogError::Corrupt {
+                        key: format!("event at position {position}"),
+                        reason: "no payload".into(),
+                    });
+                };
+                let stream = stream_of(&event);
+                let version = self.states.evolve(&stream, &event, &mut scratch)?;
+                if version != envelope.stream_version {
+                    return Err(LogError::Corrupt {
+                        key: format!("event at position {position}"),
+                        reason: format!(
+                            "stream {stream} replays to version {version}, the envelope says {}",
+                            envelope.stream_version
+                        ),
+                    });
+                }
+                self.pending.index(&stream, version, position);
+                replayed += 1;
+            }
+            for entry in record.commands {
+                if let Some(r) = entry.record {
+                    self.pending.commands.insert(entry.command_id, r);
+                }
+            }
+        }
+        // The email and open-order rows were written with the commits; only the derived
+        // rows are new.
+        let mut batch = WriteBatch::default();
+        self.snapshot(&mut batch);
+        self.log.apply(batch)?;
+        self.log.sync()?;
+        tracing::info!(
+            from = derived + 1,
+            to = last,
+            events = replayed,
+            ms = started.elapsed().as_millis() as u64,
+            "rebuilt derived rows since the last snapshot"
+        );
+        Ok(())
+    }
+
+    /// Adds the derived rows (states, stream index, idempotency records) to `batch`,
+    /// complete up to the last decided position.
+    fn snapshot(&mut self, batch: &mut WriteBatch) {
+        self.states.write_dirty_states(batch);
+        for (stream, (first_version, positions)) in self.pending.streams.drain() {
+            batch.stream_chunk(&stream, first_version, &PositionChunk { positions });
+        }
+        for (command_id, record) in self.pending.commands.drain() {
+            batch.command(&command_id, &record);
+        }
+        batch.derived(self.next_position - 1);
+        self.last_snapshot = Instant::now();
+        self.states.trim();
+    }
+
     /// Decides every submission of a batch; returns the replies and the rows to write.
     fn decide_batch(
         &mut self,
         submissions: &mut Vec<Submission>,
     ) -> Result<(Vec<Reply>, WriteBatch), LogError> {
-        self.states.begin_batch();
         let mut batch = WriteBatch::default();
+        let mut records = Records::new(self.next_position);
         let mut replies = Vec::with_capacity(submissions.len());
         for s in submissions.drain(..) {
-            let outcome = self.decide_one(&s.command, &s.meta, &mut batch)?;
+            let outcome = self.decide_one(&s.command, &s.meta, &mut batch, &mut records)?;
             replies.push((s.reply, outcome));
         }
-        self.states.write_dirty_states(&mut batch);
+        records.close(&mut batch);
+        if self.last_snapshot.elapsed() >= SNAPSHOT_INTERVAL
+            || self.pending.len() >= SNAPSHOT_PENDING_MAX
+        {
+            self.snapshot(&mut batch);
+        }
         Ok((replies, batch))
     }
 
@@ -351,37 +530,41 @@ impl Decider {
         command: &Command,
         meta: &CommandMeta,
         batch: &mut WriteBatch,
+        records: &mut Records,
     ) -> Result<Result<Accepted, WriteError>, LogError> {
-        let overlay = &mut self.states;
         if meta.idempotent {
-            let command_id = &meta.command_id;
-            if let Some(record) = overlay.command(command_id)? {
+            let known = match self.pending.commands.get(&meta.command_id) {
+                Some(record) => Some(record.clone()),
+                None => self.log.command(&meta.command_id)?,
+            };
+            if let Some(record) = known {
                 return Ok(if record.request_hash == meta.request_hash {
                     Ok(Accepted {
                         result: record.result.unwrap_or_default(),
                         replayed: true,
                     })
                 } else {
-                    Err(WriteError::CommandIdReused(command_id.clone()))
+                    Err(WriteError::CommandIdReused(meta.command_id.clone()))
                 });
             }
         }
 
+        let states = &mut self.states;
         for stream in command.streams_read() {
-            overlay.load(&stream)?;
+            states.load(&stream)?;
         }
         if let Command::RegisterCustomer { email, .. } = command {
-            overlay.load_email(&email_key(email))?;
+            states.load_email(&email_key(email))?;
         }
         let own = command.stream();
-        if let (StreamKind::Order, Some(order)) = (own.kind, overlay.orders.get(&own.id)) {
+        if let (StreamKind::Order, Some(order)) = (own.kind, states.orders.get(&own.id)) {
             let products: Vec<StreamId> = order.iter().flat_map(order::products_of).collect();
             for p in products {
-                overlay.load(&p)?;
+                states.load(&p)?;
             }
         }
         if let Some(expected) = meta.expected_version {
-            let actual = overlay.version(&own);
+            let actual = states.version(&own);
             if actual != expected {
                 return Ok(Err(WriteError::VersionConflict {
                     stream: own.to_string(),
@@ -390,7 +573,7 @@ impl Decider {
                 }));
             }
         }
-        let events = match domain::decide(command, overlay) {
+        let events = match domain::decide(command, &*states) {
             Ok(events) => events,
             Err(refused) => return Ok(Err(refused.into())),
         };
@@ -399,16 +582,17 @@ impl Decider {
         let now = now_micros().max(self.last_micros);
         self.last_micros = now;
         let occurred_at = timestamp_from_micros(now);
-        let mut own_version = overlay.version(&own);
+        let mut own_version = self.states.version(&own);
         let mut position = 0;
         for event in events {
             position = self.next_position;
             self.next_position += 1;
             let stream = stream_of(&event);
-            let version = overlay.evolve(&stream, &event, batch)?;
+            let version = self.states.evolve(&stream, &event, batch)?;
             if stream == own {
                 own_version = version;
             }
+            self.pending.index(&stream, version, position);
             let envelope = pb::EventEnvelope {
                 event_id: generate_id(),
                 position,
@@ -421,8 +605,7 @@ impl Decider {
                 causation_id: meta.causation_id.clone(),
                 event: Some(pb::Event { kind: Some(event) }),
             };
-            batch.event(position, &envelope.encode_to_vec());
-            batch.stream_index(&stream, version, position);
+            records.push(position, envelope.encode_to_vec(), batch);
         }
         let result = pb::CommandResult {
             stream_id: own.to_string(),
@@ -436,8 +619,13 @@ impl Decider {
                 request_hash: meta.request_hash.to_vec(),
                 result: Some(result.clone()),
             };
-            batch.command(&meta.command_id, &record);
-            overlay.commands.insert(meta.command_id.clone(), record);
+            records.command(CommandEntry {
+                command_id: meta.command_id.clone(),
+                record: Some(record.clone()),
+            });
+            self.pending
+                .commands
+                .insert(meta.command_id.clone(), record);
         }
         Ok(Ok(Accepted {
             result,
@@ -446,12 +634,12 @@ impl Decider {
     }
 }
 
-/// Aggregates cached in memory beyond this many are dropped between batches (they are
-/// all in sled by then).
+/// Aggregates cached in memory beyond this many are dropped at a snapshot (they are all
+/// in sled by then).
 const STATE_CACHE_MAX: usize = 200_000;
 
 /// Aggregate states: loaded from the log on first use, evolved in memory as commands are
-/// decided, written to sled with each batch and kept cached across batches (bounded, see
+/// decided, written to sled with each snapshot and kept cached (bounded, see
 /// [`STATE_CACHE_MAX`]). `None` = known not to exist.
 struct States {
     log: Arc<EventLog>,
@@ -460,7 +648,7 @@ struct States {
     orders: HashMap<String, Option<Order>>,
     /// Email key → live owner (`None`: known free).
     emails: HashMap<String, Option<String>>,
-    commands: HashMap<String, CommandRecord>,
+    /// Streams changed since the last snapshot: never dropped from the cache before it.
     dirty: HashSet<StreamId>,
 }
 
@@ -472,30 +660,20 @@ impl States {
             products: HashMap::new(),
             orders: HashMap::new(),
             emails: HashMap::new(),
-            commands: HashMap::new(),
             dirty: HashSet::new(),
         }
     }
 
-    /// Starts a batch: command records are per batch; the cache is trimmed when large
-    /// (everything cached was written with an earlier batch, so nothing is lost).
-    fn begin_batch(&mut self) {
-        self.commands.clear();
+    /// After a snapshot (nothing dirty): drops the cache if it grew too large.
+    fn trim(&mut self) {
         let cached =
             self.customers.len() + self.products.len() + self.orders.len() + self.emails.len();
-        if cached > STATE_CACHE_MAX {
+        if self.dirty.is_empty() && cached > STATE_CACHE_MAX {
             self.customers.clear();
             self.products.clear();
             self.orders.clear();
             self.emails.clear();
         }
-    }
-
-    fn command(&mut self, command_id: &str) -> Result<Option<CommandRecord>, LogError> {
-        if let Some(record) = self.commands.get(command_id) {
-            return Ok(Some(record.clone()));
-        }
-        self.log.command(command_id)
     }
 
     fn load(&mut self, stream: &StreamId) -> Result<(), LogError> {

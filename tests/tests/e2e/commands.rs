@@ -399,11 +399,31 @@ async fn a_repeated_command_id_returns_the_original_reply_and_appends_nothing() 
     assert_eq!(status.code(), Code::AlreadyExists);
     assert_eq!(reason(&status).as_deref(), Some("COMMAND_ID_REUSED"));
 
-    // The record survives a crash.
+    // The records survive a crash, also those of commands acknowledged just before it
+    // (idempotency records are written in snapshots every ~100 ms; the last commands'
+    // records come back from replaying the log). Two commands back to back: at most
+    // the first one's batch can carry a snapshot.
+    let just_before = |id: &str| pb::RestockProductRequest {
+        command_id: id.into(),
+        sku: "pen".into(),
+        quantity: 1,
+        ..Default::default()
+    };
+    let a = c
+        .restock_product(just_before("restock-a"))
+        .await
+        .expect("restock a")
+        .into_inner();
+    let b = c
+        .restock_product(just_before("restock-b"))
+        .await
+        .expect("restock b")
+        .into_inner();
     server.kill9();
     server.restart().await;
     let mut c = server.commands().await;
     let mut log = server.log_reader().await;
+    let position = log_position(&mut log).await;
     assert_eq!(
         c.place_order(request)
             .await
@@ -411,7 +431,25 @@ async fn a_repeated_command_id_returns_the_original_reply_and_appends_nothing() 
             .into_inner(),
         first
     );
-    assert_eq!(log_position(&mut log).await, position);
+    assert_eq!(
+        c.restock_product(just_before("restock-b"))
+            .await
+            .expect("retry b")
+            .into_inner(),
+        b
+    );
+    assert_eq!(
+        c.restock_product(just_before("restock-a"))
+            .await
+            .expect("retry a")
+            .into_inner(),
+        a
+    );
+    assert_eq!(
+        log_position(&mut log).await,
+        position,
+        "no retry appended anything"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -717,4 +755,60 @@ async fn a_full_queue_answers_resource_exhausted_and_loses_nothing() {
     })
     .await
     .expect("log holds exactly the accepted commands");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_a_stream_matches_the_log_across_snapshots_and_restarts() {
+    let (_nats, mut server) = start().await;
+    let mut c = server.commands().await;
+    c.register_customer(req::register("c1", "c1@example.com"))
+        .await
+        .expect("register");
+    c.create_product(req::product("pen", 1, 1_000_000))
+        .await
+        .expect("product");
+    for round in 0..3 {
+        for i in 0..60 {
+            let id = format!("r{round}-o{i}");
+            c.place_order(req::order(&id, "c1", &[("pen", 1)]))
+                .await
+                .expect("place");
+            if i % 3 == 0 {
+                c.cancel_order(req::cancel(&id, "x")).await.expect("cancel");
+            }
+            if i % 20 == 0 {
+                // Let a snapshot fall between some of the events.
+                tokio::time::sleep(std::time::Duration::from_millis(120)).await;
+            }
+        }
+        let whole = shop_tests::read_whole_log(&mut server.log_reader().await).await;
+        let expected: Vec<pb::EventEnvelope> = whole
+            .into_iter()
+            .filter(|e| e.stream_id == "product-pen")
+            .collect();
+        let mut got = Vec::new();
+        let mut from = 1;
+        loop {
+            let page = server
+                .log_reader()
+                .await
+                .read_stream(pb::ReadStreamRequest {
+                    stream_id: "product-pen".into(),
+                    from_version: from,
+                    limit: 37,
+                })
+                .await
+                .expect("read stream")
+                .into_inner();
+            got.extend(page.events);
+            if page.next == 0 {
+                break;
+            }
+            from = page.next;
+        }
+        assert_eq!(got, expected, "round {round}");
+        server.kill9();
+        server.restart().await;
+        c = server.commands().await;
+    }
 }
