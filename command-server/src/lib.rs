@@ -83,7 +83,7 @@ pub struct Config {
     pub batch_commands_max: usize,
 
     /// sled page cache size, in MiB.
-    #[arg(long, env = "SHOP_CACHE_MB", default_value_t = 64)]
+    #[arg(long, env = "SHOP_CACHE_MB", default_value_t = 32)]
     pub cache_mb: u64,
 
     /// Largest request message accepted, in bytes; beyond, RESOURCE_EXHAUSTED.

@@ -636,7 +636,7 @@ impl Decider {
 
 /// Aggregates cached in memory beyond this many are dropped at a snapshot (they are all
 /// in sled by then).
-const STATE_CACHE_MAX: usize = 200_000;
+const STATE_CACHE_MAX: usize = 20_000;
 
 /// Aggregate states: loaded from the log on first use, evolved in memory as commands are
 /// decided, written to sled with each snapshot and kept cached (bounded, see

@@ -77,7 +77,7 @@ pub struct Config {
     pub batch_events_max: usize,
 
     /// sled page cache size, in MiB.
-    #[arg(long, env = "SHOP_CACHE_MB", default_value_t = 128, global = true)]
+    #[arg(long, env = "SHOP_CACHE_MB", default_value_t = 64, global = true)]
     pub cache_mb: u64,
 
     /// Open WatchOrder/WatchCustomer streams, at most.
