@@ -334,6 +334,7 @@ async fn run(args: Args, bin_dir: PathBuf) -> anyhow::Result<()> {
             visibility: vis,
             drain_s: drain.as_secs_f64(),
             cpu,
+            syncs: workload::syncs(command_channel.clone()).await,
             lag,
         });
     }
@@ -385,6 +386,7 @@ async fn run(args: Args, bin_dir: PathBuf) -> anyhow::Result<()> {
         ));
         results.half_load = Some(HalfLoad {
             target_rate: best / 2.0,
+            syncs: workload::syncs(command_channel.clone()).await,
             commands: run.summary,
             visibility: vis,
             max_query_lag: lag.iter().map(|s| s.query_lag()).max().unwrap_or(0),

@@ -41,13 +41,25 @@ pub struct CommandPoint {
     pub drain_s: f64,
     /// Cores used by each process during the run.
     pub cpu: Vec<(String, f64)>,
+    /// The command server's group commits during the run.
+    pub syncs: Syncs,
     pub lag: Vec<LagSample>,
+}
+
+/// Group commit as the command server reports it (last ≤ 4096 syncs).
+#[derive(Debug, Clone, Copy, Serialize, Default)]
+pub struct Syncs {
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub commands_per_sync: f64,
 }
 
 /// The paced run at half the best throughput.
 #[derive(Debug, Clone, Serialize)]
 pub struct HalfLoad {
     pub target_rate: f64,
+    pub syncs: Syncs,
     pub commands: RunSummary,
     pub visibility: Latency,
     pub max_query_lag: u64,
@@ -202,7 +214,7 @@ impl Results {
                 md,
                 "\nAck → visible (reply of a sampled command until a query with its `min_position` returned it), and where the \
                  CPU went (cores used by each process; the machine has {}):\n\n\
-                 | clients | visible p50 ms | visible p99 ms | visible p99.9 ms | CPU (cores) |\n|---|---|---|---|---|",
+                 | clients | visible p50 ms | visible p99 ms | visible p99.9 ms | sync p50 / p99 / max ms | commands per sync | CPU (cores) |\n|---|---|---|---|---|---|---|",
                 self.machine.cores
             );
             for p in &self.commands {
@@ -210,11 +222,15 @@ impl Results {
                 let cpu: Vec<String> = p.cpu.iter().map(|(n, c)| format!("{n} {c:.2}")).collect();
                 let _ = writeln!(
                     md,
-                    "| {} | {} | {} | {} | {} |",
+                    "| {} | {} | {} | {} | {} / {} / {} | {:.1} | {} |",
                     p.commands.concurrency,
                     f(v.p50_ms),
                     f(v.p99_ms),
                     f(v.p999_ms),
+                    f(p.syncs.p50_ms),
+                    f(p.syncs.p99_ms),
+                    f(p.syncs.max_ms),
+                    p.syncs.commands_per_sync,
                     cpu.join(", ")
                 );
             }
@@ -226,7 +242,8 @@ impl Results {
             let _ = writeln!(
                 md,
                 "### Half load\n\nPaced at {} commands/s (half the best rate above) with {} clients: achieved {}/s, \
-                 p50 {} ms, p99 {} ms, p99.9 {} ms; ack → visible p50 {} ms, p99 {} ms; max query lag {} events.\n",
+                 p50 {} ms, p99 {} ms, p99.9 {} ms; ack → visible p50 {} ms, p99 {} ms; max query lag {} events. \
+                 Group commit meanwhile: sync (sled flush + fdatasync) p50 {} ms, p99 {} ms, max {} ms, {:.1} commands per sync.\n",
                 f(h.target_rate),
                 c.concurrency,
                 f(c.per_second),
@@ -235,7 +252,11 @@ impl Results {
                 f(c.latency.p999_ms),
                 f(h.visibility.p50_ms),
                 f(h.visibility.p99_ms),
-                h.max_query_lag
+                h.max_query_lag,
+                f(h.syncs.p50_ms),
+                f(h.syncs.p99_ms),
+                f(h.syncs.max_ms),
+                h.syncs.commands_per_sync
             );
         }
 

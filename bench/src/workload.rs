@@ -573,3 +573,22 @@ pub async fn log_position(command: Channel) -> anyhow::Result<u64> {
 pub fn shared_histogram() -> Arc<Mutex<Histogram<u64>>> {
     Arc::new(Mutex::new(histogram()))
 }
+
+/// The command server's recent group commits.
+pub async fn syncs(command: Channel) -> crate::report::Syncs {
+    match LogServiceClient::new(command)
+        .get_log_status(pb::GetLogStatusRequest {})
+        .await
+    {
+        Ok(s) => {
+            let s = s.into_inner();
+            crate::report::Syncs {
+                p50_ms: s.sync_p50_us as f64 / 1000.0,
+                p99_ms: s.sync_p99_us as f64 / 1000.0,
+                max_ms: s.sync_max_us as f64 / 1000.0,
+                commands_per_sync: s.commands_per_sync,
+            }
+        }
+        Err(_) => crate::report::Syncs::default(),
+    }
+}

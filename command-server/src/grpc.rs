@@ -470,6 +470,7 @@ impl LogService for LogReader {
     ) -> Result<Response<pb::LogStatus>, Status> {
         let log_position = *self.watch.durable_position.borrow();
         let published = self.relay.published().min(log_position);
+        let syncs = self.watch.syncs.summary();
         Ok(Response::new(pb::LogStatus {
             log_position,
             published_position: published,
@@ -478,6 +479,11 @@ impl LogService for LogReader {
             relay_error: self.relay.error().unwrap_or_default(),
             stream: self.stream.clone(),
             durability: self.log.durability().as_str().to_string(),
+            sync_p50_us: syncs.p50_us,
+            sync_p99_us: syncs.p99_us,
+            sync_max_us: syncs.max_us,
+            commands_per_sync: syncs.commands_per_sync,
+            syncs_total: syncs.total,
         }))
     }
 

@@ -132,6 +132,74 @@ pub struct WriterWatch {
     pub durable_position: watch::Receiver<u64>,
     /// Set when the log failed and the writer stopped.
     pub failure: watch::Receiver<Option<String>>,
+    /// Recent group-commit syncs.
+    pub syncs: Arc<SyncStats>,
+}
+
+/// The last syncs' durations and sizes (a ring of [`SYNC_SAMPLES`]), for status.
+#[derive(Default)]
+pub struct SyncStats {
+    samples: std::sync::Mutex<SyncSamples>,
+}
+
+#[derive(Default)]
+struct SyncSamples {
+    /// (duration µs, commands acknowledged) per sync, oldest overwritten first.
+    ring: Vec<(u64, u64)>,
+    next: usize,
+    total: u64,
+}
+
+/// Syncs remembered for the status percentiles.
+const SYNC_SAMPLES: usize = 4096;
+
+/// Percentiles of the recent syncs.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SyncSummary {
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+    pub commands_per_sync: f64,
+    pub total: u64,
+}
+
+impl SyncStats {
+    fn record(&self, took: Duration, commands: u64) {
+        if let Ok(mut s) = self.samples.lock() {
+            let sample = (
+                u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+                commands,
+            );
+            if s.ring.len() < SYNC_SAMPLES {
+                s.ring.push(sample);
+            } else {
+                let i = s.next;
+                s.ring[i] = sample;
+            }
+            s.next = (s.next + 1) % SYNC_SAMPLES;
+            s.total += 1;
+        }
+    }
+
+    pub fn summary(&self) -> SyncSummary {
+        let Ok(s) = self.samples.lock() else {
+            return SyncSummary::default();
+        };
+        if s.ring.is_empty() {
+            return SyncSummary::default();
+        }
+        let mut durations: Vec<u64> = s.ring.iter().map(|(d, _)| *d).collect();
+        durations.sort_unstable();
+        let at = |q: f64| durations[((durations.len() - 1) as f64 * q) as usize];
+        let commands: u64 = s.ring.iter().map(|(_, c)| *c).sum();
+        SyncSummary {
+            p50_us: at(0.5),
+            p99_us: at(0.99),
+            max_us: at(1.0),
+            commands_per_sync: commands as f64 / s.ring.len() as f64,
+            total: s.total,
+        }
+    }
 }
 
 /// The writer and flusher threads, to join at shutdown.
@@ -179,6 +247,7 @@ impl Writer {
         let (durable_tx, durable_rx) = watch::channel(last_position);
         let (failure_tx, failure_rx) = watch::channel(None);
         let failure_tx = Arc::new(failure_tx);
+        let syncs = Arc::new(SyncStats::default());
         let writer = {
             let failure_tx = failure_tx.clone();
             let batch_max = config.batch_commands_max.max(1);
@@ -192,7 +261,10 @@ impl Writer {
         };
         let flusher = std::thread::Builder::new()
             .name("shop-flusher".into())
-            .spawn(move || flusher_loop(&log, flush_rx, &durable_tx, &failure_tx))
+            .spawn({
+                let syncs = syncs.clone();
+                move || flusher_loop(&log, flush_rx, &durable_tx, &failure_tx, &syncs)
+            })
             .map_err(|source| LogError::Io {
                 path: "flusher thread".into(),
                 source,
@@ -206,6 +278,7 @@ impl Writer {
             WriterWatch {
                 durable_position: durable_rx,
                 failure: failure_rx,
+                syncs,
             },
             WriterThreads { writer, flusher },
         ))
@@ -317,6 +390,7 @@ fn flusher_loop(
     jobs: std::sync::mpsc::Receiver<FlushJob>,
     durable: &watch::Sender<u64>,
     failure: &watch::Sender<Option<String>>,
+    syncs: &SyncStats,
 ) {
     let mut pending = Vec::new();
     while let Ok(first) = jobs.recv() {
@@ -324,7 +398,11 @@ fn flusher_loop(
         while let Ok(more) = jobs.try_recv() {
             pending.push(more);
         }
-        if let Err(error) = log.sync() {
+        let started = Instant::now();
+        let synced = log.sync();
+        let commands: usize = pending.iter().map(|j| j.replies.len()).sum();
+        syncs.record(started.elapsed(), commands as u64);
+        if let Err(error) = synced {
             // Unknown what reached the disk: acknowledge nothing more, ever.
             tracing::error!(%error, "sync of the event log failed; the command server stops accepting commands");
             failure.send_replace(Some(error.to_string()));
