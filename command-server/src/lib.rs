@@ -90,6 +90,11 @@ pub struct Config {
     #[arg(long, env = "SHOP_REQUEST_BYTES_MAX", default_value_t = 64 * 1024)]
     pub request_bytes_max: usize,
 
+    /// Requests one connection may have in flight; beyond, RESOURCE_EXHAUSTED (load
+    /// shedding: in-flight work and memory stay bounded however clients behave).
+    #[arg(long, env = "SHOP_REQUESTS_PER_CONNECTION_MAX", default_value_t = 1024)]
+    pub requests_per_connection_max: usize,
+
     /// Relay publishes awaiting their JetStream ack at once (below 5000).
     #[arg(long, env = "SHOP_RELAY_WINDOW", default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..5000))]
     pub relay_window: u64,
@@ -232,6 +237,8 @@ pub async fn run(
     };
     tracing::info!("command server ready");
     let served = tonic::transport::Server::builder()
+        .concurrency_limit_per_connection(config.requests_per_connection_max.max(1))
+        .load_shed(true)
         .layer(RequestErrorLayer)
         .add_service(health_service)
         .add_service(reflection_v1)

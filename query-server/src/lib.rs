@@ -89,6 +89,16 @@ pub struct Config {
     )]
     pub watchers_max: usize,
 
+    /// Requests one connection may have in flight; beyond, RESOURCE_EXHAUSTED (load
+    /// shedding: in-flight work and memory stay bounded however clients behave).
+    #[arg(
+        long,
+        env = "SHOP_REQUESTS_PER_CONNECTION_MAX",
+        default_value_t = 1024,
+        global = true
+    )]
+    pub requests_per_connection_max: usize,
+
     /// Largest request message accepted, in bytes.
     #[arg(long, env = "SHOP_REQUEST_BYTES_MAX", default_value_t = 16 * 1024, global = true)]
     pub request_bytes_max: usize,
@@ -195,6 +205,8 @@ pub async fn run(
     };
     tracing::info!("query server ready");
     let served = tonic::transport::Server::builder()
+        .concurrency_limit_per_connection(config.requests_per_connection_max.max(1))
+        .load_shed(true)
         .layer(RequestErrorLayer)
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -1064,3 +1064,59 @@ async fn a_gap_in_the_stream_stops_the_consumer_before_it() {
         .await
         .is_ok());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_beyond_the_per_connection_limit_are_shed_with_resource_exhausted() {
+    let nats = Nats::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // No stream yet: the server answers (NOT_SERVING), and nothing will ever be applied.
+    let mut query = Server::new(
+        Kind::Query,
+        &nats.url(),
+        dir.path().join("q"),
+        dir.path().to_path_buf(),
+        &["--requests-per-connection-max", "8"],
+    );
+    query.spawn_until_listening();
+    let channel = query.channel().await;
+    // Eight requests park on a position that will never come (within their deadline)...
+    let mut parked = Vec::new();
+    for _ in 0..8 {
+        let mut q = QueryServiceClient::new(channel.clone());
+        parked.push(tokio::spawn(async move {
+            let mut r = tonic::Request::new(pb::GetCustomerRequest {
+                customer_id: "c".into(),
+                min_position: 1_000_000,
+                ..Default::default()
+            });
+            r.set_timeout(Duration::from_secs(3));
+            q.get_customer(r).await
+        }));
+    }
+    // ...so the next ones on the same connection are shed, at once.
+    let mut q = QueryServiceClient::new(channel.clone());
+    let shed = eventually(Duration::from_secs(5), "a request to be shed", || {
+        let mut q = q.clone();
+        async move {
+            let s = q.get_status(pb::GetStatusRequest {}).await.err()?;
+            (s.code() == Code::ResourceExhausted).then_some(s)
+        }
+    })
+    .await;
+    assert_eq!(shed.code(), Code::ResourceExhausted);
+    for p in parked {
+        assert_eq!(
+            p.await.expect("task").expect_err("not applied").code(),
+            Code::Unavailable
+        );
+    }
+    // Once they are done, the connection serves again; other connections were never affected.
+    q.get_status(pb::GetStatusRequest {})
+        .await
+        .expect("served again");
+    let mut other = query.queries().await;
+    other
+        .get_status(pb::GetStatusRequest {})
+        .await
+        .expect("other connection");
+}
