@@ -1079,9 +1079,10 @@ async fn requests_beyond_the_per_connection_limit_are_shed_with_resource_exhaust
     );
     query.spawn_until_listening();
     let channel = query.channel().await;
-    // Eight requests park on a position that will never come (within their deadline)...
+    // Forty requests wait for a position that will never come (within their deadline):
+    // at most eight may hold a slot at once, every other one is shed immediately.
     let mut parked = Vec::new();
-    for _ in 0..8 {
+    for _ in 0..40 {
         let mut q = QueryServiceClient::new(channel.clone());
         parked.push(tokio::spawn(async move {
             let mut r = tonic::Request::new(pb::GetCustomerRequest {
@@ -1090,26 +1091,37 @@ async fn requests_beyond_the_per_connection_limit_are_shed_with_resource_exhaust
                 ..Default::default()
             });
             r.set_timeout(Duration::from_secs(3));
-            q.get_customer(r).await
+            let started = std::time::Instant::now();
+            let code = q.get_customer(r).await.expect_err("never applied").code();
+            (code, started.elapsed())
         }));
     }
-    // ...so the next ones on the same connection are shed, at once.
-    let mut q = QueryServiceClient::new(channel.clone());
-    let shed = eventually(Duration::from_secs(5), "a request to be shed", || {
-        let mut q = q.clone();
-        async move {
-            let s = q.get_status(pb::GetStatusRequest {}).await.err()?;
-            (s.code() == Code::ResourceExhausted).then_some(s)
-        }
-    })
-    .await;
-    assert_eq!(shed.code(), Code::ResourceExhausted);
+    let (mut held, mut shed) = (0, 0);
     for p in parked {
-        assert_eq!(
-            p.await.expect("task").expect_err("not applied").code(),
-            Code::Unavailable
-        );
+        match p.await.expect("task") {
+            (Code::Unavailable, waited) => {
+                assert!(
+                    waited >= Duration::from_secs(1),
+                    "held a slot until the deadline"
+                );
+                held += 1;
+            }
+            (Code::ResourceExhausted, waited) => {
+                assert!(
+                    waited < Duration::from_secs(1),
+                    "shed at once, not after waiting"
+                );
+                shed += 1;
+            }
+            (other, _) => panic!("unexpected {other:?}"),
+        }
     }
+    assert!(
+        (1..=8).contains(&held),
+        "{held} requests held a slot (limit 8)"
+    );
+    assert_eq!(held + shed, 40);
+    let mut q = QueryServiceClient::new(channel.clone());
     // Once they are done, the connection serves again; other connections were never affected.
     q.get_status(pb::GetStatusRequest {})
         .await
