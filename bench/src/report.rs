@@ -74,6 +74,24 @@ pub struct QueryPoint {
     pub ratio_to_echo: f64,
 }
 
+/// The same paced load without and with idle watchers open.
+#[derive(Debug, Clone, Serialize)]
+pub struct Watchers {
+    pub watchers: usize,
+    pub rate: f64,
+    pub without: WatcherRun,
+    pub with: WatcherRun,
+}
+
+/// One run of the watcher comparison.
+#[derive(Debug, Clone, Serialize)]
+pub struct WatcherRun {
+    pub events_per_second: f64,
+    /// Query-server CPU per thousand events applied, in core-milliseconds.
+    pub query_cpu_ms_per_1k_events: f64,
+    pub visibility: Latency,
+}
+
 /// A pipeline stage draining a backlog.
 #[derive(Debug, Clone, Serialize)]
 pub struct Drain {
@@ -115,6 +133,7 @@ pub struct Results {
     pub commands: Vec<CommandPoint>,
     pub half_load: Option<HalfLoad>,
     pub queries: Vec<QueryPoint>,
+    pub watchers: Option<Watchers>,
     pub relay_drain: Option<Drain>,
     pub consumer_drain: Option<Drain>,
     pub jetstream_publish: Option<Ceiling>,
@@ -258,6 +277,26 @@ impl Results {
                 f(h.syncs.max_ms),
                 h.syncs.commands_per_sync
             );
+        }
+
+        if let Some(w) = &self.watchers {
+            let _ = writeln!(
+                md,
+                "### Idle watchers\n\nThe same load paced at {} commands/s, without and with {} idle WatchCustomer streams open:\n\n| | events applied/s | query-server CPU per 1k events (core-ms) | ack → visible p50 ms | p99 ms |\n|---|---|---|---|---|",
+                f(w.rate),
+                w.watchers
+            );
+            for (name, r) in [("without", &w.without), ("with", &w.with)] {
+                let _ = writeln!(
+                    md,
+                    "| {name} | {} | {} | {} | {} |",
+                    f(r.events_per_second),
+                    f(r.query_cpu_ms_per_1k_events),
+                    f(r.visibility.p50_ms),
+                    f(r.visibility.p99_ms)
+                );
+            }
+            md.push('\n');
         }
 
         if !self.queries.is_empty() {
