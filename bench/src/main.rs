@@ -73,11 +73,11 @@ struct Args {
     #[arg(long, default_value_t = 64)]
     reference_clients: usize,
 
-    /// Stages to run: commands, half, queries, pipeline, rebuild, growth.
+    /// Stages to run: commands, half, watchers, queries, pipeline, rebuild, growth.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "commands,half,queries,pipeline,rebuild,growth"
+        default_value = "commands,half,watchers,queries,pipeline,rebuild,growth"
     )]
     stages: Vec<String>,
 

@@ -332,10 +332,11 @@ async fn watch_health(
         let log_ok = writer.failure.borrow().is_none() && *serving.borrow();
         let relay_ok = relay.connected() && log_ok;
         if last != Some((log_ok, relay_ok)) {
-            health.set("", log_ok).await;
+            // Named services first: "" SERVING then implies them.
             health.set(SERVICE_NAME, log_ok).await;
             health.set(LOG_SERVICE_NAME, log_ok).await;
             health.set(RELAY_HEALTH_SERVICE, relay_ok).await;
+            health.set("", log_ok).await;
             if last.is_some_and(|(_, was)| was != relay_ok) {
                 if relay_ok {
                     tracing::info!("relay healthy again");

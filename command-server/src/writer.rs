@@ -408,18 +408,22 @@ fn flusher_loop(
             failure.send_replace(Some(error.to_string()));
             return;
         }
-        let mut last = *durable.borrow();
-        for job in pending.drain(..) {
-            last = last.max(job.last_position);
-            for (reply, outcome) in job.replies {
-                let _client_gone = reply.send(outcome);
-            }
-        }
+        // Publish the new durable position before replying, so that a client reading the
+        // log (or the relay) right after its reply sees its own events.
+        let last = pending
+            .iter()
+            .map(|j| j.last_position)
+            .fold(*durable.borrow(), u64::max);
         durable.send_if_modified(|position| {
             let changed = *position != last;
             *position = last;
             changed
         });
+        for job in pending.drain(..) {
+            for (reply, outcome) in job.replies {
+                let _client_gone = reply.send(outcome);
+            }
+        }
     }
     tracing::debug!("writer finished; flusher done");
 }

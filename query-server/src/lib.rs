@@ -243,8 +243,9 @@ async fn watch_health(
         status.set_connected(connected);
         let ok = status.healthy() && *serving.borrow();
         if last != Some(ok) {
-            health.set("", ok).await;
+            // Named service first: "" SERVING then implies it.
             health.set(SERVICE_NAME, ok).await;
+            health.set("", ok).await;
             if last.is_some() {
                 if ok {
                     tracing::info!("consumer applying events");
@@ -266,14 +267,15 @@ async fn watch_health(
 /// progress line every second, then exits. The server must not be running on the same
 /// data directory (sled locks it).
 pub async fn rebuild(config: Config) -> Result<RebuildReport, ServerError> {
+    // Start from an empty store: removing the old one is far faster than deleting its
+    // rows one by one. Only a directory that is a sled store is removed.
+    let dir = config.data_dir.clone();
+    let wiped = tokio::task::spawn_blocking(move || Store::remove(&dir)).await?;
+    wiped.map_err(|source| ServerError::Store {
+        dir: config.data_dir.clone(),
+        source,
+    })?;
     let store = open_store(&config).await?;
-    let wipe = store.clone();
-    tokio::task::spawn_blocking(move || wipe.clear())
-        .await?
-        .map_err(|source| ServerError::Store {
-            dir: config.data_dir.clone(),
-            source,
-        })?;
     let client = shop_shared::nats::connect(&config.nats.nats_url, "query-server-rebuild").await?;
     let js = async_nats::jetstream::new(client.clone());
     let target = loop {

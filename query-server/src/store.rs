@@ -50,6 +50,10 @@ pub enum StoreError {
     Sled(#[from] sled::Error),
     #[error("corrupt row {key:?}: {reason}")]
     Corrupt { key: String, reason: String },
+    #[error("{0} is not a view store (no sled conf/db files); not removing it")]
+    NotAStore(String),
+    #[error("I/O on {0}: {1}")]
+    Io(String, std::io::Error),
 }
 
 /// The query server's database.
@@ -209,11 +213,16 @@ impl Store {
         Ok(())
     }
 
-    /// Removes everything (for a rebuild).
-    pub fn clear(&self) -> Result<(), StoreError> {
-        self.db.clear()?;
-        self.db.flush()?;
-        Ok(())
+    /// Deletes the store in `dir` (for a rebuild), refusing a directory that does not
+    /// look like one (sled's `conf` and `db` files), so a mistyped path deletes nothing.
+    pub fn remove(dir: &Path) -> Result<(), StoreError> {
+        if !dir.exists() {
+            return Ok(());
+        }
+        if !dir.join("conf").is_file() || !dir.join("db").is_file() {
+            return Err(StoreError::NotAStore(dir.display().to_string()));
+        }
+        std::fs::remove_dir_all(dir).map_err(|e| StoreError::Io(dir.display().to_string(), e))
     }
 
     /// Bytes on disk.

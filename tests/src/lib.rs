@@ -700,31 +700,38 @@ pub struct StreamMessage {
 }
 
 /// Every message of the event stream, read in sequence order (empty if the stream does
-/// not exist).
+/// not exist). Retries when the stream changes under the read (the relay may be
+/// recreating it).
 pub async fn read_stream(nats: &Nats, stream: &str) -> Vec<StreamMessage> {
+    for _ in 0..5 {
+        if let Some(messages) = read_stream_once(nats, stream).await {
+            return messages;
+        }
+    }
+    panic!("could not read stream {stream} in 5 attempts");
+}
+
+async fn read_stream_once(nats: &Nats, stream: &str) -> Option<Vec<StreamMessage>> {
     use async_nats::jetstream::consumer::pull::OrderedConfig;
     use futures::StreamExt;
     use prost::Message;
     let js = async_nats::jetstream::new(nats.client().await);
     let Ok(mut s) = js.get_stream(stream).await else {
-        return Vec::new();
+        return Some(Vec::new());
     };
-    let last = s.info().await.expect("stream info").state.last_sequence;
+    let last = s.info().await.ok()?.state.last_sequence;
     let mut out = Vec::new();
     if last == 0 {
-        return out;
+        return Some(out);
     }
-    let consumer = s
-        .create_consumer(OrderedConfig::default())
-        .await
-        .expect("consumer");
-    let mut messages = consumer.messages().await.expect("messages");
-    while let Some(m) = tokio::time::timeout(Duration::from_secs(10), messages.next())
-        .await
-        .expect("stream read timed out")
-    {
-        let m = m.expect("message");
-        let info = m.info().expect("info");
+    let consumer = s.create_consumer(OrderedConfig::default()).await.ok()?;
+    let mut messages = consumer.messages().await.ok()?;
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(5), messages.next())
+            .await
+            .ok()??
+            .ok()?;
+        let info = m.info().ok()?;
         let headers = m
             .headers
             .as_ref()
@@ -746,10 +753,9 @@ pub async fn read_stream(nats: &Nats, stream: &str) -> Vec<StreamMessage> {
             envelope: pb::EventEnvelope::decode(m.payload.as_ref()).expect("envelope"),
         });
         if info.stream_sequence >= last {
-            break;
+            return Some(out);
         }
     }
-    out
 }
 
 /// The stream's last sequence (0 if it does not exist).

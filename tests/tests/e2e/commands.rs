@@ -806,7 +806,15 @@ async fn reading_a_stream_matches_the_log_across_snapshots_and_restarts() {
             }
             from = page.next;
         }
-        assert_eq!(got, expected, "round {round}");
+        if got != expected {
+            let show = |events: &[pb::EventEnvelope]| -> Vec<(u64, u64)> {
+                events
+                    .iter()
+                    .map(|e| (e.stream_version, e.position))
+                    .collect()
+            };
+            panic!("round {round}: ReadStream (version, position)s differ from the log's:\n read: {:?}\n  log: {:?}", show(&got), show(&expected));
+        }
         server.kill9();
         server.restart().await;
         c = server.commands().await;

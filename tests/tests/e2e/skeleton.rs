@@ -69,7 +69,9 @@ async fn both_servers_serve_and_list_their_services() {
         (&stack.query, "shop.v1.QueryService"),
     ] {
         assert_eq!(server.health("").await, Some(ServingStatus::Serving));
-        assert_eq!(server.health(api).await, Some(ServingStatus::Serving));
+        server
+            .wait_health(api, ServingStatus::Serving, Duration::from_secs(10))
+            .await;
         let (v1, v1alpha) = reflected_services(server).await;
         for names in [&v1, &v1alpha] {
             for expected in [
