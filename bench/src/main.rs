@@ -81,7 +81,10 @@ struct Args {
     )]
     stages: Vec<String>,
 
-    /// Record a CPU profile (perf) of the command server during the reference-clients run.
+    /// Record a CPU profile (perf, every CPU, call graphs) during the reference-clients
+    /// command run: `perf-all.data`, `perf-top.txt` (hottest symbols per process) and,
+    /// with python3, `profile.md` (each server's CPU split by part; scripts/perf-split.py).
+    /// Build the servers with frame pointers for call graphs (scripts/profile.sh does).
     #[arg(long)]
     perf: bool,
 
@@ -273,8 +276,7 @@ async fn run(args: Args, bin_dir: PathBuf) -> anyhow::Result<()> {
             every: 20,
             latency: workload::shared_histogram(),
         };
-        let profile = (args.perf && clients == args.reference_clients)
-            .then(|| perf_start(command.pid(), &args));
+        let profile = (args.perf && clients == args.reference_clients).then(|| perf_start(&args));
         let meter = system::CpuMeter::start(&[
             ("command-server", command.pid()),
             ("query-server", query.pid()),
@@ -871,56 +873,65 @@ async fn restart_time(server: &mut Server) -> f64 {
     t.elapsed().as_secs_f64()
 }
 
-/// A perf recording of the command server, if perf is available.
+/// A perf recording of every CPU, if perf is available.
 struct Perf {
     child: std::process::Child,
     data: PathBuf,
 }
 
-fn perf_start(pid: Option<u32>, args: &Args) -> Option<Perf> {
-    let pid = pid?;
+fn perf_start(args: &Args) -> Option<Perf> {
     std::fs::create_dir_all(&args.out).ok()?;
-    let data = args.out.join("perf-command-server.data");
+    let data = args.out.join("perf-all.data");
     let child = std::process::Command::new("perf")
-        .args([
-            "record",
-            "-e",
-            "cpu-clock",
-            "-F",
-            "499",
-            "-g",
-            "-p",
-            &pid.to_string(),
-            "-o",
-        ])
+        .args(["record", "-a", "-g", "-e", "cpu-clock", "-F", "499", "-o"])
         .arg(&data)
         .args(["--", "sleep", &args.seconds.to_string()])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
+        .map_err(|e| say(format!("perf not started ({e}); no profile")))
         .ok()?;
     Some(Perf { child, data })
 }
 
 fn perf_finish(mut perf: Perf, out: &std::path::Path) {
     let _ = perf.child.wait();
-    let report = std::process::Command::new("perf")
+    let top = std::process::Command::new("perf")
         .args([
             "report",
             "--stdio",
             "--no-children",
             "--sort",
-            "dso,symbol",
-            "--percent-limit",
-            "1",
-            "-g",
-            "none",
-            "-i",
+            "comm,dso,symbol",
         ])
+        .args(["--percent-limit", "0.5", "-g", "none", "-i"])
         .arg(&perf.data)
         .output();
-    if let Ok(r) = report {
-        let _ = std::fs::write(out.join("perf-command-server.txt"), r.stdout);
+    if let Ok(r) = top {
+        let _ = std::fs::write(out.join("perf-top.txt"), r.stdout);
+    }
+    // Each server's CPU split by part (scripts/perf-split.py), if python3 is there.
+    let split = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/perf-split.py");
+    let script = std::process::Command::new("perf")
+        .args(["script", "-F", "comm,pid,ip,sym", "-i"])
+        .arg(&perf.data)
+        .stderr(std::process::Stdio::null())
+        .output();
+    if let Ok(dump) = script {
+        let child = std::process::Command::new("python3")
+            .arg(&split)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn();
+        if let Ok(mut child) = child {
+            if let Some(mut stdin) = child.stdin.take() {
+                use std::io::Write;
+                let _ = stdin.write_all(&dump.stdout);
+            }
+            if let Ok(o) = child.wait_with_output() {
+                let _ = std::fs::write(out.join("profile.md"), o.stdout);
+            }
+        }
     }
 }
 
