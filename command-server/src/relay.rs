@@ -29,6 +29,7 @@ use shop_shared::subjects::{
 use tokio::sync::watch;
 
 use crate::log::{EventLog, LogError};
+use crate::writer::Recent;
 
 /// Metadata key of the published-position cursor in the log.
 const CURSOR_KEY: &str = "relay_published";
@@ -114,6 +115,7 @@ fn nats(context: &str, error: impl std::fmt::Display) -> RelayError {
 /// The relay task's state.
 pub struct Relay {
     log: Arc<EventLog>,
+    recent: Arc<Recent>,
     client: async_nats::Client,
     js: jetstream::Context,
     stream_name: String,
@@ -125,6 +127,7 @@ pub struct Relay {
 impl Relay {
     pub fn new(
         log: Arc<EventLog>,
+        recent: Arc<Recent>,
         client: async_nats::Client,
         stream_name: String,
         durable: watch::Receiver<u64>,
@@ -137,6 +140,7 @@ impl Relay {
         }
         Relay {
             log,
+            recent,
             client,
             js,
             stream_name,
@@ -321,11 +325,19 @@ impl Relay {
                     return Err(RelayError::Nats("disconnected from NATS".into()));
                 }
                 let to = durable.min(next + self.config.read_chunk as u64 - 1);
-                let log = self.log.clone();
-                let chunk = self.config.read_chunk;
-                let events = tokio::task::spawn_blocking(move || log.read_range(next, to, chunk))
-                    .await
-                    .map_err(|e| nats("log read task", e))??;
+                let events = match self.recent.range(next, to) {
+                    Some(events) => events,
+                    None => {
+                        let log = self.log.clone();
+                        let chunk = self.config.read_chunk;
+                        tokio::task::spawn_blocking(move || log.read_range(next, to, chunk))
+                            .await
+                            .map_err(|e| nats("log read task", e))??
+                            .into_iter()
+                            .map(|(position, bytes)| (position, bytes::Bytes::from(bytes)))
+                            .collect()
+                    }
+                };
                 for (expected, (position, bytes)) in (next..).zip(events) {
                     if position != expected {
                         return Err(RelayError::Log(LogError::Corrupt {
@@ -392,8 +404,12 @@ impl Relay {
     }
 
     /// Sends one event; returns its ack future.
-    async fn send(&self, position: u64, bytes: Vec<u8>) -> Result<PublishAckFuture, RelayError> {
-        let envelope = pb::EventEnvelope::decode(bytes.as_slice()).map_err(|e| {
+    async fn send(
+        &self,
+        position: u64,
+        bytes: bytes::Bytes,
+    ) -> Result<PublishAckFuture, RelayError> {
+        let envelope = pb::EventEnvelope::decode(bytes.as_ref()).map_err(|e| {
             RelayError::Log(LogError::Corrupt {
                 key: format!("E{position}"),
                 reason: e.to_string(),
@@ -419,7 +435,7 @@ impl Relay {
             subjects::traceparent(&envelope.correlation_id, &envelope.event_id).as_str(),
         );
         self.js
-            .publish_with_headers(subject, headers, bytes::Bytes::from(bytes))
+            .publish_with_headers(subject, headers, bytes)
             .await
             .map_err(|e| nats(&format!("publish position {position}"), e))
     }

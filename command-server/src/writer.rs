@@ -134,6 +134,76 @@ pub struct WriterWatch {
     pub failure: watch::Receiver<Option<String>>,
     /// Recent group-commit syncs.
     pub syncs: Arc<SyncStats>,
+    /// The newest written events, for the relay.
+    pub recent: Arc<Recent>,
+}
+
+/// The newest events the writer wrote, as it encoded them (the exact log bytes), up to
+/// [`RECENT_BYTES_MAX`]: the relay publishes what just became durable from here, without
+/// reading the log back (a sled read waits for sled's global lock while the writer or the
+/// flusher holds it). Positions are consecutive; older ones are read from the log.
+#[derive(Default)]
+pub struct Recent {
+    inner: std::sync::Mutex<RecentEvents>,
+}
+
+#[derive(Default)]
+struct RecentEvents {
+    /// Position of `events[0]`.
+    first: u64,
+    events: std::collections::VecDeque<bytes::Bytes>,
+    bytes: usize,
+}
+
+/// Envelope bytes [`Recent`] keeps at most.
+const RECENT_BYTES_MAX: usize = 8 << 20;
+
+impl Recent {
+    fn lock(&self) -> std::sync::MutexGuard<'_, RecentEvents> {
+        // Nothing panics while holding it; if something did, the data is still whole.
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Appends the events written at `first`, `first + 1`, ...
+    fn extend(&self, first: u64, events: Vec<bytes::Bytes>) {
+        let mut r = self.lock();
+        if r.first + r.events.len() as u64 != first {
+            r.events.clear();
+            r.bytes = 0;
+            r.first = first;
+        }
+        for e in events {
+            r.bytes += e.len();
+            r.events.push_back(e);
+        }
+        while r.bytes > RECENT_BYTES_MAX {
+            match r.events.pop_front() {
+                Some(e) => {
+                    r.bytes -= e.len();
+                    r.first += 1;
+                }
+                None => break,
+            }
+        }
+    }
+
+    /// The events at positions `from..=to`, if all of them are held.
+    pub fn range(&self, from: u64, to: u64) -> Option<Vec<(u64, bytes::Bytes)>> {
+        let r = self.lock();
+        let end = r.first + r.events.len() as u64;
+        if from > to || from < r.first || to >= end {
+            return None;
+        }
+        let skip = usize::try_from(from - r.first).ok()?;
+        let take = usize::try_from(to - from + 1).ok()?;
+        Some(
+            (from..)
+                .zip(r.events.iter().skip(skip).take(take).cloned())
+                .collect(),
+        )
+    }
 }
 
 /// The last syncs' durations and sizes (a ring of [`SYNC_SAMPLES`]), for status.
@@ -248,12 +318,16 @@ impl Writer {
         let (failure_tx, failure_rx) = watch::channel(None);
         let failure_tx = Arc::new(failure_tx);
         let syncs = Arc::new(SyncStats::default());
+        let recent = Arc::new(Recent::default());
         let writer = {
             let failure_tx = failure_tx.clone();
             let batch_max = config.batch_commands_max.max(1);
+            let recent = recent.clone();
             std::thread::Builder::new()
                 .name("shop-writer".into())
-                .spawn(move || writer_loop(decider, queue_rx, flush_tx, batch_max, &failure_tx))
+                .spawn(move || {
+                    writer_loop(decider, queue_rx, flush_tx, batch_max, &recent, &failure_tx)
+                })
                 .map_err(|source| LogError::Io {
                     path: "writer thread".into(),
                     source,
@@ -279,6 +353,7 @@ impl Writer {
                 durable_position: durable_rx,
                 failure: failure_rx,
                 syncs,
+                recent,
             },
             WriterThreads { writer, flusher },
         ))
@@ -330,6 +405,7 @@ fn writer_loop(
     mut queue: mpsc::Receiver<Submission>,
     flush: std::sync::mpsc::SyncSender<FlushJob>,
     batch_max: usize,
+    recent: &Recent,
     failure: &watch::Sender<Option<String>>,
 ) {
     let mut submissions = Vec::with_capacity(batch_max);
@@ -341,7 +417,8 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
-        let (replies, batch) = match decider.decide_batch(&mut submissions) {
+        let first = decider.next_position;
+        let (replies, batch, written) = match decider.decide_batch(&mut submissions) {
             Ok(done) => done,
             Err(error) => {
                 fail(failure, &error);
@@ -356,6 +433,8 @@ fn writer_loop(
                 return;
             }
         }
+        // Before the flush job: by the time a position is durable, it is here.
+        recent.extend(first, written);
         let job = FlushJob {
             replies,
             last_position: decider.next_position - 1,
@@ -456,6 +535,8 @@ struct Records {
     first: u64,
     open: CommitRecord,
     bytes: usize,
+    /// Every envelope of the batch, in position order (for [`Recent`]).
+    written: Vec<bytes::Bytes>,
 }
 
 impl Records {
@@ -464,6 +545,7 @@ impl Records {
             first,
             open: CommitRecord::default(),
             bytes: 0,
+            written: Vec::new(),
         }
     }
 
@@ -475,6 +557,7 @@ impl Records {
             self.first = position;
         }
         self.bytes += envelope.len();
+        self.written.push(bytes::Bytes::copy_from_slice(&envelope));
         self.open.envelopes.push(envelope);
     }
 
@@ -590,7 +673,7 @@ impl Decider {
     fn decide_batch(
         &mut self,
         submissions: &mut Vec<Submission>,
-    ) -> Result<(Vec<Reply>, WriteBatch), LogError> {
+    ) -> Result<(Vec<Reply>, WriteBatch, Vec<bytes::Bytes>), LogError> {
         let mut batch = WriteBatch::default();
         let mut records = Records::new(self.next_position);
         let mut replies = Vec::with_capacity(submissions.len());
@@ -604,7 +687,7 @@ impl Decider {
         {
             self.snapshot(&mut batch);
         }
-        Ok((replies, batch))
+        Ok((replies, batch, records.written))
     }
 
     fn decide_one(
@@ -905,5 +988,53 @@ impl domain::State for States {
 
     fn email_owner(&self, email_key: &str) -> Option<&str> {
         self.emails.get(email_key).and_then(|o| o.as_deref())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Recent;
+
+    fn events(range: std::ops::Range<u64>) -> Vec<bytes::Bytes> {
+        range.map(|p| bytes::Bytes::from(p.to_string())).collect()
+    }
+
+    #[test]
+    fn recent_returns_only_ranges_it_holds_whole() {
+        let recent = Recent::default();
+        assert_eq!(recent.range(1, 1), None);
+        recent.extend(1, events(1..4));
+        recent.extend(4, events(4..6));
+        let got = recent.range(2, 5).expect("held");
+        assert_eq!(
+            got,
+            vec![
+                (2, bytes::Bytes::from("2")),
+                (3, bytes::Bytes::from("3")),
+                (4, bytes::Bytes::from("4")),
+                (5, bytes::Bytes::from("5")),
+            ]
+        );
+        assert_eq!(recent.range(5, 6), None, "6 is not written yet");
+        assert_eq!(recent.range(0, 1), None);
+        assert_eq!(recent.range(3, 2), None);
+    }
+
+    #[test]
+    fn recent_restarts_at_a_discontinuity_and_drops_the_oldest_beyond_its_budget() {
+        let recent = Recent::default();
+        recent.extend(10, events(10..12));
+        recent.extend(20, events(20..21));
+        assert_eq!(
+            recent.range(10, 10),
+            None,
+            "not continuous with 20: dropped"
+        );
+        assert!(recent.range(20, 20).is_some());
+
+        let big = bytes::Bytes::from(vec![0u8; super::RECENT_BYTES_MAX / 4 + 1]);
+        recent.extend(21, vec![big.clone(), big.clone(), big.clone(), big.clone()]);
+        assert_eq!(recent.range(20, 21), None, "the oldest went first");
+        assert!(recent.range(22, 24).is_some());
     }
 }
