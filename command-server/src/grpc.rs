@@ -446,7 +446,7 @@ fn read_limit(limit: u32) -> usize {
     }
 }
 
-fn decode_all(rows: Vec<(u64, Vec<u8>)>) -> Result<Vec<pb::EventEnvelope>, Status> {
+fn decode_all(rows: Vec<(u64, bytes::Bytes)>) -> Result<Vec<pb::EventEnvelope>, Status> {
     rows.into_iter()
         .map(|(position, bytes)| {
             crate::log::decode_envelope(position, &bytes).map_err(|e| {

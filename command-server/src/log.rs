@@ -96,8 +96,8 @@ pub enum LogError {
 /// event is among them.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct CommitRecord {
-    #[prost(bytes = "vec", repeated, tag = "1")]
-    pub envelopes: Vec<Vec<u8>>,
+    #[prost(bytes = "bytes", repeated, tag = "1")]
+    pub envelopes: Vec<bytes::Bytes>,
     #[prost(message, repeated, tag = "2")]
     pub commands: Vec<CommandEntry>,
 }
@@ -210,7 +210,7 @@ impl EventLog {
     }
 
     /// The envelope at `position`.
-    pub fn event(&self, position: u64) -> Result<Option<Vec<u8>>, LogError> {
+    pub fn event(&self, position: u64) -> Result<Option<bytes::Bytes>, LogError> {
         Ok(self
             .read_range(position, position, 1)?
             .pop()
@@ -223,7 +223,7 @@ impl EventLog {
         from: u64,
         to: u64,
         limit: usize,
-    ) -> Result<Vec<(u64, Vec<u8>)>, LogError> {
+    ) -> Result<Vec<(u64, bytes::Bytes)>, LogError> {
         let mut out = Vec::new();
         if from > to || limit == 0 {
             return Ok(out);
@@ -551,7 +551,7 @@ mod tests {
         EventLog::open(dir, Durability::Fsync, 8 << 20).expect("open log")
     }
 
-    fn envelope(position: u64, stream: &StreamId, version: u64) -> Vec<u8> {
+    fn envelope(position: u64, stream: &StreamId, version: u64) -> bytes::Bytes {
         pb::EventEnvelope {
             event_id: format!("e{position}"),
             position,
@@ -560,6 +560,7 @@ mod tests {
             ..Default::default()
         }
         .encode_to_vec()
+        .into()
     }
 
     #[test]

@@ -224,7 +224,7 @@ impl Relay {
         let in_log = tokio::task::spawn_blocking(move || log.event(sequence))
             .await
             .map_err(|e| RelayError::Nats(format!("log read task: {e}")))??
-            .and_then(|bytes| pb::EventEnvelope::decode(bytes.as_slice()).ok())
+            .and_then(|bytes| pb::EventEnvelope::decode(bytes.as_ref()).ok())
             .map(|e| e.event_id)
             .unwrap_or_default();
         if in_stream != in_log {
@@ -333,9 +333,6 @@ impl Relay {
                         tokio::task::spawn_blocking(move || log.read_range(next, to, chunk))
                             .await
                             .map_err(|e| nats("log read task", e))??
-                            .into_iter()
-                            .map(|(position, bytes)| (position, bytes::Bytes::from(bytes)))
-                            .collect()
                     }
                 };
                 for (expected, (position, bytes)) in (next..).zip(events) {

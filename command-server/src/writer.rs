@@ -296,7 +296,7 @@ impl Writer {
     ) -> Result<(Writer, WriterWatch, WriterThreads), LogError> {
         let last_position = log.last_position()?;
         let last_micros = match log.event(last_position)? {
-            Some(bytes) => pb::EventEnvelope::decode(bytes.as_slice())
+            Some(bytes) => pb::EventEnvelope::decode(bytes.as_ref())
                 .ok()
                 .and_then(|e| e.occurred_at)
                 .map_or(0, |t| shop_shared::events::micros_from_timestamp(&t)),
@@ -549,7 +549,7 @@ impl Records {
         }
     }
 
-    fn push(&mut self, position: u64, envelope: Vec<u8>, batch: &mut WriteBatch) {
+    fn push(&mut self, position: u64, envelope: bytes::Bytes, batch: &mut WriteBatch) {
         if !self.open.envelopes.is_empty() && self.bytes + envelope.len() > RECORD_BYTES_MAX {
             self.close(batch);
         }
@@ -557,7 +557,7 @@ impl Records {
             self.first = position;
         }
         self.bytes += envelope.len();
-        self.written.push(bytes::Bytes::copy_from_slice(&envelope));
+        self.written.push(envelope.clone());
         self.open.envelopes.push(envelope);
     }
 
@@ -770,7 +770,7 @@ impl Decider {
                 causation_id: meta.causation_id.clone(),
                 event: Some(pb::Event { kind: Some(event) }),
             };
-            records.push(position, envelope.encode_to_vec(), batch);
+            records.push(position, envelope.encode_to_vec().into(), batch);
         }
         let result = pb::CommandResult {
             stream_id: own.to_string(),
