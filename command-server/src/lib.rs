@@ -136,7 +136,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let (health, health_service) = Health::new();
+    let (health, health_service) = Health::new().await;
 
     let dir = config.data_dir.clone();
     let (durability, cache_bytes) = (config.durability, config.cache_mb.saturating_mul(1 << 20));

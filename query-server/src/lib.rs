@@ -142,7 +142,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let (health, health_service) = Health::new();
+    let (health, health_service) = Health::new().await;
     let store = open_store(&config).await?;
     let (applied, _) = store.checkpoint().map_err(|source| ServerError::Store {
         dir: config.data_dir.clone(),

@@ -24,12 +24,17 @@ pub struct Health {
 
 impl Health {
     /// The reporter and the `grpc.health.v1.Health` service to serve. Everything starts
-    /// NOT_SERVING.
-    pub fn new() -> (
+    /// NOT_SERVING: tonic-health reports the server (`""`) as SERVING from the start, so
+    /// that is overridden here, before anything is served (a client must never see
+    /// SERVING before the server has checked its store and NATS).
+    pub async fn new() -> (
         Self,
         tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
     ) {
         let (reporter, service) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
         (Health { reporter }, service)
     }
 

@@ -68,7 +68,12 @@ async fn both_servers_serve_and_list_their_services() {
         (&stack.command, "shop.v1.CommandService"),
         (&stack.query, "shop.v1.QueryService"),
     ] {
-        assert_eq!(server.health("").await, Some(ServingStatus::Serving));
+        assert_eq!(
+            server.health("").await,
+            Some(ServingStatus::Serving),
+            "{}",
+            server.log()
+        );
         server
             .wait_health(api, ServingStatus::Serving, Duration::from_secs(10))
             .await;
@@ -158,6 +163,27 @@ async fn servers_started_before_nats_wait_for_it_without_crashing() {
         &["--nats-startup-wait-ms", "200"],
     );
     command.spawn_until_listening();
+    // From its first answer on, the query server is never SERVING while NATS is
+    // unreachable (tonic-health starts the server's "" status as SERVING; the servers
+    // override it before serving). Polled back to back so that an early SERVING is seen.
+    // (The command server serves commands without NATS: its "" may be SERVING.)
+    {
+        let server = &query;
+        let until = std::time::Instant::now() + Duration::from_millis(700);
+        let mut answers = 0;
+        while std::time::Instant::now() < until {
+            if let Some(status) = server.health("").await {
+                answers += 1;
+                assert_ne!(
+                    status,
+                    ServingStatus::Serving,
+                    "query server SERVING without NATS:\n{}",
+                    server.log()
+                );
+            }
+        }
+        assert!(answers > 0, "no health answer:\n{}", server.log());
+    }
     query
         .wait_health("", ServingStatus::NotServing, Duration::from_secs(10))
         .await;
