@@ -17,11 +17,15 @@
 //! - `Z` name → metadata: `derived` (position up to which the derived rows are complete),
 //!   `relay_published`.
 //!
-//! **Snapshots.** Derived rows are kept in memory by the writer and written every
-//! ~100 ms in the same atomic batch as that moment's commits, together with `derived`.
-//! A crash loses no information: on start the writer replays the commit records after
-//! `derived` (at most a snapshot interval's worth) to rebuild them. This keeps a
-//! command's synchronous write to its events plus rare index rows.
+//! **Snapshots.** Derived rows are kept in memory by the writer; every ~100 ms it takes
+//! a snapshot of them and writes it a slice at a time along with the next batches of
+//! commits (a few hundred rows each, so that no batch holds sled's lock for long), and
+//! `derived` with the last slice. A crash loses no information: on start the writer
+//! replays the commit records after `derived` to rebuild them. Rows of a snapshot cut
+//! short by the crash may be stored beyond `derived`: a state then already holds the
+//! replayed events up to its version (they are skipped), and index chunks and
+//! idempotency rows are rewritten under the same keys. This keeps a command's
+//! synchronous write to its events plus rare index rows.
 //!
 //! **Durability.** `sync` calls sled's `flush` (writes its buffers, then
 //! `sync_file_range`: survives a process crash, not a power loss) and then, in `fsync`
