@@ -273,7 +273,8 @@ impl EventLog {
 
     /// Up to `limit` events of `stream` from version `from_version`, in version order,
     /// decoded: the stream index (up to the derived position) plus the commit records
-    /// after it (at most a snapshot interval's worth).
+    /// after it (about a snapshot interval's worth; events both in a chunk written after
+    /// `derived` and in the tail are returned once).
     pub fn read_stream(
         &self,
         stream: &StreamId,

@@ -1301,6 +1301,14 @@ mod tests {
             // Answered while being written, before and after its row is stored.
             let replies = run(&mut decider, vec![(restock("p-599", 1), "c599")]);
             assert!(matches!(&replies[0], Ok(a) if a.replayed && a.result.position == 600));
+            // Index chunks stored beyond `derived` and the tail after it: listed once.
+            for sku in ["p-0", "p-599"] {
+                let events = decider
+                    .log
+                    .read_stream(&StreamId::product(sku), 1, 10)
+                    .expect("read");
+                assert_eq!(events.len(), 1, "{sku} while the snapshot is written");
+            }
             slices += 1;
         }
         assert_eq!(slices, SNAPSHOT_SLICES);
