@@ -682,23 +682,20 @@ impl Decider {
                 // A snapshot written in slices may have stored states beyond `derived`
                 // before the crash: those events are in the state already.
                 self.states.load(&stream)?;
-                if envelope.stream_version <= self.states.version(&stream) {
-                    self.pending
-                        .index(&stream, envelope.stream_version, position);
-                    replayed += 1;
-                    continue;
+                if envelope.stream_version > self.states.version(&stream) {
+                    let version = self.states.evolve(&stream, &event, &mut scratch)?;
+                    if version != envelope.stream_version {
+                        return Err(LogError::Corrupt {
+                            key: format!("event at position {position}"),
+                            reason: format!(
+                                "stream {stream} replays to version {version}, the envelope says {}",
+                                envelope.stream_version
+                            ),
+                        });
+                    }
                 }
-                let version = self.states.evolve(&stream, &event, &mut scratch)?;
-                if version != envelope.stream_version {
-                    return Err(LogError::Corrupt {
-                        key: format!("event at position {position}"),
-                        reason: format!(
-                            "stream {stream} replays to version {version}, the envelope says {}",
-                            envelope.stream_version
-                        ),
-                    });
-                }
-                self.pending.index(&stream, version, position);
+                self.pending
+                    .index(&stream, envelope.stream_version, position);
                 replayed += 1;
             }
             for entry in record.commands {
