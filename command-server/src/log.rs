@@ -547,13 +547,34 @@ fn corrupt(key: &[u8], error: prost::DecodeError) -> LogError {
     }
 }
 
+/// Opens the log in `dir` in a test, also right after a log on it was dropped in the same
+/// process: sled's IO threads can hold the data file, and with it the file lock, for a
+/// moment after the last handle is gone (sled's own tests block on the lock for the same
+/// reason), so a lock held that way is waited for, up to 10 s.
+#[cfg(test)]
+pub(crate) fn open_in_test(dir: &Path) -> EventLog {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match EventLog::open(dir, Durability::Fsync, 8 << 20) {
+            Ok(log) => return log,
+            Err(LogError::Sled(sled::Error::Io(e)))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("open log in {}: {e}", dir.display()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::domain::Product;
 
     fn open(dir: &Path) -> EventLog {
-        EventLog::open(dir, Durability::Fsync, 8 << 20).expect("open log")
+        open_in_test(dir)
     }
 
     fn envelope(position: u64, stream: &StreamId, version: u64) -> bytes::Bytes {
@@ -657,6 +678,21 @@ mod tests {
         let state: Product = log.state(&p).expect("state").expect("present");
         assert_eq!(state.version, 2);
         assert_eq!(log.derived_position().expect("derived"), 4);
+    }
+
+    /// The CI failure this guards against: a reopen while the dropped log's file lock is
+    /// still held waits for it instead of failing.
+    #[test]
+    fn a_reopen_in_the_same_process_waits_for_the_lock() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let held = open(dir.path());
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            drop(held);
+        });
+        let log = open(dir.path());
+        assert_eq!(log.last_position().expect("last"), 0);
+        release.join().expect("join");
     }
 
     #[test]

@@ -1198,8 +1198,7 @@ mod tests {
     #[test]
     fn restart_after_a_partly_written_snapshot_counts_nothing_twice() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let open =
-            || Arc::new(EventLog::open(dir.path(), Durability::Fsync, 8 << 20).expect("open"));
+        let open = || Arc::new(crate::log::open_in_test(dir.path()));
         let sku = "p-1";
         let product = StreamId::product(sku);
         {
