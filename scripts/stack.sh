@@ -70,7 +70,7 @@ Try (grpcurl is at $grpcurl_bin):
   \$G -plaintext -d '{"customer_id":"ada","name":"Ada Lovelace","email":"ada@example.com"}' $command_addr shop.v1.CommandService/RegisterCustomer
   \$G -plaintext -d '{"sku":"pen","name":"Fountain pen","price_cents":2500,"initial_stock":10}' $command_addr shop.v1.CommandService/CreateProduct
   \$G -plaintext -d '{"order_id":"o1","customer_id":"ada","lines":[{"sku":"pen","quantity":2}]}' $command_addr shop.v1.CommandService/PlaceOrder
-  \$G -plaintext -d '{"order_id":"o1","min_position":3}' $query_addr shop.v1.QueryService/GetOrder
+  \$G -plaintext -d '{"order_id":"o1","min_position":4}' $query_addr shop.v1.QueryService/GetOrder
   \$G -plaintext -d '{"customer_id":"ada"}' $query_addr shop.v1.QueryService/GetCustomer
   \$G -plaintext -d '{"stream_id":"order-o1"}' $query_addr shop.v1.QueryService/GetHistory
   \$G -plaintext $query_addr shop.v1.QueryService/GetStatus
