@@ -9,13 +9,16 @@ use std::sync::Arc;
 use prost::Message;
 use shop_shared::grpc::{invalid_argument, with_reason, FieldViolation};
 use shop_shared::ids::{generate_id, StreamId};
+use shop_shared::metrics::code_name;
 use shop_shared::pb;
 use shop_shared::pb::command_service_server::CommandService;
 use shop_shared::pb::log_service_server::LogService;
+use shop_shared::telemetry::RequestTrace;
 use tonic::{Code, Request, Response, Status};
 
 use crate::domain::{Command, DomainError, LineRequest};
 use crate::log::{EventLog, READ_LIMIT_MAX};
+use crate::metrics::{positions, CommandMetrics};
 use crate::relay::RelayStatus;
 use crate::writer::{CommandMeta, WriteError, Writer, WriterWatch};
 
@@ -30,6 +33,8 @@ pub const CORRELATION_HEADER: &str = "x-correlation-id";
 #[derive(Clone)]
 pub struct Commands {
     pub writer: Writer,
+    /// Commands by outcome, and queue-full refusals as shed requests.
+    pub metrics: CommandMetrics,
 }
 
 /// Fields every command request has.
@@ -152,11 +157,30 @@ command_request!(pb::CancelOrderRequest, "CancelOrder", |r| {
 });
 
 impl Commands {
+    /// Runs one command and counts its outcome.
     async fn execute<R: CommandRequest>(
         &self,
         request: Request<R>,
     ) -> Result<Response<pb::CommandResult>, Status> {
+        let answer = self.run(request).await;
+        let outcome = match &answer {
+            Ok(response) if response.metadata().contains_key(REPLAYED_HEADER) => "Replayed",
+            Ok(_) => "OK",
+            Err(status) => code_name(status.code()),
+        };
+        self.metrics.command(R::RPC, outcome);
+        answer
+    }
+
+    async fn run<R: CommandRequest>(
+        &self,
+        request: Request<R>,
+    ) -> Result<Response<pb::CommandResult>, Status> {
         let correlation = correlation_id(request.metadata());
+        let traceparent = request
+            .extensions()
+            .get::<RequestTrace>()
+            .and_then(|t| t.propagate.clone());
         let request = request.into_inner();
         let command = request.to_command();
 
@@ -183,6 +207,7 @@ impl Commands {
             causation_id: command_id.clone(),
             command_id,
             idempotent,
+            traceparent,
         };
         match self.writer.submit(command, meta).await {
             Ok(accepted) => {
@@ -195,7 +220,12 @@ impl Commands {
                 }
                 Ok(response)
             }
-            Err(error) => Err(status_of(&error)),
+            Err(error) => {
+                if matches!(error, WriteError::Overloaded(_)) {
+                    self.metrics.shed();
+                }
+                Err(status_of(&error))
+            }
         }
     }
 }
@@ -468,13 +498,12 @@ impl LogService for LogReader {
         &self,
         _request: Request<pb::GetLogStatusRequest>,
     ) -> Result<Response<pb::LogStatus>, Status> {
-        let log_position = *self.watch.durable_position.borrow();
-        let published = self.relay.published().min(log_position);
+        let positions = positions(&self.watch, &self.relay);
         let syncs = self.watch.syncs.summary();
         Ok(Response::new(pb::LogStatus {
-            log_position,
-            published_position: published,
-            relay_lag: log_position - published,
+            log_position: positions.log,
+            published_position: positions.published,
+            relay_lag: positions.relay_lag(),
             nats_connected: self.relay.connected(),
             relay_error: self.relay.error().unwrap_or_default(),
             stream: self.stream.clone(),

@@ -11,12 +11,14 @@
 //! - [`log`]: the sled event log: key layout, atomic batches, durable sync, reads.
 //! - [`relay`]: durable events → JetStream, stream sequence == log position, resumable.
 //! - [`policy`]: customer deleted → cancel their open orders, via a durable consumer.
+//! - [`metrics`]: Prometheus metrics read at scrape time (`--metrics-listen`).
 //!
 //! [`run`] wires them together and owns start-up and graceful shutdown.
 
 pub mod domain;
 pub mod grpc;
 pub mod log;
+pub mod metrics;
 pub mod policy;
 pub mod relay;
 pub mod writer;
@@ -28,10 +30,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use shop_shared::config::{LogArgs, NatsArgs};
+use shop_shared::config::{LogArgs, NatsArgs, TelemetryArgs};
 use shop_shared::grpc::{Health, RequestErrorLayer};
+use shop_shared::metrics::{GrpcMetrics, Registry, ShedLayer};
 use shop_shared::pb::command_service_server::CommandServiceServer;
 use shop_shared::pb::log_service_server::LogServiceServer;
+use shop_shared::telemetry::TraceLayer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -68,6 +72,9 @@ pub struct Config {
 
     #[command(flatten)]
     pub log: LogArgs,
+
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
 
     /// When a command counts as durable: `fsync` (survives power loss) or `flush`
     /// (survives a process crash).
@@ -122,6 +129,11 @@ pub enum ServerError {
     Nats(#[from] async_nats::ConnectError),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("metrics listener on {addr}: {source}")]
+    Metrics {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("gRPC reflection: {0}")]
     Reflection(#[from] shop_shared::grpc::ReflectionError),
     #[error("task failed: {0}")]
@@ -205,10 +217,27 @@ pub async fn run(
         serving_rx,
     ));
 
+    let mut registry = Registry::default();
+    let grpc_metrics = GrpcMetrics::register(
+        &mut registry,
+        &[SERVICE_NAME, LOG_SERVICE_NAME, HEALTH_SERVICE_NAME],
+    );
+    let (shed_layer, shed) = ShedLayer::register(&mut registry, config.requests_per_connection_max);
+    let command_metrics = metrics::register(&mut registry, &writer_watch, &relay_status, shed);
+    if let Some(addr) = config.telemetry.metrics_listen {
+        let mut stopped = stop_rx.clone();
+        shop_shared::metrics::spawn_server(addr, Arc::new(registry), async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        })
+        .await
+        .map_err(|source| ServerError::Metrics { addr, source })?;
+    }
+
     let (reflection_v1, reflection_v1alpha) =
         shop_shared::grpc::reflection(&[SERVICE_NAME, LOG_SERVICE_NAME])?;
     let commands = CommandServiceServer::new(grpc::Commands {
         writer: writer.clone(),
+        metrics: command_metrics,
     })
     .max_decoding_message_size(config.request_bytes_max);
     let reader = LogServiceServer::new(grpc::LogReader {
@@ -237,9 +266,12 @@ pub async fn run(
         }
     };
     tracing::info!("command server ready");
+    // Outermost first: the span covers everything; metrics see shed requests and the
+    // corrected codes of undecodable ones.
     let served = tonic::transport::Server::builder()
-        .concurrency_limit_per_connection(config.requests_per_connection_max.max(1))
-        .load_shed(true)
+        .layer(TraceLayer)
+        .layer(grpc_metrics.layer())
+        .layer(shed_layer)
         .layer(RequestErrorLayer)
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -278,6 +310,8 @@ pub async fn run(
 pub const SERVICE_NAME: &str = "shop.v1.CommandService";
 /// The gRPC service name of the log reader.
 pub const LOG_SERVICE_NAME: &str = "shop.v1.LogService";
+/// The gRPC health service.
+const HEALTH_SERVICE_NAME: &str = "grpc.health.v1.Health";
 
 /// At start-up, give NATS a moment and check the stream against the log: a stream that
 /// holds events the log does not is a reason to refuse to start. When NATS does not

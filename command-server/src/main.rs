@@ -11,19 +11,21 @@ use clap::Parser;
 
 fn main() -> anyhow::Result<()> {
     let config = command_server::Config::parse();
-    shop_shared::telemetry::init(&config.log);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("command-server")
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
+        let telemetry =
+            shop_shared::telemetry::init(&config.log, &config.telemetry, "command-server")?;
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;
         tracing::info!(addr = %listener.local_addr()?, "listening");
-        command_server::run(config, listener, shop_shared::grpc::shutdown_signal())
-            .await
-            .map_err(anyhow::Error::from)
+        let result =
+            command_server::run(config, listener, shop_shared::grpc::shutdown_signal()).await;
+        telemetry.shutdown().await;
+        result.map_err(anyhow::Error::from)
     })
 }

@@ -18,7 +18,9 @@ use prost::Message;
 use shop_shared::ids::StreamKind;
 use shop_shared::pb;
 use shop_shared::subjects::{self, HEADER_EVENT_TYPE};
+use shop_shared::telemetry;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::domain::{Command, DomainError};
 use crate::log::EventLog;
@@ -185,8 +187,30 @@ impl Policy {
         Handled::Done
     }
 
-    /// Cancels one order; false when the writer is gone.
+    /// Cancels one order; false when the writer is gone. The cancel continues the trace
+    /// of the event that caused it.
     async fn cancel(&self, cause: &pb::EventEnvelope, order_id: &str) -> bool {
+        let span = tracing::info_span!(
+            "policy",
+            otel.name = "customer-deleted policy: CancelOrder",
+            otel.kind = "internal",
+            order_id,
+        );
+        let traceparent = (!cause.traceparent.is_empty()).then(|| {
+            telemetry::set_remote_parent(&span, &cause.traceparent);
+            telemetry::traceparent_of(&span).unwrap_or_else(|| cause.traceparent.clone())
+        });
+        self.cancel_traced(cause, order_id, traceparent)
+            .instrument(span)
+            .await
+    }
+
+    async fn cancel_traced(
+        &self,
+        cause: &pb::EventEnvelope,
+        order_id: &str,
+        traceparent: Option<String>,
+    ) -> bool {
         let request = pb::CancelOrderRequest {
             command_id: String::new(),
             expected_version: None,
@@ -200,6 +224,7 @@ impl Policy {
             expected_version: None,
             correlation_id: cause.correlation_id.clone(),
             causation_id: cause.event_id.clone(),
+            traceparent,
         };
         let command = Command::CancelOrder {
             order_id: order_id.to_string(),

@@ -427,10 +427,14 @@ impl Relay {
         headers.insert(HEADER_EVENT_ID, envelope.event_id.as_str());
         headers.insert(HEADER_EVENT_TYPE, envelope.event_type.as_str());
         headers.insert(HEADER_POSITION, position.to_string().as_str());
-        headers.insert(
-            HEADER_TRACEPARENT,
-            subjects::traceparent(&envelope.correlation_id, &envelope.event_id).as_str(),
-        );
+        if envelope.traceparent.is_empty() {
+            headers.insert(
+                HEADER_TRACEPARENT,
+                subjects::traceparent(&envelope.correlation_id, &envelope.event_id).as_str(),
+            );
+        } else {
+            headers.insert(HEADER_TRACEPARENT, envelope.traceparent.as_str());
+        }
         self.js
             .publish_with_headers(subject, headers, bytes)
             .await

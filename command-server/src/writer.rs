@@ -27,6 +27,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::histogram::Histogram;
 use prost::Message;
 use shop_shared::events::{event_type, now_micros, stream_of, timestamp_from_micros};
 use shop_shared::ids::{generate_id, StreamId, StreamKind};
@@ -72,6 +73,8 @@ pub struct CommandMeta {
     pub expected_version: Option<u64>,
     pub correlation_id: String,
     pub causation_id: String,
+    /// W3C trace context to record in the events (see `EventEnvelope.traceparent`).
+    pub traceparent: Option<String>,
 }
 
 impl CommandMeta {
@@ -218,10 +221,29 @@ impl Recent {
     }
 }
 
-/// The last syncs' durations and sizes (a ring of [`SYNC_SAMPLES`]), for status.
-#[derive(Default)]
+/// The last syncs' durations and sizes (a ring of [`SYNC_SAMPLES`]), for status, and
+/// every sync in two Prometheus histograms.
 pub struct SyncStats {
     samples: std::sync::Mutex<SyncSamples>,
+    /// `shop_group_commit_sync_seconds`: how long each group-commit sync took.
+    pub sync_seconds: Histogram,
+    /// `shop_group_commit_commands`: commands acknowledged by each sync.
+    pub commands_per_sync: Histogram,
+}
+
+/// Upper bounds of the commands-per-sync histogram (the batch limit defaults to 1024).
+const COMMANDS_PER_SYNC_BUCKETS: [f64; 12] = [
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
+];
+
+impl Default for SyncStats {
+    fn default() -> Self {
+        SyncStats {
+            samples: std::sync::Mutex::default(),
+            sync_seconds: shop_shared::metrics::latency_histogram(),
+            commands_per_sync: Histogram::new(COMMANDS_PER_SYNC_BUCKETS),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -247,6 +269,8 @@ pub struct SyncSummary {
 
 impl SyncStats {
     fn record(&self, took: Duration, commands: u64) {
+        self.sync_seconds.observe(took.as_secs_f64());
+        self.commands_per_sync.observe(commands as f64);
         if let Ok(mut s) = self.samples.lock() {
             let sample = (
                 u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
@@ -907,6 +931,7 @@ impl Decider {
                 correlation_id: meta.correlation_id.clone(),
                 causation_id: meta.causation_id.clone(),
                 event: Some(pb::Event { kind: Some(event) }),
+                traceparent: meta.traceparent.clone().unwrap_or_default(),
             };
             records.push(position, envelope.encode_to_vec().into(), batch);
         }
@@ -1164,6 +1189,7 @@ mod tests {
                 expected_version: None,
                 correlation_id: String::new(),
                 causation_id: String::new(),
+                traceparent: None,
             },
             command,
             reply,

@@ -22,6 +22,7 @@ use futures::{FutureExt, StreamExt};
 use prost::Message;
 use shop_shared::pb;
 use shop_shared::subjects::HEADER_EVENT_ID;
+use shop_shared::telemetry;
 use tokio::sync::watch;
 
 use crate::projections::{self, Changed};
@@ -98,9 +99,32 @@ impl ConsumerStatus {
         }
     }
 
+    /// The applied position and how far the stream's end (as last seen) is ahead of it:
+    /// what `GetStatus`, the metrics and every answer's freshness metadata report.
+    pub fn freshness(&self) -> Freshness {
+        let applied = self.applied();
+        let stream_last = self.stream_last();
+        Freshness {
+            applied,
+            stream_last,
+            lag: stream_last.saturating_sub(applied),
+        }
+    }
+
     fn saw_stream_last(&self, sequence: u64) {
         self.stream_last.store(sequence, Ordering::Release);
     }
+}
+
+/// How fresh the views are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Freshness {
+    /// Last position applied to the views.
+    pub applied: u64,
+    /// Last sequence of the stream, as last seen (at least `applied`).
+    pub stream_last: u64,
+    /// `stream_last - applied`.
+    pub lag: u64,
 }
 
 /// Why the consumer stopped applying.
@@ -132,6 +156,37 @@ struct Session {
 struct Incoming {
     sequence: u64,
     payload: bytes::Bytes,
+    /// The event's apply span, when its trace is sampled and spans are exported.
+    span: Option<tracing::Span>,
+}
+
+/// A span per sampled event, child of the span in its `traceparent` header (the
+/// command's server span): it lasts from the event's arrival to the commit of the batch
+/// that applies it, so a trace shows the command, then the time until its events are
+/// visible. Per-event children rather than one batch span with links: a trace viewer
+/// then shows the view update inside the command's trace; the cost is paid only for
+/// sampled events, and nothing at all when spans are not exported.
+fn apply_span(message: &async_nats::jetstream::Message, sequence: u64) -> Option<tracing::Span> {
+    if !telemetry::exporting() {
+        return None;
+    }
+    let traceparent = message
+        .headers
+        .as_ref()?
+        .get(shop_shared::subjects::HEADER_TRACEPARENT)?
+        .as_str();
+    if !telemetry::TraceParent::parse(traceparent)?.sampled {
+        return None;
+    }
+    let span = tracing::info_span!(
+        "apply",
+        otel.name = "apply event to views",
+        otel.kind = "consumer",
+        messaging.system = "nats",
+        position = sequence,
+    );
+    telemetry::set_remote_parent(&span, traceparent);
+    Some(span)
 }
 
 /// What a committed batch produced.
@@ -347,6 +402,7 @@ impl Consumer {
                                 pending.push(Incoming {
                                     sequence: info.stream_sequence,
                                     payload: message.payload.clone(),
+                                    span: apply_span(&message, info.stream_sequence),
                                 });
                             }
                             Some(Err(e)) => return Err(ConsumerError::Nats(format!("consumer: {e}"))),
@@ -431,10 +487,13 @@ fn apply_batch(
     let mut applied_event = String::new();
     let mut updates = Vec::new();
     let mut stopped = None;
+    // Closed once the batch is committed: the events are visible then.
+    let mut spans = Vec::new();
     for message in batch {
         if message.sequence <= applied {
             continue;
         }
+        spans.extend(message.span);
         if message.sequence != applied + 1 {
             stopped = Some(ConsumerError::Gap {
                 expected: applied + 1,
@@ -474,6 +533,7 @@ fn apply_batch(
     if applied > checkpoint {
         store.commit(overlay.into_batch(applied, &applied_event)?)?;
     }
+    drop(spans);
     Ok(Applied {
         checkpoint: applied,
         updates,

@@ -7,7 +7,8 @@
 //!   sequence over an unchanged view neither skips nor repeats an item.
 //! - As-of reads fold the entity's stored events up to the cut-off with the same
 //!   projection code that maintains the views.
-//! - The applied position is returned in the `shop-applied-position` response header.
+//! - Every response carries `shop-applied-position` and `shop-lag-events` metadata, added
+//!   by [`crate::freshness::FreshnessLayer`] once the handler has read.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -22,8 +23,10 @@ use shop_shared::ids::{validate_id, StreamId};
 use shop_shared::pb;
 use shop_shared::pb::query_service_server::QueryService;
 use tokio::sync::broadcast::error::RecvError;
-use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
+
+use prometheus_client::metrics::counter::Counter;
 
 use crate::consumer::ConsumerStatus;
 use crate::projections::MemoryViews;
@@ -40,8 +43,6 @@ pub const HISTORY_LIMIT_DEFAULT: usize = 100;
 pub const HISTORY_LIMIT_MAX: usize = 1000;
 /// Index entries one list request may examine (filters can reject many).
 const SCAN_BUDGET: usize = 5_000;
-/// Response header carrying the applied position.
-pub const APPLIED_HEADER: &str = "shop-applied-position";
 
 /// The query service.
 #[derive(Clone)]
@@ -51,6 +52,8 @@ pub struct Queries {
     pub watchers: Arc<Watchers>,
     pub descriptors: prost_reflect::DescriptorPool,
     pub stream: String,
+    /// `shop_shed_requests_total`: a watch refused at the watcher limit is shed.
+    pub shed: Counter,
 }
 
 fn store_failure(error: impl std::fmt::Display) -> Status {
@@ -223,14 +226,6 @@ impl Queries {
         }
     }
 
-    fn respond<T>(&self, body: T) -> Response<T> {
-        let mut response = Response::new(body);
-        if let Ok(value) = MetadataValue::try_from(self.status.applied().to_string()) {
-            response.metadata_mut().insert(APPLIED_HEADER, value);
-        }
-        response
-    }
-
     /// Runs a blocking store read off the async workers.
     async fn blocking<T: Send + 'static>(
         &self,
@@ -344,7 +339,7 @@ impl QueryService for Queries {
             }
         };
         found
-            .map(|c| self.respond(c))
+            .map(Response::new)
             .ok_or_else(|| Self::not_found("customer", &r.customer_id, cut))
     }
 
@@ -374,7 +369,7 @@ impl QueryService for Queries {
                 })
             })
             .await?;
-        Ok(self.respond(pb::ListCustomersResponse {
+        Ok(Response::new(pb::ListCustomersResponse {
             customers,
             next_page_token: next.map(|k| encode_token(&k, &filter)).unwrap_or_default(),
         }))
@@ -398,7 +393,7 @@ impl QueryService for Queries {
             }
         };
         found
-            .map(|p| self.respond(p))
+            .map(Response::new)
             .ok_or_else(|| Self::not_found("product", &r.sku, cut))
     }
 
@@ -435,7 +430,7 @@ impl QueryService for Queries {
                 })
             })
             .await?;
-        Ok(self.respond(pb::ListProductsResponse {
+        Ok(Response::new(pb::ListProductsResponse {
             products,
             next_page_token: next.map(|k| encode_token(&k, &filter)).unwrap_or_default(),
         }))
@@ -464,7 +459,7 @@ impl QueryService for Queries {
             }
         };
         found
-            .map(|o| self.respond(o))
+            .map(Response::new)
             .ok_or_else(|| Self::not_found("order", &r.order_id, cut))
     }
 
@@ -506,7 +501,7 @@ impl QueryService for Queries {
                 })
             })
             .await?;
-        Ok(self.respond(pb::ListOrdersResponse {
+        Ok(Response::new(pb::ListOrdersResponse {
             orders,
             next_page_token: next.map(|k| encode_token(&k, &filter)).unwrap_or_default(),
         }))
@@ -557,7 +552,7 @@ impl QueryService for Queries {
         } else {
             0
         };
-        Ok(self.respond(pb::GetHistoryResponse {
+        Ok(Response::new(pb::GetHistoryResponse {
             events,
             next_version,
         }))
@@ -600,7 +595,7 @@ impl QueryService for Queries {
                     .and_then(|o| Self::order_with_name(&store, o).ok())
             },
         );
-        Ok(self.respond(stream))
+        Ok(Response::new(stream))
     }
 
     type WatchCustomerStream = WatchStream<pb::Customer>;
@@ -631,19 +626,18 @@ impl QueryService for Queries {
             },
             move || store.customer(&id).ok().flatten(),
         );
-        Ok(self.respond(stream))
+        Ok(Response::new(stream))
     }
 
     async fn get_status(
         &self,
         _request: Request<pb::GetStatusRequest>,
     ) -> Result<Response<pb::QueryStatus>, Status> {
-        let applied = self.status.applied();
-        let last = self.status.stream_last();
-        Ok(self.respond(pb::QueryStatus {
-            applied_position: applied,
-            stream_last_sequence: last,
-            lag: last.saturating_sub(applied),
+        let freshness = self.status.freshness();
+        Ok(Response::new(pb::QueryStatus {
+            applied_position: freshness.applied,
+            stream_last_sequence: freshness.stream_last,
+            lag: freshness.lag,
             nats_connected: self.status.connected(),
             consumer_error: self.status.error().unwrap_or_default(),
             stream: self.stream.clone(),
@@ -658,7 +652,10 @@ impl Queries {
         key: WatchKey,
     ) -> Result<(tokio::sync::broadcast::Receiver<Arc<Update>>, WatchSlot), Status> {
         self.watchers.subscribe(key).map_err(|e| match e {
-            WatchError::TooMany(_) => Status::resource_exhausted(e.to_string()),
+            WatchError::TooMany(_) => {
+                self.shed.inc();
+                Status::resource_exhausted(e.to_string())
+            }
             WatchError::Closed => Status::unavailable(e.to_string()),
         })
     }

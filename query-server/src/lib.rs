@@ -8,11 +8,15 @@
 //! - [`store`]: sled keys, indexes (derived from views), checkpoint, scans.
 //! - [`grpc`]: queries, `min_position` waits, pagination, history, as-of, watches.
 //! - [`watch`]: the bounded, non-blocking registry behind WatchOrder/WatchCustomer.
+//! - [`freshness`]: `shop-applied-position` / `shop-lag-events` on every answer.
+//! - [`metrics`]: Prometheus metrics read at scrape time (`--metrics-listen`).
 //!
 //! [`run`] serves; [`rebuild`] recomputes every view from sequence 1 and exits.
 
 pub mod consumer;
+pub mod freshness;
 pub mod grpc;
+pub mod metrics;
 pub mod projections;
 pub mod store;
 pub mod watch;
@@ -24,13 +28,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use shop_shared::config::{LogArgs, NatsArgs};
+use shop_shared::config::{LogArgs, NatsArgs, TelemetryArgs};
 use shop_shared::grpc::{Health, RequestErrorLayer};
+use shop_shared::metrics::{GrpcMetrics, Registry, ShedLayer};
 use shop_shared::pb::query_service_server::QueryServiceServer;
+use shop_shared::telemetry::TraceLayer;
 use tokio::net::TcpListener;
 use tokio::sync::watch as tokio_watch;
 
 use crate::consumer::{Consumer, ConsumerConfig, ConsumerError, ConsumerStatus};
+use crate::freshness::FreshnessLayer;
 use crate::store::{Store, StoreError};
 use crate::watch::Watchers;
 
@@ -66,6 +73,9 @@ pub struct Config {
 
     #[command(flatten)]
     pub log: LogArgs,
+
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
 
     /// Events applied per atomic write, at most.
     #[arg(
@@ -115,6 +125,11 @@ pub enum ServerError {
     Nats(#[from] async_nats::ConnectError),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("metrics listener on {addr}: {source}")]
+    Metrics {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("gRPC reflection: {0}")]
     Reflection(#[from] shop_shared::grpc::ReflectionError),
     #[error("descriptors: {0}")]
@@ -173,6 +188,20 @@ pub async fn run(
         serving_rx,
     ));
 
+    let mut registry = Registry::default();
+    let grpc_metrics =
+        GrpcMetrics::register(&mut registry, &[SERVICE_NAME, "grpc.health.v1.Health"]);
+    let (shed_layer, shed) = ShedLayer::register(&mut registry, config.requests_per_connection_max);
+    metrics::register(&mut registry, &status, &watchers);
+    if let Some(addr) = config.telemetry.metrics_listen {
+        let mut stopped = stop_rx.clone();
+        shop_shared::metrics::spawn_server(addr, Arc::new(registry), async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        })
+        .await
+        .map_err(|source| ServerError::Metrics { addr, source })?;
+    }
+
     let descriptors = prost_reflect::DescriptorPool::decode(shop_shared::FILE_DESCRIPTOR_SET)?;
     let (reflection_v1, reflection_v1alpha) = shop_shared::grpc::reflection(&[SERVICE_NAME])?;
     let queries = QueryServiceServer::new(grpc::Queries {
@@ -181,6 +210,7 @@ pub async fn run(
         watchers: watchers.clone(),
         descriptors,
         stream: config.nats.stream.clone(),
+        shed,
     })
     .max_decoding_message_size(config.request_bytes_max);
 
@@ -204,9 +234,16 @@ pub async fn run(
         }
     };
     tracing::info!("query server ready");
+    // Outermost first: the span covers everything; metrics see shed requests and the
+    // corrected codes of undecodable ones; every answer, refusals included, gets its
+    // freshness headers.
     let served = tonic::transport::Server::builder()
-        .concurrency_limit_per_connection(config.requests_per_connection_max.max(1))
-        .load_shed(true)
+        .layer(TraceLayer)
+        .layer(grpc_metrics.layer())
+        .layer(FreshnessLayer {
+            status: status.clone(),
+        })
+        .layer(shed_layer)
         .layer(RequestErrorLayer)
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -33,13 +33,22 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    shop_shared::telemetry::init(&cli.config.log);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("query-server")
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
+        let telemetry =
+            shop_shared::telemetry::init(&cli.config.log, &cli.config.telemetry, "query-server")?;
+        let result = serve_or_rebuild(cli).await;
+        telemetry.shutdown().await;
+        result
+    })
+}
+
+async fn serve_or_rebuild(cli: Cli) -> anyhow::Result<()> {
+    {
         match cli.command.unwrap_or(Command::Serve) {
             Command::Serve => {
                 let listener = tokio::net::TcpListener::bind(cli.config.listen)
@@ -54,5 +63,5 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Ok(())
-    })
+    }
 }

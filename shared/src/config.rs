@@ -32,6 +32,32 @@ pub struct LogArgs {
     pub log_filter: String,
 }
 
+/// Metrics and traces (SPEC section 7); both off by default.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct TelemetryArgs {
+    /// Serve Prometheus metrics (text format) at http://ADDR/metrics; off when unset.
+    #[arg(long, env = "SHOP_METRICS_LISTEN", global = true)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+
+    /// Export trace spans with OTLP over gRPC to this collector endpoint (e.g.
+    /// `http://127.0.0.1:4317`); off when unset. An incoming W3C `traceparent` is
+    /// honoured either way (log lines carry its trace id).
+    #[arg(long, env = "SHOP_OTLP_ENDPOINT", global = true)]
+    pub otlp_endpoint: Option<String>,
+
+    /// Share of new traces exported (0.0 to 1.0); a request whose `traceparent` says
+    /// sampled is always exported, one that says not sampled never is.
+    #[arg(long, env = "SHOP_OTLP_SAMPLE_RATIO", default_value_t = 1.0, value_parser = parse_ratio, global = true)]
+    pub otlp_sample_ratio: f64,
+}
+
+fn parse_ratio(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("{value:?} is not a ratio between 0.0 and 1.0")),
+    }
+}
+
 /// Log line format.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -67,5 +93,13 @@ mod tests {
         assert!(parse_stream_name("a.b").is_err());
         assert!(parse_stream_name("").is_err());
         assert!(parse_stream_name("a b").is_err());
+    }
+
+    #[test]
+    fn sample_ratios() {
+        assert_eq!(parse_ratio("0.01"), Ok(0.01));
+        assert!(parse_ratio("1.5").is_err());
+        assert!(parse_ratio("-0.1").is_err());
+        assert!(parse_ratio("NaN").is_err());
     }
 }

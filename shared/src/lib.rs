@@ -9,11 +9,13 @@
 //! - [`telemetry`]: `tracing` set-up, text or JSON.
 //! - [`grpc`]: health, reflection, deadlines, shutdown, error-detail helpers.
 //! - [`nats`]: connecting to NATS without crash-looping while it is away.
+//! - [`metrics`]: Prometheus metrics: gRPC middleware, load shedding, scrape-time gauges.
 
 pub mod config;
 pub mod events;
 pub mod grpc;
 pub mod ids;
+pub mod metrics;
 pub mod nats;
 pub mod subjects;
 pub mod telemetry;

@@ -34,14 +34,15 @@ pub fn kind_filter(kind: StreamKind) -> String {
     format!("{SUBJECT_PREFIX}.{}.>", kind.as_str())
 }
 
-/// A W3C `traceparent` value for an event: the trace id comes from the correlation id
-/// (so every event of one client interaction shares a trace), the span id from the event
-/// id.
+/// A W3C `traceparent` value for an event that carries none of its own (its command was
+/// not traced): the trace id comes from the correlation id (so every event of one client
+/// interaction shares a trace), the span id from the event id. Flagged not sampled: no
+/// span with that id was recorded, so a consumer should not start exporting from it.
 pub fn traceparent(correlation_id: &str, event_id: &str) -> String {
     let trace_id = trace_id_hex(correlation_id);
     let event_hex = hex_of_uuidish(event_id);
     let span_id = &event_hex[16..32];
-    format!("00-{trace_id}-{span_id}-01")
+    format!("00-{trace_id}-{span_id}-00")
 }
 
 /// The 32-hex-digit trace id for a correlation id: the id itself when it already is 32

@@ -137,5 +137,6 @@ pub(crate) fn envelope(position: u64, stream_version: u64, kind: Kind) -> pb::Ev
         correlation_id: String::new(),
         causation_id: String::new(),
         event: Some(pb::Event { kind: Some(kind) }),
+        traceparent: String::new(),
     }
 }

@@ -1,0 +1,702 @@
+//! Prometheus metrics both servers serve at `--metrics-listen` (SPEC section 7).
+//!
+//! - [`GrpcMetricsLayer`]: `grpc_server_started_total`, `grpc_server_handled_total` and the
+//!   `grpc_server_handling_seconds` histogram, named and labelled as the widely used gRPC
+//!   Prometheus middleware (go-grpc-prometheus) does, so existing dashboards work.
+//! - [`ShedLayer`]: the per-connection in-flight limit; what it refuses is answered
+//!   `RESOURCE_EXHAUSTED` and counted in `shop_shed_requests_total`.
+//! - [`register_gauge_fn`]: a gauge whose value is read at scrape time from the state the
+//!   status RPCs read, so a scrape and `GetLogStatus`/`GetStatus` never disagree.
+//! - [`serve`]: `GET /metrics` in the Prometheus text format (0.0.4) over HTTP/1.1.
+//!
+//! Recording costs a hash lookup of static labels and an atomic add (a short uncontended
+//! lock for histograms); nothing is allocated per request once a label set exists.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+pub use prometheus_client;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+pub use prometheus_client::registry::Registry;
+use prost::Message;
+use tokio::net::TcpListener;
+
+/// Upper bounds (seconds) of the latency histograms: 100 µs to 10 s. Our commands take a
+/// few ms and reads well under one, so the middleware's default (5 ms and up) would put
+/// nearly everything in its first bucket.
+pub const LATENCY_BUCKETS_SECONDS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// A histogram with [`LATENCY_BUCKETS_SECONDS`].
+pub fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS_SECONDS)
+}
+
+/// The content type of the Prometheus text exposition format.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The registry as text, in the Prometheus exposition format.
+pub fn encode(registry: &Registry) -> String {
+    let mut out = String::with_capacity(16 * 1024);
+    if let Err(error) = prometheus_client::encoding::prometheus_text::encode(&mut out, registry) {
+        tracing::error!(%error, "metrics could not be encoded");
+    }
+    out
+}
+
+/// A gauge read when Prometheus scrapes: `read` runs on every scrape.
+struct GaugeFn {
+    name: &'static str,
+    help: &'static str,
+    read: Box<dyn Fn() -> i64 + Send + Sync>,
+}
+
+impl std::fmt::Debug for GaugeFn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GaugeFn").field("name", &self.name).finish()
+    }
+}
+
+impl Collector for GaugeFn {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let gauge = ConstGauge::new((self.read)());
+        let metric = encoder.encode_descriptor(self.name, self.help, None, gauge.metric_type())?;
+        gauge.encode(metric)
+    }
+}
+
+/// Registers a gauge whose value `read` returns at scrape time.
+pub fn register_gauge_fn(
+    registry: &mut Registry,
+    name: &'static str,
+    help: &'static str,
+    read: impl Fn() -> i64 + Send + Sync + 'static,
+) {
+    registry.register_collector(Box::new(GaugeFn {
+        name,
+        help,
+        read: Box::new(read),
+    }));
+}
+
+/// A `u64` position or count as a gauge value (saturating: gauges are `i64`).
+pub fn gauge_value(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            () = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    tracing::warn!(%error, "metrics listener: accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let registry = registry.clone();
+                async move { Ok::<_, Infallible>(scrape(&request, &registry)) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            // Scrapes are small and rare; a connection that stalls only holds its task.
+            let _closed = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await;
+        });
+    }
+}
+
+fn scrape<B>(
+    request: &http::Request<B>,
+    registry: &Registry,
+) -> http::Response<http_body_util::Full<Bytes>> {
+    let (status, content_type, body) = if request.uri().path() != "/metrics" {
+        (
+            404,
+            "text/plain",
+            "not found: metrics are at /metrics\n".to_string(),
+        )
+    } else if request.method() != http::Method::GET && request.method() != http::Method::HEAD {
+        (405, "text/plain", "use GET\n".to_string())
+    } else {
+        (200, CONTENT_TYPE, encode(registry))
+    };
+    let mut response = http::Response::new(http_body_util::Full::new(Bytes::from(body)));
+    *response.status_mut() = http::StatusCode::from_u16(status).unwrap_or_default();
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    response
+}
+
+/// Binds `addr` and serves metrics there in the background until `shutdown` resolves;
+/// returns the bound address (useful with port 0).
+pub async fn spawn_server(
+    addr: SocketAddr,
+    registry: Arc<Registry>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(serve(listener, registry, shutdown));
+    tracing::info!(addr = %bound, "serving Prometheus metrics at /metrics");
+    Ok(bound)
+}
+
+// ---- gRPC server metrics -------------------------------------------------------------
+
+/// Labels of `grpc_server_started_total` and `grpc_server_handling_seconds`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    grpc_type: &'static str,
+    grpc_service: &'static str,
+    grpc_method: &'static str,
+}
+
+/// Labels of `grpc_server_handled_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandledLabels {
+    grpc_type: &'static str,
+    grpc_service: &'static str,
+    grpc_method: &'static str,
+    grpc_code: &'static str,
+}
+
+/// Labels of an unknown path: a client may send any path, and each must not become a
+/// series of its own (unbounded memory).
+const UNKNOWN: MethodLabels = MethodLabels {
+    grpc_type: "unary",
+    grpc_service: "unknown",
+    grpc_method: "unknown",
+};
+
+/// Every gRPC method either server may serve, by path (`/package.Service/Method`): ours
+/// from the contract's descriptors, plus health and reflection. Built once per process.
+fn known_methods() -> &'static HashMap<String, MethodLabels> {
+    static METHODS: OnceLock<HashMap<String, MethodLabels>> = OnceLock::new();
+    METHODS.get_or_init(|| {
+        let mut methods = HashMap::new();
+        for set in [
+            crate::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+        ] {
+            let Ok(set) = prost_types::FileDescriptorSet::decode(set) else {
+                continue;
+            };
+            for file in &set.file {
+                for service in &file.service {
+                    let full = format!("{}.{}", file.package(), service.name());
+                    let full: &'static str = Box::leak(full.into_boxed_str());
+                    for method in &service.method {
+                        let name: &'static str =
+                            Box::leak(method.name().to_string().into_boxed_str());
+                        let grpc_type = match (method.client_streaming(), method.server_streaming())
+                        {
+                            (false, false) => "unary",
+                            (false, true) => "server_stream",
+                            (true, false) => "client_stream",
+                            (true, true) => "bidi_stream",
+                        };
+                        methods.insert(
+                            format!("/{full}/{name}"),
+                            MethodLabels {
+                                grpc_type,
+                                grpc_service: full,
+                                grpc_method: name,
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        methods
+    })
+}
+
+/// The gRPC code names as the middleware spells them (Go's `codes.Code.String()`).
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "Canceled",
+        Unknown => "Unknown",
+        InvalidArgument => "InvalidArgument",
+        DeadlineExceeded => "DeadlineExceeded",
+        NotFound => "NotFound",
+        AlreadyExists => "AlreadyExists",
+        PermissionDenied => "PermissionDenied",
+        ResourceExhausted => "ResourceExhausted",
+        FailedPrecondition => "FailedPrecondition",
+        Aborted => "Aborted",
+        OutOfRange => "OutOfRange",
+        Unimplemented => "Unimplemented",
+        Internal => "Internal",
+        Unavailable => "Unavailable",
+        DataLoss => "DataLoss",
+        Unauthenticated => "Unauthenticated",
+    }
+}
+
+fn code_of_header(value: &http::HeaderValue) -> tonic::Code {
+    value
+        .to_str()
+        .ok()
+        .and_then(|s| s.parse::<i32>().ok())
+        .map_or(tonic::Code::Unknown, tonic::Code::from_i32)
+}
+
+/// The gRPC server metrics of one process.
+#[derive(Clone)]
+pub struct GrpcMetrics {
+    started: Family<MethodLabels, Counter>,
+    handled: Family<HandledLabels, Counter>,
+    handling: Family<MethodLabels, Histogram, fn() -> Histogram>,
+}
+
+impl GrpcMetrics {
+    /// Registers the metrics, with zero series for every method of `services` (so rates
+    /// and dashboards have a series before the first call).
+    pub fn register(registry: &mut Registry, services: &[&str]) -> Self {
+        let metrics = GrpcMetrics {
+            started: Family::default(),
+            handled: Family::default(),
+            handling: Family::new_with_constructor(latency_histogram),
+        };
+        registry.register(
+            "grpc_server_started",
+            "RPCs started on the server.",
+            metrics.started.clone(),
+        );
+        registry.register(
+            "grpc_server_handled",
+            "RPCs completed on the server, whatever their status code.",
+            metrics.handled.clone(),
+        );
+        registry.register(
+            "grpc_server_handling_seconds",
+            "Time from receiving an RPC to its status (for streams: the whole stream).",
+            metrics.handling.clone(),
+        );
+        for labels in known_methods().values() {
+            if services.contains(&labels.grpc_service) {
+                drop(metrics.started.get_or_create(labels));
+                drop(metrics.handling.get_or_create(labels));
+                drop(
+                    metrics
+                        .handled
+                        .get_or_create(&labels.handled(code_name(tonic::Code::Ok))),
+                );
+            }
+        }
+        metrics
+    }
+
+    /// The tower layer that records every RPC.
+    pub fn layer(&self) -> GrpcMetricsLayer {
+        GrpcMetricsLayer {
+            metrics: self.clone(),
+        }
+    }
+
+    fn finish(&self, labels: &MethodLabels, code: tonic::Code, started: Instant) {
+        self.handled
+            .get_or_create(&labels.handled(code_name(code)))
+            .inc();
+        self.handling
+            .get_or_create(labels)
+            .observe(started.elapsed().as_secs_f64());
+    }
+}
+
+impl MethodLabels {
+    fn handled(&self, grpc_code: &'static str) -> HandledLabels {
+        HandledLabels {
+            grpc_type: self.grpc_type,
+            grpc_service: self.grpc_service,
+            grpc_method: self.grpc_method,
+            grpc_code,
+        }
+    }
+}
+
+/// Records each RPC in [`GrpcMetrics`]. The status is read from the response headers
+/// (a trailers-only response: refusals before or by the handler) or from the trailers at
+/// the end of the body; a body dropped before its trailers counts as `Canceled`.
+#[derive(Clone)]
+pub struct GrpcMetricsLayer {
+    metrics: GrpcMetrics,
+}
+
+impl<S> tower::Layer<S> for GrpcMetricsLayer {
+    type Service = GrpcMetricsService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        GrpcMetricsService {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+/// The service made by [`GrpcMetricsLayer`].
+#[derive(Clone)]
+pub struct GrpcMetricsService<S> {
+    inner: S,
+    metrics: GrpcMetrics,
+}
+
+impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for GrpcMetricsService<S>
+where
+    S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    S::Future: Send + 'static,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+{
+    type Response = http::Response<MeteredBody<ResBody>>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let started = Instant::now();
+        let labels = known_methods()
+            .get(request.uri().path())
+            .cloned()
+            .unwrap_or(UNKNOWN);
+        self.metrics.started.get_or_create(&labels).inc();
+        let metrics = self.metrics.clone();
+        let future = self.inner.call(request);
+        Box::pin(async move {
+            let response = match future.await {
+                Ok(response) => response,
+                Err(error) => {
+                    metrics.finish(&labels, tonic::Code::Unknown, started);
+                    return Err(error);
+                }
+            };
+            let pending = match response.headers().get("grpc-status") {
+                Some(status) => {
+                    metrics.finish(&labels, code_of_header(status), started);
+                    None
+                }
+                None => Some(Pending {
+                    metrics,
+                    labels,
+                    started,
+                }),
+            };
+            Ok(response.map(|inner| MeteredBody { inner, pending }))
+        })
+    }
+}
+
+/// An RPC whose status is not known yet (it comes in the trailers).
+struct Pending {
+    metrics: GrpcMetrics,
+    labels: MethodLabels,
+    started: Instant,
+}
+
+impl Pending {
+    fn finish(self, code: tonic::Code) {
+        self.metrics.finish(&self.labels, code, self.started);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that records its RPC when the trailers pass (or when dropped).
+    pub struct MeteredBody<B> {
+        #[pin]
+        inner: B,
+        pending: Option<Pending>,
+    }
+
+    impl<B> PinnedDrop for MeteredBody<B> {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(pending) = this.project().pending.take() {
+                pending.finish(tonic::Code::Cancelled);
+            }
+        }
+    }
+}
+
+impl<B: Body<Data = Bytes>> Body for MeteredBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(status) = frame.trailers_ref().and_then(|t| t.get("grpc-status")) {
+                    if let Some(pending) = this.pending.take() {
+                        pending.finish(code_of_header(status));
+                    }
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(pending) = this.pending.take() {
+                    pending.finish(tonic::Code::Unknown);
+                }
+            }
+            Poll::Ready(None) | Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+// ---- load shedding -------------------------------------------------------------------
+
+/// Bounds the requests one connection may have in flight; beyond, `RESOURCE_EXHAUSTED`
+/// at once (never a queue), counted in `shop_shed_requests_total`. This replaces tonic's
+/// `concurrency_limit_per_connection` + `load_shed`, which shed outside every layer, where
+/// neither the count nor the gRPC metrics could see it. A request's slot is held until
+/// its response headers are ready (for a watch: until it is set up, not for its life),
+/// as tonic's limit did.
+#[derive(Clone)]
+pub struct ShedLayer {
+    state: Arc<ShedState>,
+}
+
+struct ShedState {
+    per_connection_max: usize,
+    in_flight: Mutex<HashMap<SocketAddr, usize>>,
+    shed: Counter,
+}
+
+impl ShedLayer {
+    /// A limit of `per_connection_max` (at least 1) requests per connection; registers
+    /// `shop_shed_requests_total` and returns the counter, which other refusals for
+    /// overload (a full queue, too many watchers) also increment.
+    pub fn register(registry: &mut Registry, per_connection_max: usize) -> (Self, Counter) {
+        let shed = Counter::default();
+        registry.register(
+            "shop_shed_requests",
+            "Requests refused with RESOURCE_EXHAUSTED because the server was at a limit (per-connection requests, queue, watchers).",
+            shed.clone(),
+        );
+        let layer = ShedLayer {
+            state: Arc::new(ShedState {
+                per_connection_max: per_connection_max.max(1),
+                in_flight: Mutex::new(HashMap::new()),
+                shed: shed.clone(),
+            }),
+        };
+        (layer, shed)
+    }
+}
+
+impl ShedState {
+    /// Takes a slot for the connection at `peer`, or `None` when it has none left.
+    fn acquire(self: &Arc<Self>, peer: SocketAddr) -> Option<Slot> {
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        let count = in_flight.entry(peer).or_insert(0);
+        if *count >= self.per_connection_max {
+            return None;
+        }
+        *count += 1;
+        Some(Slot {
+            state: self.clone(),
+            peer,
+        })
+    }
+}
+
+/// One request's place in its connection's limit, given back on drop.
+struct Slot {
+    state: Arc<ShedState>,
+    peer: SocketAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut in_flight = self
+            .state
+            .in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = in_flight.get_mut(&self.peer) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                in_flight.remove(&self.peer);
+            }
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for ShedLayer {
+    type Service = ShedService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ShedService {
+            inner,
+            state: self.state.clone(),
+        }
+    }
+}
+
+/// The service made by [`ShedLayer`].
+#[derive(Clone)]
+pub struct ShedService<S> {
+    inner: S,
+    state: Arc<ShedState>,
+}
+
+impl<S, ReqBody> tower::Service<http::Request<ReqBody>> for ShedService<S>
+where
+    S: tower::Service<http::Request<ReqBody>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let peer = request
+            .extensions()
+            .get::<tonic::transport::server::TcpConnectInfo>()
+            .and_then(|info| info.remote_addr);
+        let slot = match peer.map(|peer| self.state.acquire(peer)) {
+            Some(Some(slot)) => Some(slot),
+            Some(None) => {
+                self.state.shed.inc();
+                let status = tonic::Status::resource_exhausted(format!(
+                    "too many requests in flight on this connection (limit {}); retry later or use more connections",
+                    self.state.per_connection_max
+                ));
+                return Box::pin(std::future::ready(Ok(status.into_http())));
+            }
+            // Not a TCP connection (in-process tests): nothing to key a limit on.
+            None => None,
+        };
+        let future = self.inner.call(request);
+        Box::pin(async move {
+            let response = future.await;
+            drop(slot);
+            response
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_contract_method_is_known_with_its_type() {
+        let methods = known_methods();
+        let place = &methods["/shop.v1.CommandService/PlaceOrder"];
+        assert_eq!(place.grpc_type, "unary");
+        assert_eq!(place.grpc_service, "shop.v1.CommandService");
+        assert_eq!(
+            methods["/shop.v1.QueryService/WatchOrder"].grpc_type,
+            "server_stream"
+        );
+        assert_eq!(methods["/grpc.health.v1.Health/Check"].grpc_type, "unary");
+        assert_eq!(
+            methods["/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"].grpc_type,
+            "bidi_stream"
+        );
+    }
+
+    #[test]
+    fn scrape_time_gauges_and_zero_series_are_encoded() {
+        let mut registry = Registry::default();
+        let value = Arc::new(std::sync::atomic::AtomicU64::new(7));
+        let read = value.clone();
+        register_gauge_fn(&mut registry, "shop_log_position", "help", move || {
+            gauge_value(read.load(std::sync::atomic::Ordering::Relaxed))
+        });
+        let grpc = GrpcMetrics::register(&mut registry, &["shop.v1.CommandService"]);
+        grpc.finish(
+            &known_methods()["/shop.v1.CommandService/PlaceOrder"],
+            tonic::Code::InvalidArgument,
+            Instant::now(),
+        );
+        let text = encode(&registry);
+        assert!(text.contains("shop_log_position 7\n"), "{text}");
+        value.store(9, std::sync::atomic::Ordering::Relaxed);
+        assert!(encode(&registry).contains("shop_log_position 9\n"));
+        assert!(text.contains(
+            "grpc_server_handled_total{grpc_type=\"unary\",grpc_service=\"shop.v1.CommandService\",grpc_method=\"PlaceOrder\",grpc_code=\"InvalidArgument\"} 1"
+        ), "{text}");
+        assert!(text.contains(
+            "grpc_server_started_total{grpc_type=\"unary\",grpc_service=\"shop.v1.CommandService\",grpc_method=\"RenameCustomer\"} 0"
+        ));
+        assert!(
+            !text.contains("QueryService"),
+            "only the served services get zero series"
+        );
+        assert!(text.contains("# TYPE grpc_server_handling_seconds histogram"));
+    }
+
+    #[test]
+    fn slots_are_bounded_per_connection_and_given_back() {
+        let mut registry = Registry::default();
+        let (layer, shed) = ShedLayer::register(&mut registry, 2);
+        let a: SocketAddr = "127.0.0.1:1000".parse().expect("addr");
+        let b: SocketAddr = "127.0.0.1:1001".parse().expect("addr");
+        let first = layer.state.acquire(a).expect("slot");
+        let _second = layer.state.acquire(a).expect("slot");
+        assert!(layer.state.acquire(a).is_none(), "third on one connection");
+        assert!(
+            layer.state.acquire(b).is_some(),
+            "another connection has its own"
+        );
+        drop(first);
+        assert!(
+            layer.state.acquire(a).is_some(),
+            "a slot is given back on drop"
+        );
+        assert_eq!(shed.get(), 0, "acquire alone counts nothing");
+    }
+}
