@@ -9,7 +9,7 @@ use std::sync::Arc;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use shop_shared::metrics::{gauge_value, register_gauge_fn, Registry};
+use shop_shared::metrics::{gauge_value, methods_of, register_gauge_fn, Registry};
 
 use crate::relay::RelayStatus;
 use crate::writer::WriterWatch;
@@ -90,6 +90,13 @@ pub fn register(
         commands: Family::default(),
         shed,
     };
+    // A zero series per command, so that rates and dashboards start before the first.
+    for command in methods_of(crate::SERVICE_NAME) {
+        drop(metrics.commands.get_or_create(&CommandLabels {
+            command,
+            outcome: "OK",
+        }));
+    }
     registry.register(
         "shop_commands",
         "Commands answered, by command and outcome (OK, Replayed, or the refusal's gRPC code).",

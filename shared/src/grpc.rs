@@ -260,6 +260,92 @@ fn rewrite_request_errors(headers: &mut http::HeaderMap) {
     }
 }
 
+/// Told the gRPC status of an RPC once it is known.
+pub trait OnStatus {
+    fn finish(self, code: Code);
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that tells its [`OnStatus`] the RPC's status: from the response
+    /// headers of a trailers-only response (refusals before or by a unary handler), else
+    /// from the trailers at the end of the body; a body dropped before its trailers (the
+    /// client went away) is `CANCELLED`.
+    pub struct StatusBody<B, S: OnStatus> {
+        #[pin]
+        inner: B,
+        pending: Option<S>,
+    }
+
+    impl<B, S: OnStatus> PinnedDrop for StatusBody<B, S> {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(pending) = this.project().pending.take() {
+                pending.finish(Code::Cancelled);
+            }
+        }
+    }
+}
+
+impl<B, S: OnStatus> StatusBody<B, S> {
+    /// Wraps `response`'s body; `sink` is told at once when the headers hold the status.
+    pub fn watch(response: http::Response<B>, sink: S) -> http::Response<Self> {
+        let pending = match response.headers().get("grpc-status") {
+            Some(status) => {
+                sink.finish(code_of_header(status));
+                None
+            }
+            None => Some(sink),
+        };
+        response.map(|inner| StatusBody { inner, pending })
+    }
+}
+
+fn code_of_header(value: &http::HeaderValue) -> Code {
+    value
+        .to_str()
+        .ok()
+        .and_then(|s| s.parse::<i32>().ok())
+        .map_or(Code::Unknown, Code::from_i32)
+}
+
+impl<B, S> http_body::Body for StatusBody<B, S>
+where
+    B: http_body::Body,
+    S: OnStatus,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        let code = match &polled {
+            Poll::Ready(Some(Ok(frame))) => frame
+                .trailers_ref()
+                .and_then(|t| t.get("grpc-status"))
+                .map(code_of_header),
+            Poll::Ready(Some(Err(_))) => Some(Code::Unknown),
+            Poll::Ready(None) | Poll::Pending => None,
+        };
+        if let Some(code) = code {
+            if let Some(pending) = this.pending.take() {
+                pending.finish(code);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,7 +22,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
-use http_body::{Body, Frame, SizeHint};
+use http_body::Body;
 pub use prometheus_client;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -33,6 +33,8 @@ use prometheus_client::metrics::histogram::Histogram;
 pub use prometheus_client::registry::Registry;
 use prost::Message;
 use tokio::net::TcpListener;
+
+use crate::grpc::{OnStatus, StatusBody};
 
 /// Upper bounds (seconds) of the latency histograms: 100 µs to 10 s. Our commands take a
 /// few ms and reads well under one, so the middleware's default (5 ms and up) would put
@@ -243,6 +245,17 @@ fn known_methods() -> &'static HashMap<String, MethodLabels> {
     })
 }
 
+/// The methods of `service` (e.g. `shop.v1.CommandService`), by name.
+pub fn methods_of(service: &str) -> Vec<&'static str> {
+    let mut methods: Vec<&'static str> = known_methods()
+        .values()
+        .filter(|m| m.grpc_service == service)
+        .map(|m| m.grpc_method)
+        .collect();
+    methods.sort_unstable();
+    methods
+}
+
 /// The gRPC code names as the middleware spells them (Go's `codes.Code.String()`).
 pub fn code_name(code: tonic::Code) -> &'static str {
     use tonic::Code::*;
@@ -265,14 +278,6 @@ pub fn code_name(code: tonic::Code) -> &'static str {
         DataLoss => "DataLoss",
         Unauthenticated => "Unauthenticated",
     }
-}
-
-fn code_of_header(value: &http::HeaderValue) -> tonic::Code {
-    value
-        .to_str()
-        .ok()
-        .and_then(|s| s.parse::<i32>().ok())
-        .map_or(tonic::Code::Unknown, tonic::Code::from_i32)
 }
 
 /// The gRPC server metrics of one process.
@@ -349,9 +354,7 @@ impl MethodLabels {
     }
 }
 
-/// Records each RPC in [`GrpcMetrics`]. The status is read from the response headers
-/// (a trailers-only response: refusals before or by the handler) or from the trailers at
-/// the end of the body; a body dropped before its trailers counts as `Canceled`.
+/// Records each RPC in [`GrpcMetrics`] once its status is known ([`StatusBody`]).
 #[derive(Clone)]
 pub struct GrpcMetricsLayer {
     metrics: GrpcMetrics,
@@ -381,7 +384,7 @@ where
     S::Future: Send + 'static,
     ResBody: Body<Data = Bytes> + Send + 'static,
 {
-    type Response = http::Response<MeteredBody<ResBody>>;
+    type Response = http::Response<StatusBody<ResBody, Pending>>;
     type Error = S::Error;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
@@ -406,86 +409,26 @@ where
                     return Err(error);
                 }
             };
-            let pending = match response.headers().get("grpc-status") {
-                Some(status) => {
-                    metrics.finish(&labels, code_of_header(status), started);
-                    None
-                }
-                None => Some(Pending {
-                    metrics,
-                    labels,
-                    started,
-                }),
+            let pending = Pending {
+                metrics,
+                labels,
+                started,
             };
-            Ok(response.map(|inner| MeteredBody { inner, pending }))
+            Ok(StatusBody::watch(response, pending))
         })
     }
 }
 
 /// An RPC whose status is not known yet (it comes in the trailers).
-struct Pending {
+pub struct Pending {
     metrics: GrpcMetrics,
     labels: MethodLabels,
     started: Instant,
 }
 
-impl Pending {
+impl OnStatus for Pending {
     fn finish(self, code: tonic::Code) {
         self.metrics.finish(&self.labels, code, self.started);
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// A response body that records its RPC when the trailers pass (or when dropped).
-    pub struct MeteredBody<B> {
-        #[pin]
-        inner: B,
-        pending: Option<Pending>,
-    }
-
-    impl<B> PinnedDrop for MeteredBody<B> {
-        fn drop(this: Pin<&mut Self>) {
-            if let Some(pending) = this.project().pending.take() {
-                pending.finish(tonic::Code::Cancelled);
-            }
-        }
-    }
-}
-
-impl<B: Body<Data = Bytes>> Body for MeteredBody<B> {
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        let polled = this.inner.poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(status) = frame.trailers_ref().and_then(|t| t.get("grpc-status")) {
-                    if let Some(pending) = this.pending.take() {
-                        pending.finish(code_of_header(status));
-                    }
-                }
-            }
-            Poll::Ready(Some(Err(_))) => {
-                if let Some(pending) = this.pending.take() {
-                    pending.finish(tonic::Code::Unknown);
-                }
-            }
-            Poll::Ready(None) | Poll::Pending => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 

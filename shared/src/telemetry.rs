@@ -26,6 +26,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::{LogArgs, LogFormat, TelemetryArgs};
+use crate::grpc::{OnStatus, StatusBody};
 
 /// Set once spans are exported: only then is a trace context worth carrying in events.
 static EXPORTING: AtomicBool = AtomicBool::new(false);
@@ -276,7 +277,7 @@ where
     S::Future: Send + 'static,
     S::Error: Send + 'static,
 {
-    type Response = http::Response<ResBody>;
+    type Response = http::Response<StatusBody<ResBody, SpanStatus>>;
     type Error = S::Error;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
@@ -321,21 +322,24 @@ where
         span.record("span_id", own.span_id.as_str());
         request.extensions_mut().insert(RequestTrace { propagate });
         let future = self.inner.call(request);
-        let recorder = span.clone();
+        // The span lasts until the status is known: the end of the response body.
+        let status = SpanStatus(span.clone());
         Box::pin(
             async move {
                 let response = future.await?;
-                // Unary replies and refusals carry their status in the headers; a stream's
-                // comes at its end, after this span closes.
-                if let Some(code) = response.headers().get("grpc-status") {
-                    if let Ok(code) = code.to_str() {
-                        recorder.record("rpc.response.status_code", code);
-                    }
-                }
-                Ok(response)
+                Ok(StatusBody::watch(response, status))
             }
             .instrument(span),
         )
+    }
+}
+
+/// Records the RPC's status code on its server span, which closes with it.
+pub struct SpanStatus(tracing::Span);
+
+impl OnStatus for SpanStatus {
+    fn finish(self, code: tonic::Code) {
+        self.0.record("rpc.response.status_code", code as i32);
     }
 }
 

@@ -8,6 +8,7 @@
 //!   restartable on the same port and data dir.
 //! - [`Stack`]: NATS plus both servers, the usual fixture.
 //! - [`eventually`]: poll an async condition until a deadline (never sleep and hope).
+//! - [`observability`]: metrics scrapes and parsing, a real OTLP span receiver.
 //!
 //! Binaries are found next to the test executable (`target/<profile>/`), or in
 //! `SHOP_BIN_DIR`; `nats-server` via `NATS_SERVER_BIN`, `.tools/bin`, or PATH. A missing
@@ -28,6 +29,8 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 pub use shop_shared::pb;
+
+pub mod observability;
 
 /// How long a server may take to become SERVING.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -388,6 +391,9 @@ impl Server {
             .args(&self.extra_args)
             .env("SHOP_LOG", "info")
             .env_remove("RUST_LOG")
+            // Spans (when a test turns on --otlp-endpoint) are exported within 100 ms
+            // rather than the SDK's default 5 s.
+            .env("OTEL_BSP_SCHEDULE_DELAY", "100")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -5,6 +5,7 @@ mod bus;
 mod commands;
 mod crash;
 mod model;
+mod observability;
 pub mod queries;
 mod query_crash;
 mod skeleton;
