@@ -10,6 +10,9 @@ cd "$root"
 NATS_SERVER_BIN="$(scripts/ensure-nats.sh)"
 export NATS_SERVER_BIN
 echo "using $("$NATS_SERVER_BIN" --version) at $NATS_SERVER_BIN" >&2
+# promtool checks the alert rules and both servers' /metrics output.
+PROMTOOL_BIN="$(scripts/ensure-promtool.sh)"
+export PROMTOOL_BIN
 
 # One build of everything (the e2e tests run the server binaries from target/debug).
 cargo build --workspace --bins --tests --locked

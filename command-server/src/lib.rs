@@ -223,6 +223,7 @@ pub async fn run(
         &[SERVICE_NAME, LOG_SERVICE_NAME, HEALTH_SERVICE_NAME],
     );
     let (shed_layer, shed) = ShedLayer::register(&mut registry, config.requests_per_connection_max);
+    health.register_metrics(&mut registry);
     let command_metrics = metrics::register(&mut registry, &writer_watch, &relay_status, shed);
     if let Some(addr) = config.telemetry.metrics_listen {
         let mut stopped = stop_rx.clone();

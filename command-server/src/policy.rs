@@ -195,11 +195,13 @@ impl Policy {
             otel.name = "customer-deleted policy: CancelOrder",
             otel.kind = "internal",
             order_id,
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
         );
-        let traceparent = (!cause.traceparent.is_empty()).then(|| {
-            telemetry::set_remote_parent(&span, &cause.traceparent);
-            telemetry::traceparent_of(&span).unwrap_or_else(|| cause.traceparent.clone())
-        });
+        let traceparent = telemetry::continue_trace(
+            &span,
+            Some(cause.traceparent.as_str()).filter(|t| !t.is_empty()),
+        );
         self.cancel_traced(cause, order_id, traceparent)
             .instrument(span)
             .await

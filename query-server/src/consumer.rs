@@ -184,8 +184,10 @@ fn apply_span(message: &async_nats::jetstream::Message, sequence: u64) -> Option
         otel.kind = "consumer",
         messaging.system = "nats",
         position = sequence,
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
     );
-    telemetry::set_remote_parent(&span, traceparent);
+    telemetry::continue_trace(&span, Some(traceparent));
     Some(span)
 }
 

@@ -192,6 +192,7 @@ pub async fn run(
     let grpc_metrics =
         GrpcMetrics::register(&mut registry, &[SERVICE_NAME, "grpc.health.v1.Health"]);
     let (shed_layer, shed) = ShedLayer::register(&mut registry, config.requests_per_connection_max);
+    health.register_metrics(&mut registry);
     metrics::register(&mut registry, &status, &watchers);
     if let Some(addr) = config.telemetry.metrics_listen {
         let mut stopped = stop_rx.clone();

@@ -7,6 +7,10 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
 use tonic_health::server::HealthReporter;
@@ -17,9 +21,17 @@ use tonic_types::{ErrorDetails, StatusExt};
 pub const ERROR_DOMAIN: &str = "shop.v1";
 
 /// Health of a server: the overall status (service name `""`) and one per service.
+/// Each named service's status is also the gauge `shop_serving{service}` (1 SERVING, 0
+/// NOT_SERVING), set at the same moment, so an alert sees what a health check sees.
 #[derive(Clone)]
 pub struct Health {
     reporter: HealthReporter,
+    serving: Family<ServiceLabel, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabel {
+    service: String,
 }
 
 impl Health {
@@ -35,11 +47,31 @@ impl Health {
         reporter
             .set_service_status("", ServingStatus::NotServing)
             .await;
-        (Health { reporter }, service)
+        let health = Health {
+            reporter,
+            serving: Family::default(),
+        };
+        (health, service)
+    }
+
+    /// Registers `shop_serving` in `registry`.
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        registry.register(
+            "shop_serving",
+            "1 while the gRPC service reports SERVING on grpc.health.v1.Health, else 0.",
+            self.serving.clone(),
+        );
     }
 
     /// Sets the status of `service` (`""` is the server as a whole).
     pub async fn set(&self, service: &str, serving: bool) {
+        if !service.is_empty() {
+            self.serving
+                .get_or_create(&ServiceLabel {
+                    service: service.to_string(),
+                })
+                .set(i64::from(serving));
+        }
         let status = if serving {
             ServingStatus::Serving
         } else {

@@ -15,7 +15,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
-use opentelemetry::propagation::{Extractor, TextMapPropagator};
+use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
@@ -209,37 +209,34 @@ impl TraceParent {
     }
 }
 
-/// Reads `traceparent` (and `tracestate`) from HTTP headers or NATS headers.
-struct HeaderExtractor<'a>(&'a http::HeaderMap);
-
-impl Extractor for HeaderExtractor<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
-    }
-
-    fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(http::HeaderName::as_str).collect()
-    }
-}
-
-/// Makes `span` a child of the remote span in `traceparent` (when exporting; without an
-/// exporter a span has no trace context to set).
-pub fn set_remote_parent(span: &tracing::Span, traceparent: &str) {
-    if !exporting() {
-        return;
-    }
-    let mut carrier = std::collections::HashMap::with_capacity(1);
-    carrier.insert("traceparent".to_string(), traceparent.to_string());
-    let cx = TraceContextPropagator::new().extract(&carrier);
-    let _ = span.set_parent(cx);
-}
-
-/// The trace context of `span` once exported, as a `traceparent` for what it causes.
-pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
-    if !exporting() {
-        return None;
-    }
-    TraceParent::of_context(&span.context()).map(|t| t.header())
+/// Makes `span` continue the trace of `parent` (a `traceparent` value; `None` or an
+/// invalid one starts a new trace), records its `trace_id` and `span_id` fields (log
+/// lines inside it carry them), and returns the `traceparent` to hand on to what the span
+/// causes: the span's own context when spans are exported; else the parent's as given
+/// (our span id would lead nowhere); `None` when there is neither.
+pub fn continue_trace(span: &tracing::Span, parent: Option<&str>) -> Option<String> {
+    let parent = parent.and_then(TraceParent::parse);
+    let (own, propagate) = if exporting() {
+        if let Some(parent) = &parent {
+            let mut carrier = std::collections::HashMap::with_capacity(1);
+            carrier.insert("traceparent".to_string(), parent.header());
+            let _ = span.set_parent(TraceContextPropagator::new().extract(&carrier));
+        }
+        let own = TraceParent::of_context(&span.context());
+        let propagate = own.as_ref().map(TraceParent::header);
+        (own, propagate)
+    } else {
+        let propagate = parent.as_ref().map(TraceParent::header);
+        let own = parent.map(|t| TraceParent {
+            span_id: TraceParent::fresh().span_id,
+            ..t
+        });
+        (own, propagate)
+    };
+    let own = own.unwrap_or_else(TraceParent::fresh);
+    span.record("trace_id", own.trace_id.as_str());
+    span.record("span_id", own.span_id.as_str());
+    propagate
 }
 
 /// What a handler needs of its request's trace (in the request's extensions).
@@ -297,29 +294,11 @@ where
             trace_id = tracing::field::Empty,
             span_id = tracing::field::Empty,
         );
-        let incoming = request
+        let parent = request
             .headers()
             .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-            .and_then(TraceParent::parse);
-        let (own, propagate) = if exporting() {
-            let cx = TraceContextPropagator::new().extract(&HeaderExtractor(request.headers()));
-            let _ = span.set_parent(cx);
-            let own = TraceParent::of_context(&span.context());
-            let propagate = own.as_ref().map(TraceParent::header);
-            (own, propagate)
-        } else {
-            // Not exported: our span id leads nowhere, so hand on the caller's context.
-            let propagate = incoming.as_ref().map(TraceParent::header);
-            let own = incoming.map(|t| TraceParent {
-                span_id: TraceParent::fresh().span_id,
-                ..t
-            });
-            (own, propagate)
-        };
-        let own = own.unwrap_or_else(TraceParent::fresh);
-        span.record("trace_id", own.trace_id.as_str());
-        span.record("span_id", own.span_id.as_str());
+            .and_then(|v| v.to_str().ok());
+        let propagate = continue_trace(&span, parent);
         request.extensions_mut().insert(RequestTrace { propagate });
         let future = self.inner.call(request);
         // The span lasts until the status is known: the end of the response body.

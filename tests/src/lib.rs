@@ -36,7 +36,7 @@ pub mod observability;
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The workspace root (for `.tools`).
-fn workspace_root() -> PathBuf {
+pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map(Path::to_path_buf)

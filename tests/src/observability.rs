@@ -18,6 +18,74 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{eventually, Server};
 
+/// Path of promtool (Prometheus' rule and exposition checker), or a panic saying how to
+/// get one: `PROMTOOL_BIN`, `.tools/bin/promtool`, or PATH.
+pub fn promtool_bin() -> std::path::PathBuf {
+    if let Some(path) = std::env::var_os("PROMTOOL_BIN") {
+        return path.into();
+    }
+    let local = crate::workspace_root().join(".tools/bin/promtool");
+    if local.exists() {
+        return local;
+    }
+    if let Ok(output) = std::process::Command::new("promtool")
+        .arg("--version")
+        .output()
+    {
+        if output.status.success() {
+            return "promtool".into();
+        }
+    }
+    panic!("promtool not found: run scripts/ensure-promtool.sh (or scripts/test.sh), or set PROMTOOL_BIN")
+}
+
+/// Runs promtool with `args` and `stdin`; panics with its output unless it succeeds.
+pub fn promtool(args: &[&str], stdin: &str) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new(promtool_bin())
+        .args(args)
+        .current_dir(crate::workspace_root())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    if let Some(mut input) = child.stdin.take() {
+        input.write_all(stdin.as_bytes()).expect("promtool stdin");
+    }
+    let output = child.wait_with_output().expect("promtool output");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "promtool {args:?} failed:\n{text}");
+    text
+}
+
+/// The metric names a PromQL expression uses (ours: `shop_*` and `grpc_server_*`).
+pub fn metrics_in_promql(expr: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut quoted = false;
+    let mut word = String::new();
+    for c in expr.chars().chain(std::iter::once(' ')) {
+        if quoted {
+            quoted = c != '"';
+            continue;
+        }
+        if c.is_ascii_alphanumeric() || c == '_' || c == ':' {
+            word.push(c);
+            continue;
+        }
+        if word.starts_with("shop_") || word.starts_with("grpc_server_") {
+            names.insert(std::mem::take(&mut word));
+        }
+        word.clear();
+        quoted = c == '"';
+    }
+    names
+}
+
 /// Where a server started with `--metrics-listen 127.0.0.1:0` serves metrics, read from
 /// its latest log line saying so.
 pub async fn metrics_addr(server: &Server) -> SocketAddr {
@@ -365,6 +433,17 @@ mod tests {
         assert_eq!(scrape.types["a_total"], "counter");
         assert!(Scrape::parse("bad{x=1} 2").is_err());
         assert!(Scrape::parse("x{a=\"1\"}").is_err());
+    }
+
+    #[test]
+    fn finds_metric_names_in_promql() {
+        let names = metrics_in_promql(
+            r#"histogram_quantile(0.99, sum by (le, grpc_service) (rate(grpc_server_handling_seconds_bucket{grpc_type="unary", x="shop_not_a_metric"}[5m]))) / shop_log_position"#,
+        );
+        assert_eq!(
+            names.into_iter().collect::<Vec<_>>(),
+            ["grpc_server_handling_seconds_bucket", "shop_log_position"]
+        );
     }
 
     #[test]

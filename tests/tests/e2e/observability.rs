@@ -552,3 +552,105 @@ async fn one_trace_from_the_command_across_nats_to_the_view_and_the_policy() {
     assert!(!traces.contains(quiet), "an unsampled trace was exported");
     drop(query);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_log_lines_carry_the_trace_of_their_request_without_an_exporter() {
+    let nats = Nats::start();
+    let command = Server::start(Kind::Command, &nats, &["--log-format", "json"]).await;
+    let mut c = command.commands().await;
+    c.register_customer(req::register("j1", "j1@example.com"))
+        .await
+        .expect("register");
+    c.create_product(req::product("jp", 100, 10))
+        .await
+        .expect("product");
+    c.place_order(req::order("jo1", "j1", &[("jp", 1)]))
+        .await
+        .expect("order");
+    let trace = "8bf92f3577b34da6a3ce929d0e0e4730";
+    c.delete_customer(with_traceparent(
+        pb::DeleteCustomerRequest {
+            customer_id: "j1".into(),
+            ..Default::default()
+        },
+        &format!("00-{trace}-00f067aa0ba902b7-01"),
+    ))
+    .await
+    .expect("delete");
+    // The policy's cancel logs inside its span, which continues the delete's trace.
+    let line = eventually(WAIT, "the policy's log line", || {
+        let line = command
+            .log()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|l| l["message"] == "order of deleted customer cancelled");
+        async move { line }
+    })
+    .await;
+    assert_eq!(line["span"]["trace_id"], trace, "{line}");
+    assert_eq!(
+        line["span"]["span_id"].as_str().map(str::len),
+        Some(16),
+        "{line}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_and_alert_rules_parse_and_use_only_served_metrics() {
+    use shop_tests::observability::{metrics_in_promql, promtool};
+    let root = shop_tests::workspace_root().join("monitoring");
+    // The rules load, and their unit tests (alerts fire when they should) pass.
+    promtool(&["check", "rules", "monitoring/alerts.yml"], "");
+    promtool(&["test", "rules", "monitoring/alerts_test.yml"], "");
+    promtool(&["check", "config", "monitoring/prometheus.yml"], "");
+
+    let nats = Nats::start();
+    let command = Server::start(Kind::Command, &nats, &METRICS).await;
+    let query = Server::start(Kind::Query, &nats, &METRICS).await;
+    let mut served = BTreeSet::new();
+    for server in [&command, &query] {
+        let addr = metrics_addr(server).await;
+        let (_, _, body) = http_get(addr, "/metrics").await;
+        // Prometheus' own linter has nothing to say about the exposition.
+        let lint = promtool(&["check", "metrics"], &body);
+        assert!(lint.trim().is_empty(), "{lint}");
+        served.extend(Scrape::parse(&body).expect("parse").names());
+    }
+
+    let mut used = BTreeSet::new();
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("grafana-dashboard.json")).expect("dashboard"),
+    )
+    .expect("the dashboard is JSON");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    for panel in panels {
+        let targets = panel["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "{}", panel["title"]);
+        for target in targets {
+            used.extend(metrics_in_promql(target["expr"].as_str().expect("expr")));
+        }
+    }
+    let rules = std::fs::read_to_string(root.join("alerts.yml")).expect("rules");
+    for line in rules.lines() {
+        if let Some(expr) = line.trim().strip_prefix("expr:") {
+            used.extend(metrics_in_promql(expr));
+        }
+    }
+    let missing: Vec<&String> = used.difference(&served).collect();
+    assert!(missing.is_empty(), "used but not served: {missing:?}");
+    // What the dashboard must show (the list), each by its metric.
+    for needed in [
+        "shop_commands_total",
+        "grpc_server_handling_seconds_bucket",
+        "shop_group_commit_sync_seconds_bucket",
+        "shop_group_commit_commands_sum",
+        "shop_relay_lag_events",
+        "shop_query_lag_events",
+        "shop_query_applied_position",
+        "shop_query_watchers",
+        "shop_shed_requests_total",
+        "shop_serving",
+    ] {
+        assert!(used.contains(needed), "nothing shows {needed}");
+    }
+}
