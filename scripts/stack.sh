@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Starts the whole stack on this machine: nats-server with JetStream (store in
 # ./data/nats), the command server (127.0.0.1:50051) and the query server
-# (127.0.0.1:50052), built in release mode. Prints grpcurl calls to try, then runs until
-# Ctrl-C, which stops everything gracefully. Logs go to ./data/logs/.
+# (127.0.0.1:50052), built in release mode, with Prometheus metrics on 127.0.0.1:9464
+# and :9465. Prints grpcurl calls to try and where to scrape, then runs until Ctrl-C,
+# which stops everything gracefully. Logs go to ./data/logs/.
 #
-# Environment: NATS_PORT (4222), SHOP_COMMAND_LISTEN, SHOP_QUERY_LISTEN, and every SHOP_*
-# variable the servers read (see `command-server --help`).
+# Environment: NATS_PORT (4222), SHOP_COMMAND_LISTEN, SHOP_QUERY_LISTEN,
+# SHOP_COMMAND_METRICS (127.0.0.1:9464), SHOP_QUERY_METRICS (127.0.0.1:9465), and every
+# SHOP_* variable the servers read (see `command-server --help`; e.g. SHOP_OTLP_ENDPOINT
+# to export traces).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -13,6 +16,8 @@ cd "$root"
 nats_port="${NATS_PORT:-4222}"
 command_addr="${SHOP_COMMAND_LISTEN:-127.0.0.1:50051}"
 query_addr="${SHOP_QUERY_LISTEN:-127.0.0.1:50052}"
+command_metrics="${SHOP_COMMAND_METRICS:-127.0.0.1:9464}"
+query_metrics="${SHOP_QUERY_METRICS:-127.0.0.1:9465}"
 nats_bin="$(scripts/ensure-nats.sh)"
 grpcurl_bin="$(scripts/ensure-grpcurl.sh || echo grpcurl)"
 mkdir -p data/nats data/logs
@@ -41,9 +46,11 @@ else
 fi
 export SHOP_NATS_URL="nats://127.0.0.1:$nats_port"
 
-target/release/command-server --listen "$command_addr" --data-dir data/command >data/logs/command-server.log 2>&1 &
+target/release/command-server --listen "$command_addr" --data-dir data/command \
+  --metrics-listen "$command_metrics" >data/logs/command-server.log 2>&1 &
 pids+=($!)
-target/release/query-server --listen "$query_addr" --data-dir data/query >data/logs/query-server.log 2>&1 &
+target/release/query-server --listen "$query_addr" --data-dir data/query \
+  --metrics-listen "$query_metrics" >data/logs/query-server.log 2>&1 &
 pids+=($!)
 
 for addr in "$command_addr" "$query_addr"; do
@@ -75,6 +82,13 @@ Try (grpcurl is at $grpcurl_bin):
   \$G -plaintext -d '{"stream_id":"order-o1"}' $query_addr shop.v1.QueryService/GetHistory
   \$G -plaintext $query_addr shop.v1.QueryService/GetStatus
   \$G -plaintext $command_addr shop.v1.LogService/GetLogStatus
+  # every query answer says how fresh it is (shop-applied-position, shop-lag-events):
+  \$G -plaintext -v -d '{"customer_id":"ada"}' $query_addr shop.v1.QueryService/GetCustomer
+
+Prometheus metrics (text format):
+  curl -s http://$command_metrics/metrics     # command server
+  curl -s http://$query_metrics/metrics     # query server
+  A Prometheus config for these targets, alert rules and a Grafana dashboard are in monitoring/.
 
 Ctrl-C stops everything.
 EOT
