@@ -8,7 +8,8 @@
 //! - queries: GetOrder and ListOrders at each concurrency next to an echo GetOrder;
 //! - pipeline: relay publishing a backlog vs raw JetStream publish; the query server
 //!   applying a backlog and `query-server rebuild` vs a raw ordered-consumer read;
-//! - growth: command rate, RSS and start-up time with 0, 1M (and, by flag, 10M) events.
+//! - growth: command rate, RSS and start-up time with 0, 1M (and, by flag, 10M) events;
+//! - observability: the command workload with metrics and traces off and on, alternating.
 //!
 //! Output (in `--out`, default `bench-results/`): `results.json` (every figure),
 //! `report.md` (tables, ratios next to ceilings, targets), `throughput.svg`,
@@ -21,6 +22,7 @@
 #![allow(clippy::print_stdout)]
 
 mod ceilings;
+mod observability;
 mod report;
 mod stats;
 mod system;
@@ -73,13 +75,23 @@ struct Args {
     #[arg(long, default_value_t = 64)]
     reference_clients: usize,
 
-    /// Stages to run: commands, half, watchers, queries, pipeline, rebuild, growth.
+    /// Stages to run: commands, half, watchers, queries, pipeline, rebuild, growth,
+    /// observability.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "commands,half,watchers,queries,pipeline,rebuild,growth"
+        default_value = "commands,half,watchers,queries,pipeline,rebuild,growth,observability"
     )]
     stages: Vec<String>,
+
+    /// Rounds of the observability stage (each runs every configuration once).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+
+    /// Server binaries of another build (e.g. an older commit's `target/release`): the
+    /// observability stage then runs them too, as `baseline`, for a before/after.
+    #[arg(long)]
+    baseline_bin_dir: Option<PathBuf>,
 
     /// Record a CPU profile (perf, every CPU, call graphs) during the reference-clients
     /// command run: `perf-all.data`, `perf-top.txt` (hottest symbols per process) and,
@@ -165,6 +177,7 @@ fn main() -> anyhow::Result<()> {
         args.seconds = 1;
         args.growth = vec![3_000];
         args.reference_clients = 8;
+        args.rounds = 1;
     }
     let bin_dir = system::prepare_binaries()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -571,6 +584,17 @@ async fn run(args: Args, bin_dir: PathBuf) -> anyhow::Result<()> {
     drop(command);
     drop(query);
     drop(nats);
+
+    // Metrics and traces, each run on a fresh stack.
+    if stage("observability") {
+        let plan = observability::Plan {
+            load: load(args.reference_clients, &args),
+            rounds: args.rounds.max(1),
+            catalog,
+            baseline_bin_dir: args.baseline_bin_dir.clone(),
+        };
+        results.observability = observability::run(&plan).await?;
+    }
 
     // Growth, on a fresh stack.
     if stage("growth") {

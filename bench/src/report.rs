@@ -144,6 +144,7 @@ pub struct Results {
     pub ordered_read: Option<Ceiling>,
     pub rebuild: Option<Drain>,
     pub growth: Vec<GrowthPoint>,
+    pub observability: Vec<crate::observability::ObservabilityPoint>,
     pub targets: Vec<Target>,
 }
 
@@ -393,6 +394,7 @@ impl Results {
             }
             md.push('\n');
         }
+        md.push_str(&crate::observability::markdown(&self.observability));
         md
     }
 

@@ -275,7 +275,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn binary(self) -> &'static str {
+    pub fn binary(self) -> &'static str {
         match self {
             Kind::Command => "command-server",
             Kind::Query => "query-server",
@@ -291,6 +291,8 @@ pub struct Server {
     pub data_dir: PathBuf,
     log_dir: PathBuf,
     extra_args: Vec<String>,
+    /// Where the binary is, when not next to the tests (e.g. an older build to compare).
+    bin_dir: Option<PathBuf>,
     starts: usize,
     child: Option<Child>,
     _dir: Option<tempfile::TempDir>,
@@ -327,6 +329,7 @@ impl Server {
             data_dir,
             log_dir,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            bin_dir: None,
             starts: 0,
             child: None,
             _dir: None,
@@ -369,6 +372,11 @@ impl Server {
         panic!("{} could not start:\n{}", self.kind.binary(), self.log());
     }
 
+    /// Runs the binary found in `dir` from the next start on.
+    pub fn set_bin_dir(&mut self, dir: PathBuf) {
+        self.bin_dir = Some(dir);
+    }
+
     /// Points later (re)starts at another NATS URL.
     pub fn set_nats_url(&mut self, url: &str) {
         self.nats_url = url.to_string();
@@ -381,7 +389,11 @@ impl Server {
             .log_dir
             .join(format!("{}-{}.log", self.kind.binary(), self.starts));
         let log = File::create(&log_path).expect("server log");
-        let child = Command::new(server_bin(self.kind.binary()))
+        let binary = match &self.bin_dir {
+            Some(dir) => dir.join(self.kind.binary()),
+            None => server_bin(self.kind.binary()),
+        };
+        let child = Command::new(binary)
             .arg("--listen")
             .arg(format!("127.0.0.1:{}", self.port))
             .arg("--data-dir")
