@@ -594,6 +594,8 @@ async fn run(args: Args, bin_dir: PathBuf) -> anyhow::Result<()> {
             baseline_bin_dir: args.baseline_bin_dir.clone(),
         };
         results.observability = observability::run(&plan).await?;
+        results.layer_costs =
+            tokio::task::spawn_blocking(|| observability::layer_costs(200_000)).await?;
     }
 
     // Growth, on a fresh stack.

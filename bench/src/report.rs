@@ -145,6 +145,7 @@ pub struct Results {
     pub rebuild: Option<Drain>,
     pub growth: Vec<GrowthPoint>,
     pub observability: Vec<crate::observability::ObservabilityPoint>,
+    pub layer_costs: crate::observability::LayerCost,
     pub targets: Vec<Target>,
 }
 
@@ -394,7 +395,10 @@ impl Results {
             }
             md.push('\n');
         }
-        md.push_str(&crate::observability::markdown(&self.observability));
+        md.push_str(&crate::observability::markdown(
+            &self.observability,
+            &self.layer_costs,
+        ));
         md
     }
 

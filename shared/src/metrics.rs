@@ -286,44 +286,69 @@ pub struct GrpcMetrics {
     started: Family<MethodLabels, Counter>,
     handled: Family<HandledLabels, Counter>,
     handling: Family<MethodLabels, Histogram, fn() -> Histogram>,
+    /// The served methods' series, by path, resolved once: recording an RPC is then one
+    /// hash of its path and atomic adds, no label lookups.
+    served: Arc<HashMap<&'static str, Arc<MethodSeries>>>,
+}
+
+/// One served method's series.
+struct MethodSeries {
+    labels: MethodLabels,
+    started: Counter,
+    handling: Histogram,
+    /// `grpc_code="OK"`, the common case; other codes go through the family.
+    ok: Counter,
+}
+
+/// What an RPC in flight records into.
+#[derive(Clone)]
+enum Series {
+    Served(Arc<MethodSeries>),
+    Other(MethodLabels),
 }
 
 impl GrpcMetrics {
     /// Registers the metrics, with zero series for every method of `services` (so rates
     /// and dashboards have a series before the first call).
     pub fn register(registry: &mut Registry, services: &[&str]) -> Self {
-        let metrics = GrpcMetrics {
-            started: Family::default(),
-            handled: Family::default(),
-            handling: Family::new_with_constructor(latency_histogram),
-        };
+        let started = Family::<MethodLabels, Counter>::default();
+        let handled = Family::<HandledLabels, Counter>::default();
+        let handling: Family<MethodLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(latency_histogram);
         registry.register(
             "grpc_server_started",
             "RPCs started on the server.",
-            metrics.started.clone(),
+            started.clone(),
         );
         registry.register(
             "grpc_server_handled",
             "RPCs completed on the server, whatever their status code.",
-            metrics.handled.clone(),
+            handled.clone(),
         );
         registry.register(
             "grpc_server_handling_seconds",
             "Time from receiving an RPC to its status (for streams: the whole stream).",
-            metrics.handling.clone(),
+            handling.clone(),
         );
-        for labels in known_methods().values() {
-            if services.contains(&labels.grpc_service) {
-                drop(metrics.started.get_or_create(labels));
-                drop(metrics.handling.get_or_create(labels));
-                drop(
-                    metrics
-                        .handled
-                        .get_or_create(&labels.handled(code_name(tonic::Code::Ok))),
-                );
-            }
+        let served = known_methods()
+            .iter()
+            .filter(|(_, labels)| services.contains(&labels.grpc_service))
+            .map(|(path, labels)| {
+                let series = MethodSeries {
+                    labels: labels.clone(),
+                    started: started.get_or_create_owned(labels),
+                    handling: handling.get_or_create_owned(labels),
+                    ok: handled.get_or_create_owned(&labels.handled(code_name(tonic::Code::Ok))),
+                };
+                (path.as_str(), Arc::new(series))
+            })
+            .collect();
+        GrpcMetrics {
+            started,
+            handled,
+            handling,
+            served: Arc::new(served),
         }
-        metrics
     }
 
     /// The tower layer that records every RPC.
@@ -333,13 +358,41 @@ impl GrpcMetrics {
         }
     }
 
-    fn finish(&self, labels: &MethodLabels, code: tonic::Code, started: Instant) {
-        self.handled
-            .get_or_create(&labels.handled(code_name(code)))
-            .inc();
-        self.handling
-            .get_or_create(labels)
-            .observe(started.elapsed().as_secs_f64());
+    /// Counts an RPC to `path` as started; what to record its end into.
+    fn start(&self, path: &str) -> Series {
+        match self.served.get(path) {
+            Some(series) => {
+                series.started.inc();
+                Series::Served(series.clone())
+            }
+            None => {
+                let labels = known_methods().get(path).cloned().unwrap_or(UNKNOWN);
+                self.started.get_or_create(&labels).inc();
+                Series::Other(labels)
+            }
+        }
+    }
+
+    fn finish(&self, series: &Series, code: tonic::Code, started: Instant) {
+        let seconds = started.elapsed().as_secs_f64();
+        match series {
+            Series::Served(s) => {
+                if code == tonic::Code::Ok {
+                    s.ok.inc();
+                } else {
+                    self.handled
+                        .get_or_create(&s.labels.handled(code_name(code)))
+                        .inc();
+                }
+                s.handling.observe(seconds);
+            }
+            Series::Other(labels) => {
+                self.handled
+                    .get_or_create(&labels.handled(code_name(code)))
+                    .inc();
+                self.handling.get_or_create(labels).observe(seconds);
+            }
+        }
     }
 }
 
@@ -381,12 +434,11 @@ pub struct GrpcMetricsService<S> {
 impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for GrpcMetricsService<S>
 where
     S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
-    S::Future: Send + 'static,
-    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody: Body<Data = Bytes>,
 {
     type Response = http::Response<StatusBody<ResBody, Pending>>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+    type Future = MeteredFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -394,27 +446,46 @@ where
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
         let started = Instant::now();
-        let labels = known_methods()
-            .get(request.uri().path())
-            .cloned()
-            .unwrap_or(UNKNOWN);
-        self.metrics.started.get_or_create(&labels).inc();
-        let metrics = self.metrics.clone();
-        let future = self.inner.call(request);
-        Box::pin(async move {
-            let response = match future.await {
-                Ok(response) => response,
-                Err(error) => {
-                    metrics.finish(&labels, tonic::Code::Unknown, started);
-                    return Err(error);
-                }
-            };
-            let pending = Pending {
-                metrics,
-                labels,
+        let series = self.metrics.start(request.uri().path());
+        MeteredFuture {
+            inner: self.inner.call(request),
+            pending: Some(Pending {
+                metrics: self.metrics.clone(),
+                series,
                 started,
-            };
-            Ok(StatusBody::watch(response, pending))
+            }),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of [`GrpcMetricsService`] (a named future: nothing boxed).
+    pub struct MeteredFuture<F> {
+        #[pin]
+        inner: F,
+        pending: Option<Pending>,
+    }
+}
+
+impl<F, ResBody, E> Future for MeteredFuture<F>
+where
+    F: Future<Output = Result<http::Response<ResBody>, E>>,
+{
+    type Output = Result<http::Response<StatusBody<ResBody, Pending>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = std::task::ready!(this.inner.poll(cx));
+        let Some(pending) = this.pending.take() else {
+            // Polled again after completion: a contract violation by the caller.
+            return Poll::Pending;
+        };
+        Poll::Ready(match result {
+            Ok(response) => Ok(StatusBody::watch(response, pending)),
+            Err(error) => {
+                pending.finish(tonic::Code::Unknown);
+                Err(error)
+            }
         })
     }
 }
@@ -422,13 +493,13 @@ where
 /// An RPC whose status is not known yet (it comes in the trailers).
 pub struct Pending {
     metrics: GrpcMetrics,
-    labels: MethodLabels,
+    series: Series,
     started: Instant,
 }
 
 impl OnStatus for Pending {
     fn finish(self, code: tonic::Code) {
-        self.metrics.finish(&self.labels, code, self.started);
+        self.metrics.finish(&self.series, code, self.started);
     }
 }
 
@@ -490,7 +561,7 @@ impl ShedState {
 }
 
 /// One request's place in its connection's limit, given back on drop.
-struct Slot {
+pub struct Slot {
     state: Arc<ShedState>,
     peer: SocketAddr,
 }
@@ -532,12 +603,10 @@ pub struct ShedService<S> {
 impl<S, ReqBody> tower::Service<http::Request<ReqBody>> for ShedService<S>
 where
     S: tower::Service<http::Request<ReqBody>, Response = http::Response<tonic::body::Body>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
 {
     type Response = http::Response<tonic::body::Body>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+    type Future = ShedFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -556,17 +625,48 @@ where
                     "too many requests in flight on this connection (limit {}); retry later or use more connections",
                     self.state.per_connection_max
                 ));
-                return Box::pin(std::future::ready(Ok(status.into_http())));
+                return ShedFuture::Shed {
+                    response: Some(status.into_http()),
+                };
             }
             // Not a TCP connection (in-process tests): nothing to key a limit on.
             None => None,
         };
-        let future = self.inner.call(request);
-        Box::pin(async move {
-            let response = future.await;
-            drop(slot);
-            response
-        })
+        ShedFuture::Admitted {
+            inner: self.inner.call(request),
+            slot,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of [`ShedService`]: the refusal, or the admitted request
+    /// holding its slot until its response is ready.
+    #[project = ShedProjection]
+    pub enum ShedFuture<F> {
+        Shed { response: Option<http::Response<tonic::body::Body>> },
+        Admitted { #[pin] inner: F, slot: Option<Slot> },
+    }
+}
+
+impl<F, E> Future for ShedFuture<F>
+where
+    F: Future<Output = Result<http::Response<tonic::body::Body>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            ShedProjection::Shed { response } => match response.take() {
+                Some(response) => Poll::Ready(Ok(response)),
+                None => Poll::Pending,
+            },
+            ShedProjection::Admitted { inner, slot } => {
+                let result = std::task::ready!(inner.poll(cx));
+                drop(slot.take());
+                Poll::Ready(result)
+            }
+        }
     }
 }
 
@@ -600,23 +700,37 @@ mod tests {
             gauge_value(read.load(std::sync::atomic::Ordering::Relaxed))
         });
         let grpc = GrpcMetrics::register(&mut registry, &["shop.v1.CommandService"]);
-        grpc.finish(
-            &known_methods()["/shop.v1.CommandService/PlaceOrder"],
-            tonic::Code::InvalidArgument,
-            Instant::now(),
-        );
+        for (path, code) in [
+            (
+                "/shop.v1.CommandService/PlaceOrder",
+                tonic::Code::InvalidArgument,
+            ),
+            ("/shop.v1.CommandService/PlaceOrder", tonic::Code::Ok),
+            ("/shop.v1.QueryService/GetOrder", tonic::Code::Ok),
+            ("/no.such/Method", tonic::Code::Unimplemented),
+        ] {
+            let series = grpc.start(path);
+            grpc.finish(&series, code, Instant::now());
+        }
         let text = encode(&registry);
         assert!(text.contains("shop_log_position 7\n"), "{text}");
         value.store(9, std::sync::atomic::Ordering::Relaxed);
         assert!(encode(&registry).contains("shop_log_position 9\n"));
-        assert!(text.contains(
-            "grpc_server_handled_total{grpc_type=\"unary\",grpc_service=\"shop.v1.CommandService\",grpc_method=\"PlaceOrder\",grpc_code=\"InvalidArgument\"} 1"
-        ), "{text}");
-        assert!(text.contains(
-            "grpc_server_started_total{grpc_type=\"unary\",grpc_service=\"shop.v1.CommandService\",grpc_method=\"RenameCustomer\"} 0"
-        ));
+        for line in [
+            "grpc_server_handled_total{grpc_type=\"unary\",grpc_service=\"shop.v1.CommandService\",grpc_method=\"PlaceOrder\",grpc_code=\"InvalidArgument\"} 1",
+            "grpc_server_handled_total{grpc_type=\"unary\",grpc_service=\"shop.v1.CommandService\",grpc_method=\"PlaceOrder\",grpc_code=\"OK\"} 1",
+            "grpc_server_handling_seconds_count{grpc_type=\"unary\",grpc_service=\"shop.v1.CommandService\",grpc_method=\"PlaceOrder\"} 2",
+            "grpc_server_started_total{grpc_type=\"unary\",grpc_service=\"shop.v1.CommandService\",grpc_method=\"PlaceOrder\"} 2",
+            "grpc_server_started_total{grpc_type=\"unary\",grpc_service=\"shop.v1.CommandService\",grpc_method=\"RenameCustomer\"} 0",
+            // A method of a service not served here is still counted under its name; an
+            // unknown path under `unknown`.
+            "grpc_server_handled_total{grpc_type=\"unary\",grpc_service=\"shop.v1.QueryService\",grpc_method=\"GetOrder\",grpc_code=\"OK\"} 1",
+            "grpc_server_handled_total{grpc_type=\"unary\",grpc_service=\"unknown\",grpc_method=\"unknown\",grpc_code=\"Unimplemented\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} not in {text}");
+        }
         assert!(
-            !text.contains("QueryService"),
+            !text.contains("grpc_method=\"ListOrders\""),
             "only the served services get zero series"
         );
         assert!(text.contains("# TYPE grpc_server_handling_seconds histogram"));
