@@ -190,18 +190,30 @@ impl Policy {
     /// Cancels one order; false when the writer is gone. The cancel continues the trace
     /// of the event that caused it.
     async fn cancel(&self, cause: &pb::EventEnvelope, order_id: &str) -> bool {
-        let span = tracing::info_span!(
-            "policy",
-            otel.name = "customer-deleted policy: CancelOrder",
-            otel.kind = "internal",
-            order_id,
-            trace_id = tracing::field::Empty,
-            span_id = tracing::field::Empty,
-        );
-        let traceparent = telemetry::continue_trace(
-            &span,
-            Some(cause.traceparent.as_str()).filter(|t| !t.is_empty()),
-        );
+        // The cancel joins the cause's trace; it never starts one of its own.
+        let parent = telemetry::TraceParent::parse(&cause.traceparent);
+        let (span, traceparent) = if parent.is_some_and(|p| p.sampled) && telemetry::exporting() {
+            let span = tracing::info_span!(
+                target: telemetry::EXPORT_TARGET,
+                "policy",
+                otel.name = "customer-deleted policy: CancelOrder",
+                otel.kind = "internal",
+                order_id,
+                trace_id = tracing::field::Empty,
+                span_id = tracing::field::Empty,
+            );
+            let traceparent = telemetry::export_context(&span, parent.as_ref());
+            (span, traceparent)
+        } else {
+            let (trace_id, span_id) = telemetry::local_ids(parent.as_ref());
+            let span = tracing::info_span!(
+                "policy",
+                order_id,
+                trace_id = %trace_id,
+                span_id = %span_id,
+            );
+            (span, parent.as_ref().map(telemetry::TraceParent::header))
+        };
         self.cancel_traced(cause, order_id, traceparent)
             .instrument(span)
             .await

@@ -175,10 +175,9 @@ fn apply_span(message: &async_nats::jetstream::Message, sequence: u64) -> Option
         .as_ref()?
         .get(shop_shared::subjects::HEADER_TRACEPARENT)?
         .as_str();
-    if !telemetry::TraceParent::parse(traceparent)?.sampled {
-        return None;
-    }
+    let parent = telemetry::TraceParent::parse(traceparent).filter(|p| p.sampled)?;
     let span = tracing::info_span!(
+        target: telemetry::EXPORT_TARGET,
         "apply",
         otel.name = "apply event to views",
         otel.kind = "consumer",
@@ -187,7 +186,7 @@ fn apply_span(message: &async_nats::jetstream::Message, sequence: u64) -> Option
         trace_id = tracing::field::Empty,
         span_id = tracing::field::Empty,
     );
-    telemetry::continue_trace(&span, Some(traceparent));
+    telemetry::export_context(&span, Some(&parent));
     Some(span)
 }
 

@@ -23,7 +23,6 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http_body::Body;
-pub use prometheus_client;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;

@@ -12,7 +12,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
@@ -28,10 +28,31 @@ use crate::grpc::{OnStatus, StatusBody};
 
 /// Set once spans are exported: only then is a trace context worth carrying in events.
 static EXPORTING: AtomicBool = AtomicBool::new(false);
+/// `--otlp-sample-ratio` as a threshold on a random `u64` (`u64::MAX`: every trace).
+static SAMPLE_THRESHOLD: AtomicU64 = AtomicU64::new(u64::MAX);
+
+/// The `tracing` target of the spans that are exported. Only spans of this target reach
+/// the OpenTelemetry layer (a static, per-callsite filter), so a request that is not
+/// sampled costs what it costs without an exporter: the decision is taken before its
+/// span is made ([`sampled`]), and an unsampled request gets a plain local span.
+pub const EXPORT_TARGET: &str = "shop::trace";
 
 /// Whether this process exports spans (`--otlp-endpoint`).
 pub fn exporting() -> bool {
     EXPORTING.load(Ordering::Relaxed)
+}
+
+/// Whether the work continuing `parent` is exported: never without an exporter; as the
+/// parent says when there is one; for a new trace, by `--otlp-sample-ratio`.
+pub fn sampled(parent: Option<&TraceParent>) -> bool {
+    exporting()
+        && match parent {
+            Some(parent) => parent.sampled,
+            None => {
+                let threshold = SAMPLE_THRESHOLD.load(Ordering::Relaxed);
+                threshold == u64::MAX || random_u64() < threshold
+            }
+        }
 }
 
 /// What [`init`] set up; [`Telemetry::shutdown`] exports the spans still buffered.
@@ -82,7 +103,10 @@ pub fn init(
     let otel = provider.as_ref().map(|provider| {
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer(service_name))
-            .with_filter(tracing_subscriber::filter::LevelFilter::INFO)
+            .with_filter(
+                tracing_subscriber::filter::Targets::new()
+                    .with_target(EXPORT_TARGET, tracing::Level::INFO),
+            )
     });
     let installed = tracing_subscriber::registry()
         .with(fmt.with_filter(filter))
@@ -90,6 +114,13 @@ pub fn init(
         .try_init()
         .is_ok();
     if installed && provider.is_some() {
+        let ratio = telemetry.otlp_sample_ratio.clamp(0.0, 1.0);
+        let threshold = if ratio >= 1.0 {
+            u64::MAX
+        } else {
+            (ratio * u64::MAX as f64) as u64
+        };
+        SAMPLE_THRESHOLD.store(threshold, Ordering::Relaxed);
         EXPORTING.store(true, Ordering::Relaxed);
         tracing::info!(
             endpoint = telemetry.otlp_endpoint.as_deref().unwrap_or_default(),
@@ -117,10 +148,10 @@ fn provider(
     let resource = opentelemetry_sdk::Resource::builder()
         .with_service_name(service_name)
         .build();
+    // Only spans already chosen for export reach the SDK ([`sampled`] applied `ratio`).
+    let _ = ratio;
     Ok(SdkTracerProvider::builder()
-        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-            ratio,
-        ))))
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)))
         .with_batch_exporter(exporter)
         .with_resource(resource)
         .build())
@@ -272,29 +303,26 @@ impl std::fmt::Display for Hex<u64> {
     }
 }
 
-/// Makes `span` continue the trace of `parent` (a `traceparent` value; `None` or an
-/// invalid one starts a new trace), records its `trace_id` and `span_id` fields (log
-/// lines inside it carry them), and returns the `traceparent` to hand on to what the span
-/// causes: the span's own context when spans are exported; else the parent's as given
-/// (our span id would lead nowhere); `None` when there is neither.
-pub fn continue_trace(span: &tracing::Span, parent: Option<&str>) -> Option<String> {
-    let parent = parent.and_then(TraceParent::parse);
-    let (own, propagate) = if exporting() {
-        if let Some(parent) = &parent {
-            let _ = span.set_parent(parent.as_remote_parent());
-        }
-        let own = TraceParent::of_context(&span.context());
-        (own, own.as_ref().map(TraceParent::header))
-    } else {
-        (
-            Some(TraceParent::local_child(parent)),
-            parent.as_ref().map(TraceParent::header),
-        )
-    };
-    let own = own.unwrap_or_else(TraceParent::fresh);
-    span.record("trace_id", tracing::field::display(Hex(own.trace_id)));
-    span.record("span_id", tracing::field::display(Hex(own.span_id)));
-    propagate
+/// Makes the exported `span` (of target [`EXPORT_TARGET`]) a child of `parent` (or the
+/// root of a new trace), records its `trace_id` and `span_id` fields (log lines inside
+/// it carry them), and returns its context as a `traceparent` for what it causes.
+pub fn export_context(span: &tracing::Span, parent: Option<&TraceParent>) -> Option<String> {
+    if let Some(parent) = parent {
+        let _ = span.set_parent(parent.as_remote_parent());
+    }
+    let own = TraceParent::of_context(&span.context());
+    if let Some(own) = &own {
+        span.record("trace_id", tracing::field::display(Hex(own.trace_id)));
+        span.record("span_id", tracing::field::display(Hex(own.span_id)));
+    }
+    own.as_ref().map(TraceParent::header)
+}
+
+/// The ids for a span that is not exported (the parent's trace, or a new one; a fresh
+/// span id), as `trace_id` and `span_id` field values for log lines.
+pub fn local_ids(parent: Option<&TraceParent>) -> (impl std::fmt::Display, impl std::fmt::Display) {
+    let own = TraceParent::local_child(parent.copied());
+    (Hex(own.trace_id), Hex(own.span_id))
 }
 
 /// What a handler needs of its request's trace (in the request's extensions).
@@ -345,9 +373,12 @@ where
         let parent = request
             .headers()
             .get("traceparent")
-            .and_then(|v| v.to_str().ok());
-        let (span, propagate) = if exporting() {
+            .and_then(|v| v.to_str().ok())
+            .and_then(TraceParent::parse);
+        let exported = sampled(parent.as_ref());
+        let (span, propagate) = if exported {
             let span = tracing::info_span!(
+                target: EXPORT_TARGET,
                 "grpc",
                 otel.name = method,
                 otel.kind = "server",
@@ -357,25 +388,25 @@ where
                 trace_id = tracing::field::Empty,
                 span_id = tracing::field::Empty,
             );
-            let propagate = continue_trace(&span, parent);
+            let propagate = export_context(&span, parent.as_ref());
             (span, propagate)
         } else {
             // Not exported: log lines need only the method and the ids, known before the
-            // span is made (recording them afterwards would format every field twice).
-            let parent = parent.and_then(TraceParent::parse);
-            let own = TraceParent::local_child(parent);
+            // span is made (recording them afterwards would format every field twice);
+            // what the request causes carries the caller's context, if any.
+            let (trace_id, span_id) = local_ids(parent.as_ref());
             let span = tracing::info_span!(
                 "grpc",
                 rpc.method = method,
-                trace_id = %Hex(own.trace_id),
-                span_id = %Hex(own.span_id),
+                trace_id = %trace_id,
+                span_id = %span_id,
             );
             (span, parent.as_ref().map(TraceParent::header))
         };
         request.extensions_mut().insert(RequestTrace { propagate });
         let future = self.inner.call(request);
         // The span lasts until the status is known: the end of the response body.
-        let status = SpanStatus(exporting().then(|| span.clone()));
+        let status = SpanStatus(exported.then(|| span.clone()));
         Box::pin(
             async move {
                 let response = future.await?;

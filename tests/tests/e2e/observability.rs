@@ -654,3 +654,45 @@ async fn dashboard_and_alert_rules_parse_and_use_only_served_metrics() {
         assert!(used.contains(needed), "nothing shows {needed}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sample_ratio_of_zero_exports_only_traces_the_caller_sampled() {
+    let receiver = SpanReceiver::start().await;
+    let args = [
+        "--otlp-endpoint",
+        receiver.endpoint.as_str(),
+        "--otlp-sample-ratio",
+        "0",
+    ];
+    let nats = Nats::start();
+    let command = Server::start(Kind::Command, &nats, &args).await;
+    let _query = Server::start(Kind::Query, &nats, &args).await;
+    let mut c = command.commands().await;
+    c.create_product(req::product("zp", 100, 10))
+        .await
+        .expect("product");
+    // No traceparent: a new trace, sampled at ratio 0, so never exported.
+    for _ in 0..20 {
+        c.restock_product(pb::RestockProductRequest {
+            sku: "zp".into(),
+            quantity: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("restock");
+    }
+    // A caller's sampled trace is exported whatever the ratio, across NATS too.
+    let trace = "9bf92f3577b34da6a3ce929d0e0e4731";
+    c.register_customer(with_traceparent(
+        req::register("z1", "z1@example.com"),
+        &format!("00-{trace}-00f067aa0ba902b7-01"),
+    ))
+    .await
+    .expect("register");
+    command_and_apply_spans(&receiver, trace, "RegisterCustomer", 1).await;
+    let spans = receiver.spans();
+    assert!(
+        spans.iter().all(|s| s.trace_id == trace),
+        "only the caller's sampled trace was exported: {spans:?}"
+    );
+}
