@@ -88,6 +88,16 @@ struct Args {
     #[arg(long, default_value_t = 3)]
     rounds: usize,
 
+    /// Configurations of the observability stage to run (default: all): baseline, off,
+    /// metrics, "metrics+traces 1%", "metrics+traces 100%".
+    #[arg(long, value_delimiter = ',')]
+    observability_configs: Vec<String>,
+
+    /// Pace the observability stage at this total rate (commands/s) instead of as fast
+    /// as possible: at a fixed rate, CPU per command compares configurations directly.
+    #[arg(long)]
+    observability_rate: Option<f64>,
+
     /// Server binaries of another build (e.g. an older commit's `target/release`): the
     /// observability stage then runs them too, as `baseline`, for a before/after.
     #[arg(long)]
@@ -587,11 +597,14 @@ async fn run(args: Args, bin_dir: PathBuf) -> anyhow::Result<()> {
 
     // Metrics and traces, each run on a fresh stack.
     if stage("observability") {
+        let mut paced = load(args.reference_clients, &args);
+        paced.rate = args.observability_rate;
         let plan = observability::Plan {
-            load: load(args.reference_clients, &args),
+            load: paced,
             rounds: args.rounds.max(1),
             catalog,
             baseline_bin_dir: args.baseline_bin_dir.clone(),
+            configs: args.observability_configs.clone(),
         };
         results.observability = observability::run(&plan).await?;
         results.layer_costs =

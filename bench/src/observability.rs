@@ -120,6 +120,8 @@ pub struct ObservabilityPoint {
     pub query_server_cpu: f64,
     /// Spans the receiver got during the run.
     pub spans_exported: usize,
+    /// The total rate the run was paced at, if it was.
+    pub paced_rate: Option<f64>,
 }
 
 /// What the stage runs.
@@ -128,6 +130,8 @@ pub struct Plan {
     pub rounds: usize,
     pub catalog: Catalog,
     pub baseline_bin_dir: Option<PathBuf>,
+    /// Configurations to run, by name (all when empty).
+    pub configs: Vec<String>,
 }
 
 struct Config {
@@ -177,6 +181,14 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Vec<ObservabilityPoint>> {
     let mut configs: Vec<&Config> = CONFIGS.iter().collect();
     if plan.baseline_bin_dir.is_some() {
         configs.insert(0, &BASELINE);
+    }
+    if !plan.configs.is_empty() {
+        configs.retain(|c| plan.configs.iter().any(|name| name == c.name));
+        anyhow::ensure!(
+            !configs.is_empty(),
+            "no observability config named {:?}",
+            plan.configs
+        );
     }
     let mut points = Vec::new();
     for round in 0..plan.rounds {
@@ -288,6 +300,7 @@ async fn run_one(
         command_server_cpu: cores("command-server"),
         query_server_cpu: cores("query-server"),
         spans_exported: receiver.spans().len().saturating_sub(spans_before),
+        paced_rate: plan.load.rate,
         commands: run.summary,
     })
 }
@@ -303,7 +316,7 @@ fn median(mut values: Vec<f64>) -> f64 {
 
 /// The report's table: per configuration, the median of its runs and each run's rate;
 /// then the per-request cost of each layer.
-pub fn markdown(points: &[ObservabilityPoint], layers: &LayerCost) -> String {
+pub fn markdown(points: &[ObservabilityPoint], layers: &LayerCost, paced: Option<f64>) -> String {
     use std::fmt::Write;
     let mut md = String::new();
     let Some(first) = points.first() else {
@@ -311,8 +324,13 @@ pub fn markdown(points: &[ObservabilityPoint], layers: &LayerCost) -> String {
     };
     let _ = writeln!(
         md,
-        "### Observability cost\n\nThe mixed command workload at {} clients ({} connections, {:.0} s per run), a fresh stack per run, configurations alternating round by round; medians over the rounds (`metrics`: both servers scraped every second).\n\n| config | commands/s (median) | each run | vs off | p50 ms | p99 ms | command-server cores | query-server cores | spans exported per run |\n|---|---|---|---|---|---|---|---|---|",
-        first.commands.concurrency, first.commands.connections, first.commands.seconds
+        "### Observability cost\n\nThe mixed command workload at {} clients ({} connections, {:.0} s per run{}), a fresh stack per run, configurations alternating round by round; medians over the rounds (`metrics`: both servers scraped every second).\n\n| config | commands/s (median) | each run | vs off | p50 ms | p99 ms | command-server cores | command-server CPU µs per command | query-server cores | spans exported per run |\n|---|---|---|---|---|---|---|---|---|---|",
+        first.commands.concurrency,
+        first.commands.connections,
+        first.commands.seconds,
+        paced
+            .map(|rate| format!(", paced at {rate:.0} commands/s"))
+            .unwrap_or_default()
     );
     let mut names: Vec<&str> = Vec::new();
     for p in points {
@@ -335,7 +353,7 @@ pub fn markdown(points: &[ObservabilityPoint], layers: &LayerCost) -> String {
             .join(" / ");
         let _ = writeln!(
             md,
-            "| {name} | {rate:.0} | {runs} | {:+.1}% | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} |",
+            "| {name} | {rate:.0} | {runs} | {:+.1}% | {:.2} | {:.2} | {:.2} | {:.0} | {:.2} | {:.0} |",
             100.0 * (rate / off.max(1e-9) - 1.0),
             median(
                 of(points, name)
@@ -348,6 +366,11 @@ pub fn markdown(points: &[ObservabilityPoint], layers: &LayerCost) -> String {
                     .collect()
             ),
             median(of(points, name).map(|p| p.command_server_cpu).collect()),
+            median(
+                of(points, name)
+                    .map(|p| 1e6 * p.command_server_cpu / p.commands.per_second.max(1e-9))
+                    .collect()
+            ),
             median(of(points, name).map(|p| p.query_server_cpu).collect()),
             median(of(points, name).map(|p| p.spans_exported as f64).collect()),
         );

@@ -398,6 +398,7 @@ impl Results {
         md.push_str(&crate::observability::markdown(
             &self.observability,
             &self.layer_costs,
+            self.observability.first().and_then(|p| p.paced_rate),
         ));
         md
     }
