@@ -1,7 +1,7 @@
 //! Stage `observability`: what metrics and traces cost on the command path. The same
 //! mixed command workload runs at the reference concurrency against a fresh stack per
-//! run, with the configurations alternating round by round (so drift of the machine
-//! spreads over all of them):
+//! run, with the configurations alternating round by round, in reverse order every other
+//! round (so drift of the machine and a place in the round spread over all of them):
 //!
 //! - `off`: no metrics endpoint, no exporter (the default);
 //! - `metrics`: `--metrics-listen` on both servers, each scraped once a second (15× the
@@ -192,7 +192,14 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Vec<ObservabilityPoint>> {
     }
     let mut points = Vec::new();
     for round in 0..plan.rounds {
-        for config in &configs {
+        // ABBA order: a configuration's place in the round (e.g. first after the
+        // previous round's heaviest) must not favour it.
+        let order: Vec<&&Config> = if round % 2 == 0 {
+            configs.iter().collect()
+        } else {
+            configs.iter().rev().collect()
+        };
+        for config in order {
             let point = run_one(plan, config, round, &receiver).await?;
             crate::say(format!(
                 "observability round {round} {}: {:.0} commands/s, p50 {:.2} ms, p99 {:.2} ms, command-server {:.2} cores, {} spans",

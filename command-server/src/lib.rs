@@ -32,7 +32,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use shop_shared::config::{LogArgs, NatsArgs, TelemetryArgs};
 use shop_shared::grpc::{Health, RequestErrorLayer};
-use shop_shared::metrics::{GrpcMetrics, Registry, ShedLayer};
+use shop_shared::metrics::{serve_until_stopped, MetricsListenError, ServerMetrics};
 use shop_shared::pb::command_service_server::CommandServiceServer;
 use shop_shared::pb::log_service_server::LogServiceServer;
 use shop_shared::telemetry::TraceLayer;
@@ -129,11 +129,8 @@ pub enum ServerError {
     Nats(#[from] async_nats::ConnectError),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
-    #[error("metrics listener on {addr}: {source}")]
-    Metrics {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Metrics(#[from] MetricsListenError),
     #[error("gRPC reflection: {0}")]
     Reflection(#[from] shop_shared::grpc::ReflectionError),
     #[error("task failed: {0}")]
@@ -217,22 +214,18 @@ pub async fn run(
         serving_rx,
     ));
 
-    let mut registry = Registry::default();
-    let grpc_metrics = GrpcMetrics::register(
-        &mut registry,
-        &[SERVICE_NAME, LOG_SERVICE_NAME, HEALTH_SERVICE_NAME],
+    let ServerMetrics {
+        mut registry,
+        grpc: grpc_metrics,
+        shed_layer,
+        shed,
+    } = ServerMetrics::new(
+        &[SERVICE_NAME, LOG_SERVICE_NAME],
+        config.requests_per_connection_max,
+        &health,
     );
-    let (shed_layer, shed) = ShedLayer::register(&mut registry, config.requests_per_connection_max);
-    health.register_metrics(&mut registry);
     let command_metrics = metrics::register(&mut registry, &writer_watch, &relay_status, shed);
-    if let Some(addr) = config.telemetry.metrics_listen {
-        let mut stopped = stop_rx.clone();
-        shop_shared::metrics::spawn_server(addr, Arc::new(registry), async move {
-            let _ = stopped.wait_for(|stop| *stop).await;
-        })
-        .await
-        .map_err(|source| ServerError::Metrics { addr, source })?;
-    }
+    serve_until_stopped(config.telemetry.metrics_listen, registry, stop_rx.clone()).await?;
 
     let (reflection_v1, reflection_v1alpha) =
         shop_shared::grpc::reflection(&[SERVICE_NAME, LOG_SERVICE_NAME])?;
@@ -311,8 +304,6 @@ pub async fn run(
 pub const SERVICE_NAME: &str = "shop.v1.CommandService";
 /// The gRPC service name of the log reader.
 pub const LOG_SERVICE_NAME: &str = "shop.v1.LogService";
-/// The gRPC health service.
-const HEALTH_SERVICE_NAME: &str = "grpc.health.v1.Health";
 
 /// At start-up, give NATS a moment and check the stream against the log: a stream that
 /// holds events the log does not is a reason to refuse to start. When NATS does not

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use shop_shared::config::{LogArgs, NatsArgs, TelemetryArgs};
 use shop_shared::grpc::{Health, RequestErrorLayer};
-use shop_shared::metrics::{GrpcMetrics, Registry, ShedLayer};
+use shop_shared::metrics::{serve_until_stopped, MetricsListenError, ServerMetrics};
 use shop_shared::pb::query_service_server::QueryServiceServer;
 use shop_shared::telemetry::TraceLayer;
 use tokio::net::TcpListener;
@@ -125,11 +125,8 @@ pub enum ServerError {
     Nats(#[from] async_nats::ConnectError),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
-    #[error("metrics listener on {addr}: {source}")]
-    Metrics {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Metrics(#[from] MetricsListenError),
     #[error("gRPC reflection: {0}")]
     Reflection(#[from] shop_shared::grpc::ReflectionError),
     #[error("descriptors: {0}")]
@@ -188,20 +185,14 @@ pub async fn run(
         serving_rx,
     ));
 
-    let mut registry = Registry::default();
-    let grpc_metrics =
-        GrpcMetrics::register(&mut registry, &[SERVICE_NAME, "grpc.health.v1.Health"]);
-    let (shed_layer, shed) = ShedLayer::register(&mut registry, config.requests_per_connection_max);
-    health.register_metrics(&mut registry);
+    let ServerMetrics {
+        mut registry,
+        grpc: grpc_metrics,
+        shed_layer,
+        shed,
+    } = ServerMetrics::new(&[SERVICE_NAME], config.requests_per_connection_max, &health);
     metrics::register(&mut registry, &status, &watchers);
-    if let Some(addr) = config.telemetry.metrics_listen {
-        let mut stopped = stop_rx.clone();
-        shop_shared::metrics::spawn_server(addr, Arc::new(registry), async move {
-            let _ = stopped.wait_for(|stop| *stop).await;
-        })
-        .await
-        .map_err(|source| ServerError::Metrics { addr, source })?;
-    }
+    serve_until_stopped(config.telemetry.metrics_listen, registry, stop_rx.clone()).await?;
 
     let descriptors = prost_reflect::DescriptorPool::decode(shop_shared::FILE_DESCRIPTOR_SET)?;
     let (reflection_v1, reflection_v1alpha) = shop_shared::grpc::reflection(&[SERVICE_NAME])?;

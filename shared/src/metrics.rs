@@ -33,7 +33,7 @@ pub use prometheus_client::registry::Registry;
 use prost::Message;
 use tokio::net::TcpListener;
 
-use crate::grpc::{OnStatus, StatusBody};
+use crate::grpc::{Health, OnStatus, StatusBody};
 
 /// Upper bounds (seconds) of the latency histograms: 100 µs to 10 s. Our commands take a
 /// few ms and reads well under one, so the middleware's default (5 ms and up) would put
@@ -170,6 +170,59 @@ pub async fn spawn_server(
     tokio::spawn(serve(listener, registry, shutdown));
     tracing::info!(addr = %bound, "serving Prometheus metrics at /metrics");
     Ok(bound)
+}
+
+/// What both servers register the same way: the gRPC metrics of their services (and
+/// health), the per-connection shedding limit, and `shop_serving`.
+pub struct ServerMetrics {
+    /// Where each server adds its own metrics before serving them.
+    pub registry: Registry,
+    pub grpc: GrpcMetrics,
+    pub shed_layer: ShedLayer,
+    /// `shop_shed_requests_total`, for the server's other refusals at a limit.
+    pub shed: Counter,
+}
+
+impl ServerMetrics {
+    pub fn new(services: &[&str], requests_per_connection_max: usize, health: &Health) -> Self {
+        let mut registry = Registry::default();
+        let mut services = services.to_vec();
+        services.push("grpc.health.v1.Health");
+        let grpc = GrpcMetrics::register(&mut registry, &services);
+        let (shed_layer, shed) = ShedLayer::register(&mut registry, requests_per_connection_max);
+        health.register_metrics(&mut registry);
+        ServerMetrics {
+            registry,
+            grpc,
+            shed_layer,
+            shed,
+        }
+    }
+}
+
+/// Serves `registry` at `addr` (when set: `--metrics-listen`) until `stop` turns true.
+pub async fn serve_until_stopped(
+    addr: Option<SocketAddr>,
+    registry: Registry,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), MetricsListenError> {
+    let Some(addr) = addr else {
+        return Ok(());
+    };
+    spawn_server(addr, Arc::new(registry), async move {
+        let _ = stop.wait_for(|stop| *stop).await;
+    })
+    .await
+    .map(|_| ())
+    .map_err(|source| MetricsListenError { addr, source })
+}
+
+/// The metrics address could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("metrics listener on {addr}: {source}")]
+pub struct MetricsListenError {
+    pub addr: SocketAddr,
+    pub source: std::io::Error,
 }
 
 // ---- gRPC server metrics -------------------------------------------------------------
