@@ -37,6 +37,10 @@ static SAMPLE_THRESHOLD: AtomicU64 = AtomicU64::new(u64::MAX);
 /// span is made ([`sampled`]), and an unsampled request gets a plain local span.
 pub const EXPORT_TARGET: &str = "shop::trace";
 
+/// The `tracing` target of the per-request spans that are not exported (they give log
+/// lines their trace ids); a log filter can turn them off (`shop::request=off`).
+pub const REQUEST_TARGET: &str = "shop::request";
+
 /// Whether this process exports spans (`--otlp-endpoint`).
 pub fn exporting() -> bool {
     EXPORTING.load(Ordering::Relaxed)
@@ -393,14 +397,21 @@ where
         } else {
             // Not exported: log lines need only the method and the ids, known before the
             // span is made (recording them afterwards would format every field twice);
-            // what the request causes carries the caller's context, if any.
-            let (trace_id, span_id) = local_ids(parent.as_ref());
-            let span = tracing::info_span!(
-                "grpc",
-                rpc.method = method,
-                trace_id = %trace_id,
-                span_id = %span_id,
-            );
+            // what the request causes carries the caller's context, if any. The span
+            // costs ~7 µs of CPU per command (BENCHMARKS.md); `--log
+            // info,shop::request=off` drops it, and log lines then carry no trace id.
+            let span = if tracing::enabled!(target: REQUEST_TARGET, tracing::Level::INFO) {
+                let (trace_id, span_id) = local_ids(parent.as_ref());
+                tracing::info_span!(
+                    target: REQUEST_TARGET,
+                    "grpc",
+                    rpc.method = method,
+                    trace_id = %trace_id,
+                    span_id = %span_id,
+                )
+            } else {
+                tracing::Span::none()
+            };
             (span, parent.as_ref().map(TraceParent::header))
         };
         request.extensions_mut().insert(RequestTrace { propagate });
