@@ -55,14 +55,6 @@ pub struct CommandMetrics {
 }
 
 impl CommandMetrics {
-    /// Metrics that go nowhere (a server built without a registry, e.g. in unit tests).
-    pub fn unregistered() -> Self {
-        CommandMetrics {
-            commands: Family::default(),
-            shed: Counter::default(),
-        }
-    }
-
     /// Counts one command: `outcome` is `OK`, `Replayed` (an idempotent retry answered
     /// from its record), or the refusal's code as `grpc_code` spells it
     /// (`InvalidArgument`, `FailedPrecondition`, ...).

@@ -36,6 +36,8 @@ pub struct LogArgs {
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct TelemetryArgs {
     /// Serve Prometheus metrics (text format) at http://ADDR/metrics; off when unset.
+    /// Plain HTTP, at most 64 connections at once: bind it to an address only the
+    /// monitoring network reaches.
     #[arg(long, env = "SHOP_METRICS_LISTEN", global = true)]
     pub metrics_listen: Option<std::net::SocketAddr>,
 

@@ -100,12 +100,18 @@ pub fn gauge_value(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
 
+/// Scrape connections served at once; more are closed at once (a scraper needs one).
+const SCRAPE_CONNECTIONS_MAX: usize = 64;
+/// A connection must send its request headers within this long.
+const SCRAPE_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serves `GET /metrics` on `listener` until `shutdown` resolves.
-pub async fn serve(
+async fn serve(
     listener: TcpListener,
     registry: Arc<Registry>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(SCRAPE_CONNECTIONS_MAX));
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {
@@ -119,6 +125,9 @@ pub async fn serve(
                 }
             },
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue; // dropped: closed
+        };
         let registry = registry.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| {
@@ -126,10 +135,12 @@ pub async fn serve(
                 async move { Ok::<_, Infallible>(scrape(&request, &registry)) }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
-            // Scrapes are small and rare; a connection that stalls only holds its task.
             let _closed = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(SCRAPE_HEADER_TIMEOUT)
                 .serve_connection(io, service)
                 .await;
+            drop(slot);
         });
     }
 }
@@ -160,7 +171,7 @@ fn scrape<B>(
 
 /// Binds `addr` and serves metrics there in the background until `shutdown` resolves;
 /// returns the bound address (useful with port 0).
-pub async fn spawn_server(
+async fn spawn_server(
     addr: SocketAddr,
     registry: Arc<Registry>,
     shutdown: impl Future<Output = ()> + Send + 'static,

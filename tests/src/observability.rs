@@ -126,29 +126,30 @@ fn strip_ansi(text: &str) -> String {
 
 /// An HTTP/1.1 GET; the status line's code, the headers and the body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr)
+    try_http_get(addr, path)
         .await
-        .expect("connect to metrics");
+        .unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"))
+}
+
+/// [`http_get`], or the I/O error (e.g. a connection the server closed).
+pub async fn try_http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String, String)> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .expect("send request");
+    stream.write_all(request.as_bytes()).await?;
     let mut response = String::new();
     tokio::time::timeout(
         Duration::from_secs(10),
         stream.read_to_string(&mut response),
     )
     .await
-    .expect("metrics answered in time")
-    .expect("read response");
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in 10 s"))??;
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
     let code = head
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    (code, head.to_string(), body.to_string())
+    Ok((code, head.to_string(), body.to_string()))
 }
 
 /// One sample of a scrape.

@@ -6,7 +6,9 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use shop_tests::observability::{http_get, metrics_addr, ReceivedSpan, Scrape, SpanReceiver};
+use shop_tests::observability::{
+    http_get, metrics_addr, try_http_get, ReceivedSpan, Scrape, SpanReceiver,
+};
 use shop_tests::pb::query_service_client::QueryServiceClient;
 use shop_tests::{code, eventually, log_position, pb, req, Kind, Nats, Server};
 use tonic::Code;
@@ -232,6 +234,24 @@ async fn metrics_move_with_calls_and_agree_with_the_status_rpcs() {
     // Only /metrics is served.
     let (status, _, _) = http_get(cm, "/").await;
     assert_eq!(status, 404);
+
+    // Idle and garbage connections beyond the limit (64) are closed, not queued: the
+    // endpoint stays up and serves once they are gone.
+    let mut idle = Vec::new();
+    for _ in 0..80 {
+        idle.push(tokio::net::TcpStream::connect(cm).await.expect("connect"));
+    }
+    let mut garbage = tokio::net::TcpStream::connect(qm).await.expect("connect");
+    tokio::io::AsyncWriteExt::write_all(&mut garbage, b"\x00\x01 not http\r\n\r\n")
+        .await
+        .expect("write");
+    drop(idle);
+    drop(garbage);
+    eventually(WAIT, "scrapes served again", || async move {
+        let answer = try_http_get(cm, "/metrics").await;
+        matches!(answer, Ok((200, _, _))).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
