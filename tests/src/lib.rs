@@ -576,6 +576,37 @@ impl Stack {
     }
 }
 
+/// Sends `n` GetCustomer requests at once over `channel`, each waiting for a position
+/// that is never applied, with a `deadline`: each one's code and how long it took. A
+/// request that holds one of the connection's slots waits out its deadline; one beyond
+/// the per-connection limit is shed at once.
+pub async fn parked_reads(
+    channel: &Channel,
+    n: usize,
+    deadline: Duration,
+) -> Vec<(tonic::Code, Duration)> {
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let mut q = QueryServiceClient::new(channel.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut r = tonic::Request::new(pb::GetCustomerRequest {
+                customer_id: "c".into(),
+                min_position: 1_000_000,
+                ..Default::default()
+            });
+            r.set_timeout(deadline);
+            let started = Instant::now();
+            let code = q.get_customer(r).await.expect_err("never applied").code();
+            (code, started.elapsed())
+        }));
+    }
+    let mut out = Vec::new();
+    for task in tasks {
+        out.push(task.await.expect("parked read task"));
+    }
+    out
+}
+
 /// The gRPC status code of a result.
 pub fn code<T: std::fmt::Debug>(result: &Result<T, tonic::Status>) -> tonic::Code {
     match result {

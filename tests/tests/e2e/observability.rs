@@ -9,8 +9,7 @@ use std::time::Duration;
 use shop_tests::observability::{
     http_get, metrics_addr, try_http_get, ReceivedSpan, Scrape, SpanReceiver,
 };
-use shop_tests::pb::query_service_client::QueryServiceClient;
-use shop_tests::{code, eventually, log_position, pb, req, Kind, Nats, Server};
+use shop_tests::{code, eventually, log_position, parked_reads, pb, req, Kind, Nats, Server};
 use tonic::Code;
 
 const METRICS: [&str; 2] = ["--metrics-listen", "127.0.0.1:0"];
@@ -269,25 +268,11 @@ async fn every_shed_request_is_counted_once() {
     query.spawn_until_listening();
     let qm = metrics_addr(&query).await;
     let channel = query.channel().await;
-    let mut tasks = Vec::new();
-    for _ in 0..20 {
-        let mut q = QueryServiceClient::new(channel.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut r = tonic::Request::new(pb::GetCustomerRequest {
-                customer_id: "c".into(),
-                min_position: 1_000_000,
-                ..Default::default()
-            });
-            r.set_timeout(Duration::from_secs(2));
-            q.get_customer(r).await.expect_err("never applied").code()
-        }));
-    }
-    let mut shed = 0.0;
-    for t in tasks {
-        if t.await.expect("task") == Code::ResourceExhausted {
-            shed += 1.0;
-        }
-    }
+    let shed = parked_reads(&channel, 20, Duration::from_secs(2))
+        .await
+        .into_iter()
+        .filter(|(code, _)| *code == Code::ResourceExhausted)
+        .count() as f64;
     assert!(
         shed >= 1.0,
         "a limit of 2 under 20 concurrent requests shed nothing"

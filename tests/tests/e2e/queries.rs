@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
 use shop_tests::{
-    bad_fields, eventually, log_position, pb, read_whole_log, req, Kind, Nats, Server, Stack,
+    bad_fields, eventually, log_position, parked_reads, pb, read_whole_log, req, Kind, Nats,
+    Server, Stack,
 };
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
@@ -1081,39 +1082,24 @@ async fn requests_beyond_the_per_connection_limit_are_shed_with_resource_exhaust
     let channel = query.channel().await;
     // Forty requests wait for a position that will never come (within their deadline):
     // at most eight may hold a slot at once, every other one is shed immediately.
-    let mut parked = Vec::new();
-    for _ in 0..40 {
-        let mut q = QueryServiceClient::new(channel.clone());
-        parked.push(tokio::spawn(async move {
-            let mut r = tonic::Request::new(pb::GetCustomerRequest {
-                customer_id: "c".into(),
-                min_position: 1_000_000,
-                ..Default::default()
-            });
-            r.set_timeout(Duration::from_secs(3));
-            let started = std::time::Instant::now();
-            let code = q.get_customer(r).await.expect_err("never applied").code();
-            (code, started.elapsed())
-        }));
-    }
     let (mut held, mut shed) = (0, 0);
-    for p in parked {
-        match p.await.expect("task") {
-            (Code::Unavailable, waited) => {
+    for (code, waited) in parked_reads(&channel, 40, Duration::from_secs(3)).await {
+        match code {
+            Code::Unavailable => {
                 assert!(
                     waited >= Duration::from_secs(1),
                     "held a slot until the deadline"
                 );
                 held += 1;
             }
-            (Code::ResourceExhausted, waited) => {
+            Code::ResourceExhausted => {
                 assert!(
                     waited < Duration::from_secs(1),
                     "shed at once, not after waiting"
                 );
                 shed += 1;
             }
-            (other, _) => panic!("unexpected {other:?}"),
+            other => panic!("unexpected {other:?}"),
         }
     }
     assert!(
