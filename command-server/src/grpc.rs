@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use prost::Message;
+use shop_shared::auth::Principal;
 use shop_shared::grpc::{invalid_argument, with_reason, FieldViolation};
 use shop_shared::ids::{generate_id, StreamId};
 use shop_shared::metrics::code_name;
@@ -181,6 +182,11 @@ impl Commands {
             .extensions()
             .get::<RequestTrace>()
             .and_then(|t| t.propagate.clone());
+        let actor = request
+            .extensions()
+            .get::<Principal>()
+            .map(|p| p.name.clone())
+            .unwrap_or_default();
         let request = request.into_inner();
         let command = request.to_command();
 
@@ -208,6 +214,7 @@ impl Commands {
             command_id,
             idempotent,
             traceparent,
+            actor,
         };
         match self.writer.submit(command, meta).await {
             Ok(accepted) => {

@@ -30,11 +30,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use shop_shared::config::{LogArgs, NatsArgs, TelemetryArgs};
+use shop_shared::config::{LogArgs, NatsArgs, SecurityArgs, TelemetryArgs};
 use shop_shared::grpc::{Health, RequestErrorLayer};
 use shop_shared::metrics::{serve_until_stopped, MetricsListenError, ServerMetrics};
 use shop_shared::pb::command_service_server::CommandServiceServer;
 use shop_shared::pb::log_service_server::LogServiceServer;
+use shop_shared::security::Security;
 use shop_shared::telemetry::TraceLayer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -75,6 +76,9 @@ pub struct Config {
 
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
+
+    #[command(flatten)]
+    pub security: SecurityArgs,
 
     /// When a command counts as durable: `fsync` (survives power loss) or `flush`
     /// (survives a process crash).
@@ -126,7 +130,9 @@ pub enum ServerError {
     #[error("relay: {0}")]
     Relay(#[from] RelayError),
     #[error("NATS client: {0}")]
-    Nats(#[from] async_nats::ConnectError),
+    Nats(#[from] shop_shared::nats::ConnectError),
+    #[error(transparent)]
+    Security(#[from] shop_shared::security::SecurityError),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error(transparent)]
@@ -146,6 +152,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let (health, health_service) = Health::new().await;
+    let security = Security::load(
+        &config.security,
+        listener.local_addr().unwrap_or(config.listen),
+    )?;
 
     let dir = config.data_dir.clone();
     let (durability, cache_bytes) = (config.durability, config.cache_mb.saturating_mul(1 << 20));
@@ -174,7 +184,7 @@ pub async fn run(
         "event log open"
     );
 
-    let client = shop_shared::nats::connect(&config.nats.nats_url, "command-server").await?;
+    let client = shop_shared::nats::connect(&config.nats, "command-server").await?;
     let relay_status = Arc::new(RelayStatus::new(client.clone()));
     let relay = Relay::new(
         log.clone(),
@@ -260,16 +270,18 @@ pub async fn run(
         }
     };
     tracing::info!("command server ready");
-    // Outermost first: the span covers everything; metrics see shed requests and the
-    // corrected codes of undecodable ones.
-    let served = tonic::transport::Server::builder()
+    // Outermost first: the span covers everything; metrics see refused (unauthenticated,
+    // shed) requests and the corrected codes of undecodable ones.
+    let served = security
+        .server_builder()?
         .layer(TraceLayer)
         .layer(grpc_metrics.layer())
+        .layer(security.auth_layer())
         .layer(shed_layer)
         .layer(RequestErrorLayer)
         .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_optional_service(security.reflection.then_some(reflection_v1))
+        .add_optional_service(security.reflection.then_some(reflection_v1alpha))
         .add_service(commands)
         .add_service(reader)
         .serve_with_incoming_shutdown(incoming, on_shutdown)

@@ -30,6 +30,8 @@ use crate::writer::{CommandMeta, WriteError, Writer};
 pub const CONSUMER_NAME: &str = "shop-policy-cancel-orders-of-deleted-customers";
 /// Reason recorded on the cancelled orders.
 pub const CANCEL_REASON: &str = "customer deleted";
+/// The `actor` of the policy's commands (their causation is the deletion event).
+pub const ACTOR: &str = "policy:customer-deleted";
 /// Messages delivered but not yet acked, at most.
 const ACK_PENDING_MAX: i64 = 256;
 /// Redelivery delay when a message was not acked.
@@ -239,6 +241,7 @@ impl Policy {
             correlation_id: cause.correlation_id.clone(),
             causation_id: cause.event_id.clone(),
             traceparent,
+            actor: ACTOR.to_string(),
         };
         let command = Command::CancelOrder {
             order_id: order_id.to_string(),

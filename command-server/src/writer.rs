@@ -75,6 +75,8 @@ pub struct CommandMeta {
     pub causation_id: String,
     /// W3C trace context to record in the events (see `EventEnvelope.traceparent`).
     pub traceparent: Option<String>,
+    /// Who issued the command, recorded in its events (`EventEnvelope.actor`).
+    pub actor: String,
 }
 
 impl CommandMeta {
@@ -932,6 +934,7 @@ impl Decider {
                 causation_id: meta.causation_id.clone(),
                 event: Some(pb::Event { kind: Some(event) }),
                 traceparent: meta.traceparent.clone().unwrap_or_default(),
+                actor: meta.actor.clone(),
             };
             records.push(position, envelope.encode_to_vec().into(), batch);
         }
@@ -1190,6 +1193,7 @@ mod tests {
                 correlation_id: String::new(),
                 causation_id: String::new(),
                 traceparent: None,
+                actor: String::new(),
             },
             command,
             reply,

@@ -545,6 +545,7 @@ impl QueryService for Queries {
                 command_id: e.command_id,
                 correlation_id: e.correlation_id,
                 causation_id: e.causation_id,
+                actor: e.actor,
             })
             .collect();
         let next_version = if more {

@@ -28,10 +28,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use shop_shared::config::{LogArgs, NatsArgs, TelemetryArgs};
+use shop_shared::config::{LogArgs, NatsArgs, SecurityArgs, TelemetryArgs};
 use shop_shared::grpc::{Health, RequestErrorLayer};
 use shop_shared::metrics::{serve_until_stopped, MetricsListenError, ServerMetrics};
 use shop_shared::pb::query_service_server::QueryServiceServer;
+use shop_shared::security::Security;
 use shop_shared::telemetry::TraceLayer;
 use tokio::net::TcpListener;
 use tokio::sync::watch as tokio_watch;
@@ -76,6 +77,9 @@ pub struct Config {
 
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
+
+    #[command(flatten)]
+    pub security: SecurityArgs,
 
     /// Events applied per atomic write, at most.
     #[arg(
@@ -122,7 +126,9 @@ pub enum ServerError {
     #[error("consumer: {0}")]
     Consumer(#[from] ConsumerError),
     #[error("NATS client: {0}")]
-    Nats(#[from] async_nats::ConnectError),
+    Nats(#[from] shop_shared::nats::ConnectError),
+    #[error(transparent)]
+    Security(#[from] shop_shared::security::SecurityError),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error(transparent)]
@@ -155,6 +161,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let (health, health_service) = Health::new().await;
+    let security = Security::load(
+        &config.security,
+        listener.local_addr().unwrap_or(config.listen),
+    )?;
     let store = open_store(&config).await?;
     let (applied, _) = store.checkpoint().map_err(|source| ServerError::Store {
         dir: config.data_dir.clone(),
@@ -163,7 +173,7 @@ pub async fn run(
     tracing::info!(dir = %config.data_dir.display(), applied, "view store open");
     let status = ConsumerStatus::new(applied);
     let watchers = Watchers::new(config.watchers_max);
-    let client = shop_shared::nats::connect(&config.nats.nats_url, "query-server").await?;
+    let client = shop_shared::nats::connect(&config.nats, "query-server").await?;
 
     let (stop_tx, stop_rx) = tokio_watch::channel(false);
     let consumer = Consumer {
@@ -226,20 +236,22 @@ pub async fn run(
         }
     };
     tracing::info!("query server ready");
-    // Outermost first: the span covers everything; metrics see shed requests and the
-    // corrected codes of undecodable ones; every answer, refusals included, gets its
-    // freshness headers.
-    let served = tonic::transport::Server::builder()
+    // Outermost first: the span covers everything; metrics see refused (unauthenticated,
+    // shed) requests and the corrected codes of undecodable ones; every answer to an
+    // authenticated caller, refusals included, gets its freshness headers.
+    let served = security
+        .server_builder()?
         .layer(TraceLayer)
         .layer(grpc_metrics.layer())
+        .layer(security.auth_layer())
         .layer(FreshnessLayer {
             status: status.clone(),
         })
         .layer(shed_layer)
         .layer(RequestErrorLayer)
         .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_optional_service(security.reflection.then_some(reflection_v1))
+        .add_optional_service(security.reflection.then_some(reflection_v1alpha))
         .add_service(queries)
         .serve_with_incoming_shutdown(incoming, on_shutdown)
         .await;
@@ -305,7 +317,7 @@ pub async fn rebuild(config: Config) -> Result<RebuildReport, ServerError> {
         source,
     })?;
     let store = open_store(&config).await?;
-    let client = shop_shared::nats::connect(&config.nats.nats_url, "query-server-rebuild").await?;
+    let client = shop_shared::nats::connect(&config.nats, "query-server-rebuild").await?;
     let js = async_nats::jetstream::new(client.clone());
     let target = loop {
         match js.get_stream(&config.nats.stream).await {

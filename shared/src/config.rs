@@ -1,6 +1,8 @@
 //! Flags both binaries take. Every flag also reads an environment variable; `--help`
 //! lists both. They are `global` so that subcommands (`query-server rebuild`) take them.
 
+use std::path::PathBuf;
+
 use crate::subjects::DEFAULT_STREAM;
 
 /// Where the event bus is.
@@ -18,6 +20,82 @@ pub struct NatsArgs {
     /// JetStream stream that carries the events.
     #[arg(long, env = "SHOP_STREAM", default_value = DEFAULT_STREAM, value_parser = parse_stream_name, global = true)]
     pub stream: String,
+
+    /// NATS credentials file (JWT and NKey seed, as `nsc` writes it).
+    #[arg(
+        long,
+        env = "SHOP_NATS_CREDS",
+        global = true,
+        conflicts_with = "nats_user"
+    )]
+    pub nats_creds: Option<PathBuf>,
+
+    /// NATS user name (with --nats-password).
+    #[arg(
+        long,
+        env = "SHOP_NATS_USER",
+        global = true,
+        requires = "nats_password"
+    )]
+    pub nats_user: Option<String>,
+
+    /// NATS password (with --nats-user). Prefer the environment variable to the flag:
+    /// flags are visible to every user of the machine in the process list.
+    #[arg(
+        long,
+        env = "SHOP_NATS_PASSWORD",
+        global = true,
+        requires = "nats_user",
+        hide_env_values = true
+    )]
+    pub nats_password: Option<String>,
+
+    /// CA certificate (PEM) to verify the NATS server's TLS certificate; turns TLS to NATS on.
+    #[arg(long, env = "SHOP_NATS_TLS_CA", global = true)]
+    pub nats_tls_ca: Option<PathBuf>,
+}
+
+/// TLS, authentication and reflection of the gRPC server (SPEC section 6). Everything off
+/// by default: plaintext, no credentials asked.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct SecurityArgs {
+    /// Serve TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "SHOP_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "SHOP_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Require a client certificate signed by this CA (PEM): mutual TLS. A client without
+    /// one fails the handshake. Needs --tls-cert.
+    #[arg(long, env = "SHOP_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Tokens file: lines `ROLE SHA256_HEX_OF_TOKEN [NAME]` (roles writer, reader,
+    /// admin; `#` comments), and `ROLE cert:SUBJECT` to give a client certificate's
+    /// subject (e.g. `CN=orders-svc,O=Shop`) roles under mTLS. Re-read on SIGHUP. Turns
+    /// authentication on: clients send `authorization: Bearer TOKEN`.
+    #[arg(long, env = "SHOP_AUTH_TOKENS")]
+    pub auth_tokens: Option<PathBuf>,
+
+    /// Accept JWTs signed with this public key (PEM; RSA for RS256, Ed25519 for EdDSA).
+    /// Claims: `sub` (the principal), `exp` (required), `roles` (list). Turns
+    /// authentication on.
+    #[arg(long, env = "SHOP_AUTH_JWT_KEY")]
+    pub auth_jwt_key: Option<PathBuf>,
+
+    /// Serve gRPC server reflection (v1 and v1alpha; open to anyone, like health).
+    #[arg(long, env = "SHOP_REFLECTION", value_enum, default_value_t = Switch::On)]
+    pub reflection: Switch,
+}
+
+/// On or off.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Switch {
+    #[default]
+    On,
+    Off,
 }
 
 /// How the process logs.

@@ -141,6 +141,17 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     Some(duration)
 }
 
+/// The client's address, over plain TCP or TLS (`None` for other transports).
+pub fn peer_addr(extensions: &http::Extensions) -> Option<std::net::SocketAddr> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    match extensions.get::<TcpConnectInfo>() {
+        Some(info) => info.remote_addr,
+        None => extensions
+            .get::<TlsConnectInfo<TcpConnectInfo>>()
+            .and_then(|info| info.get_ref().remote_addr),
+    }
+}
+
 /// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {

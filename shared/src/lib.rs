@@ -10,13 +10,17 @@
 //! - [`grpc`]: health, reflection, deadlines, shutdown, error-detail helpers.
 //! - [`nats`]: connecting to NATS without crash-looping while it is away.
 //! - [`metrics`]: Prometheus metrics: gRPC middleware, load shedding, scrape-time gauges.
+//! - [`auth`]: tokens, JWTs and client certificates → principal and roles; the layer.
+//! - [`security`]: a server's TLS and mTLS, authentication layer and reflection switch.
 
+pub mod auth;
 pub mod config;
 pub mod events;
 pub mod grpc;
 pub mod ids;
 pub mod metrics;
 pub mod nats;
+pub mod security;
 pub mod subjects;
 pub mod telemetry;
 

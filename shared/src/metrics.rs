@@ -676,10 +676,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
-        let peer = request
-            .extensions()
-            .get::<tonic::transport::server::TcpConnectInfo>()
-            .and_then(|info| info.remote_addr);
+        let peer = crate::grpc::peer_addr(request.extensions());
         let slot = match peer.map(|peer| self.state.acquire(peer)) {
             Some(Some(slot)) => Some(slot),
             Some(None) => {

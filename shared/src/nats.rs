@@ -6,16 +6,46 @@ use std::time::Duration;
 
 use async_nats::connection::State;
 
+use crate::config::NatsArgs;
+
 /// Longest wait between reconnect attempts.
 const RECONNECT_DELAY_MAX_MS: u64 = 2_000;
 
-/// A NATS client that keeps trying to (re)connect forever.
-pub async fn connect(
-    url: &str,
-    name: &str,
-) -> Result<async_nats::Client, async_nats::ConnectError> {
+/// Why a NATS client could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("NATS credentials file {path}: {source}")]
+    Credentials {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Client(#[from] async_nats::ConnectError),
+}
+
+/// A NATS client that keeps trying to (re)connect forever, with the credentials and TLS
+/// of `args` (`--nats-creds` or `--nats-user`/`--nats-password`, `--nats-tls-ca`).
+pub async fn connect(args: &NatsArgs, name: &str) -> Result<async_nats::Client, ConnectError> {
+    let url = args.nats_url.as_str();
+    let mut options = async_nats::ConnectOptions::new();
+    if let Some(path) = &args.nats_creds {
+        options =
+            options
+                .credentials_file(path)
+                .await
+                .map_err(|source| ConnectError::Credentials {
+                    path: path.clone(),
+                    source,
+                })?;
+    }
+    if let (Some(user), Some(password)) = (&args.nats_user, &args.nats_password) {
+        options = options.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(ca) = &args.nats_tls_ca {
+        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    }
     let url_for_log = url.to_string();
-    async_nats::ConnectOptions::new()
+    let client = options
         .name(name)
         .retry_on_initial_connect()
         .max_reconnects(None)
@@ -39,7 +69,8 @@ pub async fn connect(
             }
         })
         .connect(url)
-        .await
+        .await?;
+    Ok(client)
 }
 
 /// Backoff between reconnect attempts: 0 for the first, then doubling from 50 ms to 2 s.

@@ -9,6 +9,7 @@
 //! - [`Stack`]: NATS plus both servers, the usual fixture.
 //! - [`eventually`]: poll an async condition until a deadline (never sleep and hope).
 //! - [`observability`]: metrics scrapes and parsing, a real OTLP span receiver.
+//! - [`security`]: a throwaway PKI, tokens files, JWTs, NATS users.
 //!
 //! Binaries are found next to the test executable (`target/<profile>/`), or in
 //! `SHOP_BIN_DIR`; `nats-server` via `NATS_SERVER_BIN`, `.tools/bin`, or PATH. A missing
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 use shop_shared::pb::command_service_client::CommandServiceClient;
 use shop_shared::pb::log_service_client::LogServiceClient;
 use shop_shared::pb::query_service_client::QueryServiceClient;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -31,6 +32,7 @@ use tonic_health::pb::HealthCheckRequest;
 pub use shop_shared::pb;
 
 pub mod observability;
+pub mod security;
 
 /// How long a server may take to become SERVING.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -133,20 +135,34 @@ where
 pub struct Nats {
     pub port: u16,
     dir: tempfile::TempDir,
+    /// A configuration file (users, permissions, TLS) given to every start.
+    config: Option<PathBuf>,
     child: Option<Child>,
 }
 
 impl Nats {
     /// Starts a nats-server on a free port with a fresh store directory.
     pub fn start() -> Nats {
+        Nats::start_with_config(None)
+    }
+
+    /// [`Nats::start`] with this configuration file text (authorization, TLS; the port,
+    /// address and store come from the command line).
+    pub fn start_with_config(config: Option<&str>) -> Nats {
         let mut dir = tempfile::Builder::new()
             .prefix("shop-nats-")
             .tempdir()
             .expect("tempdir");
+        let config = config.map(|text| {
+            let path = dir.path().join("nats.conf");
+            std::fs::write(&path, text).expect("write nats.conf");
+            path
+        });
         for _ in 0..5 {
             let mut nats = Nats {
                 port: free_port(),
                 dir,
+                config: config.clone(),
                 child: None,
             };
             if nats.spawn() {
@@ -175,6 +191,11 @@ impl Nats {
                 "-sd",
             ])
             .arg(self.dir.path().join("store"))
+            .args(
+                self.config
+                    .iter()
+                    .flat_map(|c| [std::ffi::OsStr::new("-c"), c.as_os_str()]),
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -261,9 +282,14 @@ impl Drop for Nats {
 }
 
 fn terminate(child: &Child) {
+    signal(child.id(), "TERM");
+}
+
+/// Sends the signal named `name` (`TERM`, `HUP`, `STOP`, ...) to process `pid`.
+pub fn signal(pid: u32, name: &str) {
     let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
         .status();
 }
 
@@ -293,6 +319,8 @@ pub struct Server {
     extra_args: Vec<String>,
     /// Where the binary is, when not next to the tests (e.g. an older build to compare).
     bin_dir: Option<PathBuf>,
+    /// How clients (and the harness's health checks) reach a server that serves TLS.
+    tls: Option<ClientTlsConfig>,
     starts: usize,
     child: Option<Child>,
     _dir: Option<tempfile::TempDir>,
@@ -301,6 +329,17 @@ pub struct Server {
 impl Server {
     /// Starts a server with its own temp data dir and waits for SERVING.
     pub async fn start(kind: Kind, nats: &Nats, extra_args: &[&str]) -> Server {
+        Server::start_tls(kind, nats, extra_args, None).await
+    }
+
+    /// [`Server::start`] for a server that serves TLS (`extra_args` has `--tls-cert`...):
+    /// the harness connects with `tls`.
+    pub async fn start_tls(
+        kind: Kind,
+        nats: &Nats,
+        extra_args: &[&str],
+        tls: Option<ClientTlsConfig>,
+    ) -> Server {
         let dir = tempfile::Builder::new()
             .prefix(&format!("shop-{}-", kind.binary()))
             .tempdir()
@@ -309,6 +348,7 @@ impl Server {
         let log_dir = dir.path().to_path_buf();
         let mut server = Server::new(kind, &nats.url(), data_dir, log_dir, extra_args);
         server._dir = Some(dir);
+        server.tls = tls;
         server.spawn_until_listening();
         server.wait_serving().await;
         server
@@ -330,6 +370,7 @@ impl Server {
             log_dir,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             bin_dir: None,
+            tls: None,
             starts: 0,
             child: None,
             _dir: None,
@@ -414,15 +455,28 @@ impl Server {
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// Connects with `tls` (or plaintext when `None`), whatever the server serves.
+    pub async fn try_channel_with(
+        &self,
+        tls: Option<ClientTlsConfig>,
+    ) -> Result<Channel, tonic::transport::Error> {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Channel::from_shared(format!("{scheme}://127.0.0.1:{}", self.port))
+            .expect("endpoint")
+            .connect_timeout(Duration::from_secs(5));
+        if let Some(tls) = tls {
+            endpoint = endpoint.tls_config(tls)?;
+        }
+        endpoint.connect().await
     }
 
     /// A new channel to the server.
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.endpoint())
-            .expect("endpoint")
-            .connect_timeout(Duration::from_secs(5))
-            .connect()
+        self.try_channel_with(self.tls.clone())
             .await
             .unwrap_or_else(|e| panic!("connect to {}: {e}\n{}", self.endpoint(), self.log()))
     }
@@ -441,11 +495,7 @@ impl Server {
 
     /// The health status of `service` ("" = the server).
     pub async fn health(&self, service: &str) -> Option<ServingStatus> {
-        let channel = Channel::from_shared(self.endpoint())
-            .ok()?
-            .connect()
-            .await
-            .ok()?;
+        let channel = self.try_channel_with(self.tls.clone()).await.ok()?;
         let response = HealthClient::new(channel)
             .check(HealthCheckRequest {
                 service: service.to_string(),
@@ -632,14 +682,31 @@ pub fn reason(status: &tonic::Status) -> Option<String> {
 
 /// Every event of the command server's log, in position order (through LogService).
 pub async fn read_whole_log(client: &mut LogServiceClient<Channel>) -> Vec<pb::EventEnvelope> {
+    read_log_as(client, None).await
+}
+
+/// [`read_whole_log`] over `channel`, with a bearer token when given.
+pub async fn read_whole_log_with(channel: &Channel, token: Option<&str>) -> Vec<pb::EventEnvelope> {
+    read_log_as(&mut LogServiceClient::new(channel.clone()), token).await
+}
+
+async fn read_log_as(
+    client: &mut LogServiceClient<Channel>,
+    token: Option<&str>,
+) -> Vec<pb::EventEnvelope> {
     let mut events = Vec::new();
     let mut from = 1;
     loop {
+        let page = pb::ReadLogRequest {
+            from_position: from,
+            limit: 1000,
+        };
+        let request = match token {
+            Some(token) => security::bearer(page, token),
+            None => tonic::Request::new(page),
+        };
         let page = client
-            .read_log(pb::ReadLogRequest {
-                from_position: from,
-                limit: 1000,
-            })
+            .read_log(request)
             .await
             .expect("read log")
             .into_inner();

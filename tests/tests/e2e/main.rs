@@ -8,4 +8,5 @@ mod model;
 mod observability;
 pub mod queries;
 mod query_crash;
+mod security;
 mod skeleton;
