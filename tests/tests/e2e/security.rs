@@ -105,10 +105,12 @@ async fn tls_refuses_plaintext_and_untrusted_clients() {
         Some(pki.client_tls(None)),
     )
     .await;
+    let mut query_args = tls_args.clone();
+    query_args.extend(["--requests-per-connection-max".into(), "4".into()]);
     let query = Server::start_tls(
         Kind::Query,
         &nats,
-        &args(&tls_args),
+        &args(&query_args),
         Some(pki.client_tls(None)),
     )
     .await;
@@ -156,6 +158,15 @@ async fn tls_refuses_plaintext_and_untrusted_clients() {
         .await
         .expect("status over TLS");
     assert_eq!(status.into_inner().applied_position, 1);
+
+    // The per-connection in-flight limit holds over TLS too: four of ten parked reads
+    // hold a slot until their deadline, the other six are shed.
+    let codes = shop_tests::parked_reads(&query.channel().await, 10, Duration::from_secs(1)).await;
+    let shed = codes
+        .iter()
+        .filter(|(code, _)| *code == Code::ResourceExhausted)
+        .count();
+    assert_eq!(shed, 6, "{codes:?}");
 }
 
 #[tokio::test]
@@ -751,4 +762,73 @@ async fn nats_users_and_tls_confine_the_query_server_to_reading() {
         log.contains("Publish Violation"),
         "NATS logs violations (else the check above proves nothing):\n{log}"
     );
+}
+
+#[tokio::test]
+async fn unusable_security_files_stop_the_server_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("missing.pem").display().to_string();
+    let bad_tokens = dir.path().join("bad-tokens");
+    std::fs::write(&bad_tokens, "writer not-a-hash\n").expect("write");
+    let not_a_key = dir.path().join("not-a-key.pem");
+    std::fs::write(
+        &not_a_key,
+        "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n",
+    )
+    .expect("write");
+    let bad_creds = dir.path().join("bad.creds");
+    std::fs::write(&bad_creds, "no jwt here\n").expect("write");
+    let nats = Nats::start();
+    let cases: Vec<(Kind, Vec<String>, String)> = vec![
+        (
+            Kind::Command,
+            vec![
+                "--tls-cert".into(),
+                missing.clone(),
+                "--tls-key".into(),
+                missing.clone(),
+            ],
+            missing.clone(),
+        ),
+        (
+            Kind::Query,
+            vec!["--auth-tokens".into(), bad_tokens.display().to_string()],
+            format!("{} line 1", bad_tokens.display()),
+        ),
+        (
+            Kind::Command,
+            vec!["--auth-jwt-key".into(), not_a_key.display().to_string()],
+            not_a_key.display().to_string(),
+        ),
+        (
+            Kind::Command,
+            vec!["--nats-creds".into(), missing.clone()],
+            missing.clone(),
+        ),
+        (
+            Kind::Query,
+            vec!["--nats-creds".into(), bad_creds.display().to_string()],
+            bad_creds.display().to_string(),
+        ),
+    ];
+    for (i, (kind, flags, named)) in cases.into_iter().enumerate() {
+        let run = dir.path().join(format!("run-{i}"));
+        let mut server = Server::new(
+            kind,
+            &nats.url(),
+            run.join("data"),
+            dir.path().to_path_buf(),
+            &args(&flags),
+        );
+        server.spawn();
+        let status = server
+            .wait_exit(Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("{flags:?}: still running:\n{}", server.log()));
+        assert!(!status.success(), "{flags:?}: exit {status}");
+        assert!(
+            server.log().contains(&named),
+            "{flags:?}: the error names {named}:\n{}",
+            server.log()
+        );
+    }
 }
