@@ -5,6 +5,12 @@
 # and :9465. Prints grpcurl calls to try and where to scrape, then runs until Ctrl-C,
 # which stops everything gracefully. Logs go to ./data/logs/.
 #
+# With --secure: TLS with client certificates (mTLS) on both servers, bearer tokens with
+# roles, and NATS users with permissions over TLS; the certificates, tokens and passwords
+# are made by scripts/secure-files.sh in ./data/secure/ on first use (tokens in
+# data/secure/tokens.env), and the printed grpcurl calls carry them.
+#
+# Usage: scripts/stack.sh [--secure]
 # Environment: NATS_PORT (4222), SHOP_COMMAND_LISTEN, SHOP_QUERY_LISTEN,
 # SHOP_COMMAND_METRICS (127.0.0.1:9464), SHOP_QUERY_METRICS (127.0.0.1:9465), and every
 # SHOP_* variable the servers read (see `command-server --help`; e.g. SHOP_OTLP_ENDPOINT
@@ -13,6 +19,12 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
+secure=""
+case "${1:-}" in
+  --secure) secure=1 ;;
+  "") ;;
+  *) echo "usage: scripts/stack.sh [--secure]" >&2; exit 2 ;;
+esac
 nats_port="${NATS_PORT:-4222}"
 command_addr="${SHOP_COMMAND_LISTEN:-127.0.0.1:50051}"
 query_addr="${SHOP_QUERY_LISTEN:-127.0.0.1:50052}"
@@ -21,6 +33,25 @@ query_metrics="${SHOP_QUERY_METRICS:-127.0.0.1:9465}"
 nats_bin="$(scripts/ensure-nats.sh)"
 grpcurl_bin="$(scripts/ensure-grpcurl.sh || echo grpcurl)"
 mkdir -p data/nats data/logs
+
+# What clients pass to reach the servers (grpcurl flags) and the NATS flags per server.
+grpc_tls=(-plaintext)
+nats_conf=()
+command_env=()
+query_env=()
+if [ -n "$secure" ]; then
+  sec="$(scripts/secure-files.sh data/secure)"
+  # shellcheck disable=SC1091
+  . "$sec/nats.env"
+  # shellcheck disable=SC1091
+  . "$sec/tokens.env"
+  grpc_tls=(-cacert "$sec/ca.pem" -cert "$sec/client.pem" -key "$sec/client-key.pem")
+  nats_conf=(-c "$sec/nats.conf")
+  server_env=(SHOP_TLS_CERT="$sec/server.pem" SHOP_TLS_KEY="$sec/server-key.pem"
+    SHOP_TLS_CLIENT_CA="$sec/ca.pem" SHOP_AUTH_TOKENS="$sec/tokens" SHOP_NATS_TLS_CA="$sec/ca.pem")
+  command_env=("${server_env[@]}" SHOP_NATS_USER=command SHOP_NATS_PASSWORD="$SHOP_NATS_COMMAND_PASSWORD")
+  query_env=("${server_env[@]}" SHOP_NATS_USER=query SHOP_NATS_PASSWORD="$SHOP_NATS_QUERY_PASSWORD")
+fi
 
 echo "building the servers (release)..." >&2
 cargo build --release --locked -p command-server -p query-server
@@ -40,22 +71,22 @@ port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 if port_open "$nats_port"; then
   echo "something already listens on port $nats_port; using it as NATS" >&2
 else
-  "$nats_bin" -js -a 127.0.0.1 -p "$nats_port" -sd "$root/data/nats" >data/logs/nats.log 2>&1 &
+  "$nats_bin" -js -a 127.0.0.1 -p "$nats_port" -sd "$root/data/nats" "${nats_conf[@]}" >data/logs/nats.log 2>&1 &
   pids+=($!)
   for _ in $(seq 100); do port_open "$nats_port" && break; sleep 0.1; done
 fi
 export SHOP_NATS_URL="nats://127.0.0.1:$nats_port"
 
-target/release/command-server --listen "$command_addr" --data-dir data/command \
+env "${command_env[@]}" target/release/command-server --listen "$command_addr" --data-dir data/command \
   --metrics-listen "$command_metrics" >data/logs/command-server.log 2>&1 &
 pids+=($!)
-target/release/query-server --listen "$query_addr" --data-dir data/query \
+env "${query_env[@]}" target/release/query-server --listen "$query_addr" --data-dir data/query \
   --metrics-listen "$query_metrics" >data/logs/query-server.log 2>&1 &
 pids+=($!)
 
 for addr in "$command_addr" "$query_addr"; do
   for _ in $(seq 300); do
-    if "$grpcurl_bin" -plaintext "$addr" grpc.health.v1.Health/Check 2>/dev/null | grep -q SERVING; then break; fi
+    if "$grpcurl_bin" "${grpc_tls[@]}" "$addr" grpc.health.v1.Health/Check 2>/dev/null | grep -q SERVING; then break; fi
     for pid in "${pids[@]}"; do
       kill -0 "$pid" 2>/dev/null || { echo "a process exited; see data/logs/" >&2; tail -n 20 data/logs/*.log >&2; exit 1; }
     done
@@ -63,27 +94,47 @@ for addr in "$command_addr" "$query_addr"; do
   done
 done
 
+if [ -n "$secure" ]; then
+  G="\$G ${grpc_tls[*]}"
+  W=" -H \"authorization: Bearer \$SHOP_WRITER_TOKEN\""
+  R=" -H \"authorization: Bearer \$SHOP_READER_TOKEN\""
+  A=" -H \"authorization: Bearer \$SHOP_ADMIN_TOKEN\""
+  mode="secure: mTLS, tokens, NATS users over TLS; files in $sec"
+  first="  . $sec/tokens.env    # SHOP_WRITER_TOKEN, SHOP_READER_TOKEN, SHOP_ADMIN_TOKEN
+"
+else
+  G="\$G -plaintext"; W=""; R=""; A=""; mode="plaintext, no authentication"; first=""
+fi
 cat <<EOT
 
-The stack is up:
+The stack is up ($mode):
   NATS (JetStream)  nats://127.0.0.1:$nats_port   store: data/nats
   command server    $command_addr    log: data/logs/command-server.log
   query server      $query_addr    log: data/logs/query-server.log
 
 Try (grpcurl is at $grpcurl_bin):
   G=$grpcurl_bin
-  \$G -plaintext $command_addr list
-  \$G -plaintext $command_addr describe shop.v1.CommandService.PlaceOrder
-  \$G -plaintext -d '{"customer_id":"ada","name":"Ada Lovelace","email":"ada@example.com"}' $command_addr shop.v1.CommandService/RegisterCustomer
-  \$G -plaintext -d '{"sku":"pen","name":"Fountain pen","price_cents":2500,"initial_stock":10}' $command_addr shop.v1.CommandService/CreateProduct
-  \$G -plaintext -d '{"order_id":"o1","customer_id":"ada","lines":[{"sku":"pen","quantity":2}]}' $command_addr shop.v1.CommandService/PlaceOrder
-  \$G -plaintext -d '{"order_id":"o1","min_position":4}' $query_addr shop.v1.QueryService/GetOrder
-  \$G -plaintext -d '{"customer_id":"ada"}' $query_addr shop.v1.QueryService/GetCustomer
-  \$G -plaintext -d '{"stream_id":"order-o1"}' $query_addr shop.v1.QueryService/GetHistory
-  \$G -plaintext $query_addr shop.v1.QueryService/GetStatus
-  \$G -plaintext $command_addr shop.v1.LogService/GetLogStatus
+$first  $G $command_addr list
+  $G $command_addr describe shop.v1.CommandService.PlaceOrder
+  $G$W -d '{"customer_id":"ada","name":"Ada Lovelace","email":"ada@example.com"}' $command_addr shop.v1.CommandService/RegisterCustomer
+  $G$W -d '{"sku":"pen","name":"Fountain pen","price_cents":2500,"initial_stock":10}' $command_addr shop.v1.CommandService/CreateProduct
+  $G$W -d '{"order_id":"o1","customer_id":"ada","lines":[{"sku":"pen","quantity":2}]}' $command_addr shop.v1.CommandService/PlaceOrder
+  $G$R -d '{"order_id":"o1","min_position":4}' $query_addr shop.v1.QueryService/GetOrder
+  $G$R -d '{"customer_id":"ada"}' $query_addr shop.v1.QueryService/GetCustomer
+  $G$R -d '{"stream_id":"order-o1"}' $query_addr shop.v1.QueryService/GetHistory
+  $G$R $query_addr shop.v1.QueryService/GetStatus
+  $G$A $command_addr shop.v1.LogService/GetLogStatus
   # every query answer says how fresh it is (shop-applied-position, shop-lag-events):
-  \$G -plaintext -v -d '{"customer_id":"ada"}' $query_addr shop.v1.QueryService/GetCustomer
+  $G$R -v -d '{"customer_id":"ada"}' $query_addr shop.v1.QueryService/GetCustomer
+EOT
+if [ -n "$secure" ]; then
+  cat <<EOT
+  # the client certificate (CN=shop-client) alone may read, not write:
+  $G -d '{"customer_id":"ada"}' $query_addr shop.v1.QueryService/GetCustomer
+  $G -d '{"customer_id":"bob","name":"Bob","email":"bob@example.com"}' $command_addr shop.v1.CommandService/RegisterCustomer   # PermissionDenied
+EOT
+fi
+cat <<EOT
 
 Prometheus metrics (text format):
   curl -s http://$command_metrics/metrics     # command server

@@ -25,4 +25,6 @@ fi
 
 if [ "$#" -eq 0 ]; then
   scripts/test-python-client.sh
+  # Again against the secure stack (mTLS, tokens, NATS users), with grpcurl checks.
+  scripts/test-python-client.sh --secure
 fi

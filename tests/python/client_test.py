@@ -3,6 +3,12 @@ running command server and query server (addresses from the environment).
 
 Checks a command/query round trip with read-your-writes, the rich error details of a
 bad request and of a refused command, idempotent retries, and a watch.
+
+Against a secure stack (SHOP_PY_TLS_CA set: `scripts/test-python-client.sh --secure`) it
+connects over mTLS with the client certificate (CN=shop-client, a reader) and sends the
+writer token (SHOP_PY_WRITER_TOKEN) with commands; it also checks that the certificate
+alone may not write, that a wrong token is UNAUTHENTICATED, and that the history names the
+token's owner as the actor.
 """
 
 import os
@@ -20,6 +26,26 @@ from shop.v1 import commands_pb2, commands_pb2_grpc, queries_pb2, queries_pb2_gr
 
 COMMAND = os.environ["SHOP_COMMAND_ADDR"]
 QUERY = os.environ["SHOP_QUERY_ADDR"]
+TLS_CA = os.environ.get("SHOP_PY_TLS_CA")
+
+
+def channel(address, token=None):
+    """A plaintext channel, or under TLS one with the client certificate and `token`."""
+    if not TLS_CA:
+        return grpc.insecure_channel(address)
+
+    def read(name):
+        with open(os.environ[name], "rb") as f:
+            return f.read()
+
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=read("SHOP_PY_TLS_CA"),
+        private_key=read("SHOP_PY_TLS_KEY"),
+        certificate_chain=read("SHOP_PY_TLS_CERT"))
+    if token:
+        credentials = grpc.composite_channel_credentials(
+            credentials, grpc.access_token_call_credentials(token))
+    return grpc.secure_channel(address, credentials)
 
 
 def details(error):
@@ -40,8 +66,9 @@ def details(error):
 class ClientTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cls.commands = commands_pb2_grpc.CommandServiceStub(grpc.insecure_channel(COMMAND))
-        cls.queries = queries_pb2_grpc.QueryServiceStub(grpc.insecure_channel(QUERY))
+        writer = os.environ.get("SHOP_PY_WRITER_TOKEN")
+        cls.commands = commands_pb2_grpc.CommandServiceStub(channel(COMMAND, writer))
+        cls.queries = queries_pb2_grpc.QueryServiceStub(channel(QUERY))
         cls.tag = uuid.uuid4().hex[:8]
 
     def test_round_trip_with_read_your_writes(self):
@@ -96,6 +123,34 @@ class ClientTest(unittest.TestCase):
         second = next(stream)
         self.assertEqual(second.name, "After")
         stream.cancel()
+
+
+@unittest.skipUnless(TLS_CA, "needs the secure stack (scripts/test-python-client.sh --secure)")
+class SecureClientTest(unittest.TestCase):
+    def test_certificate_alone_may_read_not_write(self):
+        commands = commands_pb2_grpc.CommandServiceStub(channel(COMMAND))
+        with self.assertRaises(grpc.RpcError) as caught:
+            commands.RegisterCustomer(commands_pb2.RegisterCustomerRequest(
+                customer_id="cert-only", name="C", email="cert-only@example.com"), timeout=10)
+        self.assertEqual(caught.exception.code(), grpc.StatusCode.PERMISSION_DENIED)
+        self.assertEqual(details(caught.exception)["reason"], "MISSING_ROLE")
+
+    def test_wrong_token_is_unauthenticated(self):
+        queries = queries_pb2_grpc.QueryServiceStub(channel(QUERY, "not-a-token"))
+        with self.assertRaises(grpc.RpcError) as caught:
+            queries.GetStatus(queries_pb2.GetStatusRequest(), timeout=10)
+        self.assertEqual(caught.exception.code(), grpc.StatusCode.UNAUTHENTICATED)
+
+    def test_history_names_the_actor(self):
+        commands = commands_pb2_grpc.CommandServiceStub(
+            channel(COMMAND, os.environ["SHOP_PY_WRITER_TOKEN"]))
+        customer = f"actor-{uuid.uuid4().hex[:8]}"
+        r = commands.RegisterCustomer(commands_pb2.RegisterCustomerRequest(
+            customer_id=customer, name="A", email=f"{customer}@example.com"), timeout=10)
+        queries = queries_pb2_grpc.QueryServiceStub(channel(QUERY))
+        history = queries.GetHistory(queries_pb2.GetHistoryRequest(
+            stream_id=f"customer-{customer}", min_position=r.position), timeout=10)
+        self.assertEqual([e.actor for e in history.events], ["orders-app"])
 
 
 if __name__ == "__main__":

@@ -220,52 +220,26 @@ impl JwtKeys {
     }
 }
 
-/// A nats-server configuration with two users: `command` may publish events and manage
-/// the stream; `query` may only read it (stream info, message get, its own ordered
-/// consumers). With `tls`, the server serves TLS with the PKI's server certificate.
+/// The nats-server configuration of `scripts/nats-users.conf.in` (the one the README
+/// shows): user `command` may publish events and manage the stream, user `query` may only
+/// read it. With `tls`, the server serves TLS with the PKI's server certificate.
 pub fn nats_users_config(
     command_password: &str,
     query_password: &str,
     tls: Option<&Pki>,
 ) -> String {
+    let template =
+        std::fs::read_to_string(crate::workspace_root().join("scripts/nats-users.conf.in"))
+            .expect("scripts/nats-users.conf.in");
     let tls_block = tls.map_or(String::new(), |pki| {
         format!(
-            "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n}}\n",
+            "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n}}",
             pki.path("server.pem").display(),
             pki.path("server-key.pem").display()
         )
     });
-    format!(
-        r#"{tls_block}authorization {{
-  users = [
-    {{
-      user: command
-      password: "{command_password}"
-      permissions: {{
-        publish: {{ allow: ["shop.events.>", "$JS.API.>", "$JS.ACK.>"] }}
-        subscribe: {{ allow: ["_INBOX.>"] }}
-      }}
-    }}
-    {{
-      user: query
-      password: "{query_password}"
-      permissions: {{
-        publish: {{ allow: [
-          "$JS.API.INFO",
-          "$JS.API.STREAM.INFO.*",
-          "$JS.API.STREAM.MSG.GET.*",
-          "$JS.API.DIRECT.GET.*",
-          "$JS.API.DIRECT.GET.*.>",
-          "$JS.API.CONSUMER.CREATE.*",
-          "$JS.API.CONSUMER.CREATE.*.>",
-          "$JS.API.CONSUMER.INFO.*.*",
-          "$JS.API.CONSUMER.MSG.NEXT.*.*"
-        ] }}
-        subscribe: {{ allow: ["_INBOX.>"] }}
-      }}
-    }}
-  ]
-}}
-"#
-    )
+    template
+        .replace("@TLS@", &tls_block)
+        .replace("@COMMAND_PASSWORD@", command_password)
+        .replace("@QUERY_PASSWORD@", query_password)
 }
