@@ -9,7 +9,8 @@
 //! - pipeline: relay publishing a backlog vs raw JetStream publish; the query server
 //!   applying a backlog and `query-server rebuild` vs a raw ordered-consumer read;
 //! - growth: command rate, RSS and start-up time with 0, 1M (and, by flag, 10M) events;
-//! - observability: the command workload with metrics and traces off and on, alternating.
+//! - observability: the command workload with metrics and traces off and on, alternating;
+//! - security: the same with plaintext, TLS, tokens, mTLS and JWTs, alternating.
 //!
 //! Output (in `--out`, default `bench-results/`): `results.json` (every figure),
 //! `report.md` (tables, ratios next to ceilings, targets), `throughput.svg`,
@@ -76,15 +77,15 @@ struct Args {
     reference_clients: usize,
 
     /// Stages to run: commands, half, watchers, queries, pipeline, rebuild, growth,
-    /// observability.
+    /// observability, security.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "commands,half,watchers,queries,pipeline,rebuild,growth,observability"
+        default_value = "commands,half,watchers,queries,pipeline,rebuild,growth,observability,security"
     )]
     stages: Vec<String>,
 
-    /// Rounds of the observability stage (each runs every configuration once).
+    /// Rounds of the observability and security stages (each runs every configuration once).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
 
@@ -93,7 +94,12 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     observability_configs: Vec<String>,
 
-    /// Pace the observability stage at this total rate (commands/s) instead of as fast
+    /// Configurations of the security stage to run (default: all): plaintext, tls,
+    /// tls+tokens, mtls+tokens, tls+jwt.
+    #[arg(long, value_delimiter = ',')]
+    security_configs: Vec<String>,
+
+    /// Pace the observability and security stages at this total rate (commands/s) instead of as fast
     /// as possible: at a fixed rate, CPU per command compares configurations directly.
     #[arg(long)]
     observability_rate: Option<f64>,
@@ -216,7 +222,10 @@ async fn start_echo() -> anyhow::Result<EchoProcess> {
         .spawn()?;
     let endpoint = format!("http://127.0.0.1:{port}");
     for _ in 0..200 {
-        if workload::channels(&endpoint, 1).await.is_ok() {
+        if workload::channels(&endpoint.clone().into(), 1)
+            .await
+            .is_ok()
+        {
             return Ok(EchoProcess(child, endpoint));
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
@@ -268,9 +277,13 @@ async fn run(args: Args, bin_dir: PathBuf) -> anyhow::Result<()> {
         customers: (max_clients * 4).max(1000),
         skus: 200,
     };
-    workload::setup(&command.endpoint(), catalog).await?;
-    let command_channel = workload::channels(&command.endpoint(), 1).await?.remove(0);
-    let query_channel = workload::channels(&query.endpoint(), 1).await?.remove(0);
+    workload::setup(&command.endpoint().into(), catalog).await?;
+    let command_channel = workload::channels(&command.endpoint().into(), 1)
+        .await?
+        .remove(0);
+    let query_channel = workload::channels(&query.endpoint().into(), 1)
+        .await?
+        .remove(0);
     let (envelope_bytes, _) = envelope_size(command_channel.clone()).await?;
 
     let stage = |name: &str| args.stages.iter().any(|s| s == name);
@@ -283,7 +296,7 @@ async fn run(args: Args, bin_dir: PathBuf) -> anyhow::Result<()> {
     };
     for (run_index, &clients) in sweep.iter().enumerate() {
         let l = load(clients, &args);
-        let echo_run = workload::run_echo(&echo.1, false, &l).await?;
+        let echo_run = workload::run_echo(&echo.1.clone().into(), false, &l).await?;
         let before = workload::log_position(command_channel.clone()).await?;
         let stop = Arc::new(AtomicBool::new(false));
         let monitor = tokio::spawn(workload::monitor_lag(
@@ -307,7 +320,7 @@ async fn run(args: Args, bin_dir: PathBuf) -> anyhow::Result<()> {
             ("bench", Some(std::process::id())),
         ]);
         let run = workload::run_commands(
-            &command.endpoint(),
+            &command.endpoint().into(),
             &format!("c{run_index}"),
             catalog,
             &l,
@@ -388,7 +401,7 @@ async fn run(args: Args, bin_dir: PathBuf) -> anyhow::Result<()> {
             latency: workload::shared_histogram(),
         };
         let run = workload::run_commands(
-            &command.endpoint(),
+            &command.endpoint().into(),
             "half",
             catalog,
             &l,
@@ -443,9 +456,9 @@ async fn run(args: Args, bin_dir: PathBuf) -> anyhow::Result<()> {
     let query_sweep: &[usize] = if stage("queries") { &args.clients } else { &[] };
     for &clients in query_sweep {
         let l = load(clients, &args);
-        let echo_run = workload::run_echo(&echo.1, true, &l).await?;
+        let echo_run = workload::run_echo(&echo.1.clone().into(), true, &l).await?;
         let get = workload::run_queries(
-            &query.endpoint(),
+            &query.endpoint().into(),
             QueryKind::GetOrder,
             orders.clone(),
             catalog,
@@ -453,7 +466,7 @@ async fn run(args: Args, bin_dir: PathBuf) -> anyhow::Result<()> {
         )
         .await?;
         let list = workload::run_queries(
-            &query.endpoint(),
+            &query.endpoint().into(),
             QueryKind::ListOrders,
             orders.clone(),
             catalog,
@@ -478,7 +491,7 @@ async fn run(args: Args, bin_dir: PathBuf) -> anyhow::Result<()> {
         query.terminate();
         nats.stop();
         let l = load(args.reference_clients, &args);
-        workload::run_commands(&command.endpoint(), "backlog", catalog, &l, None).await?;
+        workload::run_commands(&command.endpoint().into(), "backlog", catalog, &l, None).await?;
         let log_end = workload::log_position(command_channel.clone()).await?;
         let published =
             shop_shared::pb::log_service_client::LogServiceClient::new(command_channel.clone())
@@ -508,7 +521,9 @@ async fn run(args: Args, bin_dir: PathBuf) -> anyhow::Result<()> {
         let applied_before = {
             query.spawn_until_listening();
             query.wait_serving().await;
-            let q = workload::channels(&query.endpoint(), 1).await?.remove(0);
+            let q = workload::channels(&query.endpoint().into(), 1)
+                .await?
+                .remove(0);
             let s = shop_shared::pb::query_service_client::QueryServiceClient::new(q.clone())
                 .get_status(shop_shared::pb::GetStatusRequest {})
                 .await?
@@ -606,9 +621,24 @@ async fn run(args: Args, bin_dir: PathBuf) -> anyhow::Result<()> {
             baseline_bin_dir: args.baseline_bin_dir.clone(),
             configs: args.observability_configs.clone(),
         };
-        results.observability = observability::run(&plan).await?;
+        results.observability =
+            observability::run(&plan, observability::Stage::Observability).await?;
         results.layer_costs =
             tokio::task::spawn_blocking(|| observability::layer_costs(200_000)).await?;
+    }
+
+    // TLS, tokens, mTLS, JWT next to plaintext, each run on a fresh stack.
+    if stage("security") {
+        let mut paced = load(args.reference_clients, &args);
+        paced.rate = args.observability_rate;
+        let plan = observability::Plan {
+            load: paced,
+            rounds: args.rounds.max(1),
+            catalog,
+            baseline_bin_dir: None,
+            configs: args.security_configs.clone(),
+        };
+        results.security = observability::run(&plan, observability::Stage::Security).await?;
     }
 
     // Growth, on a fresh stack.
@@ -631,8 +661,8 @@ async fn run(args: Args, bin_dir: PathBuf) -> anyhow::Result<()> {
 async fn watchers_stage(
     command: &Server,
     query: &Server,
-    command_channel: &tonic::transport::Channel,
-    query_channel: &tonic::transport::Channel,
+    command_channel: &workload::Conn,
+    query_channel: &workload::Conn,
     catalog: Catalog,
     args: &Args,
     best: f64,
@@ -659,7 +689,7 @@ async fn watchers_stage(
     let mut open = Vec::new();
     for with in [false, true] {
         if with {
-            let clients = workload::channels(&query.endpoint(), 10).await?;
+            let clients = workload::channels(&query.endpoint().into(), 10).await?;
             for i in 0..WATCHERS {
                 let mut q = shop_shared::pb::query_service_client::QueryServiceClient::new(
                     clients[i % clients.len()].clone(),
@@ -687,7 +717,7 @@ async fn watchers_stage(
         let meter = system::CpuMeter::start(&[("query-server", query.pid())]);
         let tag = format!("watch{}", u8::from(with));
         workload::run_commands(
-            &command.endpoint(),
+            &command.endpoint().into(),
             &tag,
             catalog,
             &l,
@@ -753,7 +783,7 @@ where
 }
 
 /// Average envelope size of the log's first events, and how many were sampled.
-async fn envelope_size(command: tonic::transport::Channel) -> anyhow::Result<(f64, usize)> {
+async fn envelope_size(command: workload::Conn) -> anyhow::Result<(f64, usize)> {
     use prost::Message;
     let events = shop_shared::pb::log_service_client::LogServiceClient::new(command)
         .read_log(shop_shared::pb::ReadLogRequest {
@@ -771,8 +801,10 @@ async fn growth(args: &Args, catalog: Catalog) -> anyhow::Result<Vec<GrowthPoint
     let nats = Nats::start();
     let mut command = Server::start(Kind::Command, &nats, &[]).await;
     let mut query = Server::start(Kind::Query, &nats, &[]).await;
-    workload::setup(&command.endpoint(), catalog).await?;
-    let channel = workload::channels(&command.endpoint(), 1).await?.remove(0);
+    workload::setup(&command.endpoint().into(), catalog).await?;
+    let channel = workload::channels(&command.endpoint().into(), 1)
+        .await?
+        .remove(0);
     let mut sizes = vec![0u64];
     sizes.extend(args.growth.iter().copied());
     let mut points: Vec<GrowthPoint> = Vec::new();
@@ -783,7 +815,7 @@ async fn growth(args: &Args, catalog: Catalog) -> anyhow::Result<Vec<GrowthPoint
             let mut fill = l.clone();
             fill.duration = Duration::from_secs(5);
             workload::run_commands(
-                &command.endpoint(),
+                &command.endpoint().into(),
                 &format!("fill{i}-{chunk}"),
                 catalog,
                 &fill,
@@ -797,10 +829,12 @@ async fn growth(args: &Args, catalog: Catalog) -> anyhow::Result<Vec<GrowthPoint
             ));
         }
         let in_log = workload::log_position(channel.clone()).await?;
-        let q = workload::channels(&query.endpoint(), 1).await?.remove(0);
+        let q = workload::channels(&query.endpoint().into(), 1)
+            .await?
+            .remove(0);
         workload::wait_applied(q, in_log, Duration::from_secs(600)).await;
         let run = workload::run_commands(
-            &command.endpoint(),
+            &command.endpoint().into(),
             &format!("growth{i}"),
             catalog,
             &l,
@@ -851,12 +885,12 @@ async fn load_running(
         skus: 200,
     };
     if setup {
-        workload::setup(&command, catalog).await?;
+        workload::setup(&command.clone().into(), catalog).await?;
     }
     let visibility = match &query {
         Some(q) => Some(Visibility {
             query: shop_shared::pb::query_service_client::QueryServiceClient::new(
-                workload::channels(q, 1).await?.remove(0),
+                workload::channels(&q.clone().into(), 1).await?.remove(0),
             ),
             every: 20,
             latency: workload::shared_histogram(),
@@ -864,7 +898,14 @@ async fn load_running(
         None => None,
     };
     let tag = format!("load{}", shop_shared::events::now_micros());
-    let run = workload::run_commands(&command, &tag, catalog, &l, visibility.clone()).await?;
+    let run = workload::run_commands(
+        &command.clone().into(),
+        &tag,
+        catalog,
+        &l,
+        visibility.clone(),
+    )
+    .await?;
     let s = &run.summary;
     say(format!(
         "commands x{}: {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, errors {:?}",
@@ -890,7 +931,9 @@ async fn load_running(
         } else {
             run.orders
         });
-        let get = workload::run_queries(&q, QueryKind::GetOrder, orders, catalog, &l).await?;
+        let get =
+            workload::run_queries(&q.clone().into(), QueryKind::GetOrder, orders, catalog, &l)
+                .await?;
         say(format!(
             "GetOrder x{}: {:.0}/s, p99 {:.2} ms",
             get.concurrency, get.per_second, get.latency.p99_ms

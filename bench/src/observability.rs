@@ -10,6 +10,10 @@
 //!   process) with `--otlp-sample-ratio 0.01`;
 //! - `metrics+traces 100%`: every trace exported;
 //! - `baseline` (with `--baseline-bin-dir`): older server binaries, for a before/after.
+//!
+//! Stage `security` runs the same way over what SPEC section 6 adds to each request:
+//! `plaintext` (the default), `tls`, `tls+tokens` (a bearer token from the tokens file),
+//! `mtls+tokens` (and a client certificate), `tls+jwt` (an EdDSA JWT verified per request).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,11 +21,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shop_tests::observability::{http_get, metrics_addr, SpanReceiver};
+use shop_tests::security::{write_tokens, JwtKeys, Pki};
 use shop_tests::{Kind, Nats, Server};
 
 use crate::stats::RunSummary;
 use crate::system::CpuMeter;
-use crate::workload::{self, Catalog, Load};
+use crate::workload::{self, Catalog, Load, Target};
 
 /// What the gRPC layers cost per request, measured in-process on a no-op service.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -139,46 +144,156 @@ struct Config {
     metrics: bool,
     sample_ratio: Option<&'static str>,
     baseline: bool,
+    transport: Transport,
+    auth: Auth,
 }
 
-const CONFIGS: [Config; 4] = [
+/// How clients reach the servers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    Plain,
+    Tls,
+    Mtls,
+}
+
+/// What clients authenticate with.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Auth {
+    None,
+    Token,
+    Jwt,
+}
+
+/// Which set of configurations a stage compares.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Observability,
+    Security,
+}
+
+impl Stage {
+    fn configs(self) -> &'static [Config] {
+        match self {
+            Stage::Observability => &CONFIGS,
+            Stage::Security => &SECURITY_CONFIGS,
+        }
+    }
+
+    /// The configuration the others are compared with.
+    fn reference(self) -> &'static str {
+        match self {
+            Stage::Observability => "off",
+            Stage::Security => "plaintext",
+        }
+    }
+}
+
+const fn plain(name: &'static str, metrics: bool, sample_ratio: Option<&'static str>) -> Config {
     Config {
-        name: "off",
+        name,
+        metrics,
+        sample_ratio,
+        baseline: false,
+        transport: Transport::Plain,
+        auth: Auth::None,
+    }
+}
+
+const fn secure(name: &'static str, transport: Transport, auth: Auth) -> Config {
+    Config {
+        name,
         metrics: false,
         sample_ratio: None,
         baseline: false,
-    },
-    Config {
-        name: "metrics",
-        metrics: true,
-        sample_ratio: None,
-        baseline: false,
-    },
-    Config {
-        name: "metrics+traces 1%",
-        metrics: true,
-        sample_ratio: Some("0.01"),
-        baseline: false,
-    },
-    Config {
-        name: "metrics+traces 100%",
-        metrics: true,
-        sample_ratio: Some("1"),
-        baseline: false,
-    },
+        transport,
+        auth,
+    }
+}
+
+const SECURITY_CONFIGS: [Config; 5] = [
+    secure("plaintext", Transport::Plain, Auth::None),
+    secure("tls", Transport::Tls, Auth::None),
+    secure("tls+tokens", Transport::Tls, Auth::Token),
+    secure("mtls+tokens", Transport::Mtls, Auth::Token),
+    secure("tls+jwt", Transport::Tls, Auth::Jwt),
+];
+
+/// The bench's credentials: a PKI, a tokens file with the writer token, a JWT key.
+struct Credentials {
+    pki: Pki,
+    tokens: PathBuf,
+    jwt: JwtKeys,
+}
+
+const WRITER_TOKEN: &str = "bench-writer-token";
+
+impl Credentials {
+    fn new() -> Credentials {
+        let pki = Pki::new();
+        let tokens = pki.path("tokens");
+        write_tokens(&tokens, &[("writer", WRITER_TOKEN, "bench")], &[]);
+        Credentials {
+            pki,
+            tokens,
+            jwt: JwtKeys::ed25519(),
+        }
+    }
+
+    /// The server flags of `config`.
+    fn server_args(&self, config: &Config) -> Vec<String> {
+        let mut args = match config.transport {
+            Transport::Plain => Vec::new(),
+            Transport::Tls => self.pki.server_args(false),
+            Transport::Mtls => self.pki.server_args(true),
+        };
+        match config.auth {
+            Auth::None => {}
+            Auth::Token => args.extend(["--auth-tokens".into(), self.tokens.display().to_string()]),
+            Auth::Jwt => args.extend([
+                "--auth-jwt-key".into(),
+                self.jwt.public_key_path.display().to_string(),
+            ]),
+        }
+        args
+    }
+
+    /// How the bench's clients reach `server` under `config`.
+    fn target(&self, config: &Config, server: &Server) -> Target {
+        let tls = match config.transport {
+            Transport::Plain => None,
+            Transport::Tls => Some(self.pki.client_tls(None)),
+            Transport::Mtls => Some(self.pki.client_tls(Some(self.pki.client_identity("bench")))),
+        };
+        let token = match config.auth {
+            Auth::None => None,
+            Auth::Token => Some(WRITER_TOKEN.to_string()),
+            Auth::Jwt => Some(self.jwt.sign(&JwtKeys::claims("bench", &["writer"], 3600))),
+        };
+        Target {
+            url: server.endpoint(),
+            tls,
+            token,
+        }
+    }
+}
+
+const CONFIGS: [Config; 4] = [
+    plain("off", false, None),
+    plain("metrics", true, None),
+    plain("metrics+traces 1%", true, Some("0.01")),
+    plain("metrics+traces 100%", true, Some("1")),
 ];
 
 const BASELINE: Config = Config {
-    name: "baseline",
-    metrics: false,
-    sample_ratio: None,
     baseline: true,
+    ..plain("baseline", false, None)
 };
 
-/// Runs every configuration `plan.rounds` times, alternating.
-pub async fn run(plan: &Plan) -> anyhow::Result<Vec<ObservabilityPoint>> {
+/// Runs every configuration of `stage` `plan.rounds` times, alternating.
+pub async fn run(plan: &Plan, stage: Stage) -> anyhow::Result<Vec<ObservabilityPoint>> {
     let receiver = SpanReceiver::start().await;
-    let mut configs: Vec<&Config> = CONFIGS.iter().collect();
+    let credentials = Credentials::new();
+    let mut configs: Vec<&Config> = stage.configs().iter().collect();
     if plan.baseline_bin_dir.is_some() {
         configs.insert(0, &BASELINE);
     }
@@ -186,7 +301,8 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Vec<ObservabilityPoint>> {
         configs.retain(|c| plan.configs.iter().any(|name| name == c.name));
         anyhow::ensure!(
             !configs.is_empty(),
-            "no observability config named {:?}",
+            "no {} config named {:?}",
+            stage.reference(),
             plan.configs
         );
     }
@@ -200,9 +316,13 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Vec<ObservabilityPoint>> {
             configs.iter().rev().collect()
         };
         for config in order {
-            let point = run_one(plan, config, round, &receiver).await?;
+            let point = run_one(plan, config, round, &receiver, &credentials).await?;
             crate::say(format!(
-                "observability round {round} {}: {:.0} commands/s, p50 {:.2} ms, p99 {:.2} ms, command-server {:.2} cores, {} spans",
+                "{} round {round} {}: {:.0} commands/s, p50 {:.2} ms, p99 {:.2} ms, command-server {:.2} cores, {} spans",
+                match stage {
+                    Stage::Observability => "observability",
+                    Stage::Security => "security",
+                },
                 config.name,
                 point.commands.per_second,
                 point.commands.latency.p50_ms,
@@ -222,6 +342,7 @@ async fn start(
     args: &[&str],
     dir: &Path,
     bin_dir: Option<&PathBuf>,
+    tls: Option<tonic::transport::ClientTlsConfig>,
 ) -> Server {
     let mut server = Server::new(
         kind,
@@ -233,6 +354,7 @@ async fn start(
     if let Some(bin_dir) = bin_dir {
         server.set_bin_dir(bin_dir.clone());
     }
+    server.set_client_tls(tls);
     let _ = std::fs::create_dir_all(dir.join(kind.binary()));
     server.spawn_until_listening();
     server.wait_serving().await;
@@ -244,10 +366,12 @@ async fn run_one(
     config: &Config,
     round: usize,
     receiver: &SpanReceiver,
+    credentials: &Credentials,
 ) -> anyhow::Result<ObservabilityPoint> {
     let dir = tempfile::tempdir()?;
     let nats = Nats::start();
-    let mut args: Vec<&str> = Vec::new();
+    let security_args = credentials.server_args(config);
+    let mut args: Vec<&str> = security_args.iter().map(String::as_str).collect();
     if config.metrics {
         args.extend(["--metrics-listen", "127.0.0.1:0"]);
     }
@@ -263,9 +387,24 @@ async fn run_one(
         .baseline
         .then_some(plan.baseline_bin_dir.as_ref())
         .flatten();
-    let command = start(Kind::Command, &nats, &args, dir.path(), bin_dir).await;
-    let query = start(Kind::Query, &nats, &args, dir.path(), bin_dir).await;
-    workload::setup(&command.endpoint(), plan.catalog).await?;
+    // The harness's health checks go through the same TLS as the clients.
+    let harness_tls = (config.transport != Transport::Plain).then(|| {
+        credentials
+            .pki
+            .client_tls(Some(credentials.pki.client_identity("harness")))
+    });
+    let command = start(
+        Kind::Command,
+        &nats,
+        &args,
+        dir.path(),
+        bin_dir,
+        harness_tls.clone(),
+    )
+    .await;
+    let query = start(Kind::Query, &nats, &args, dir.path(), bin_dir, harness_tls).await;
+    let target = credentials.target(config, &command);
+    workload::setup(&target, plan.catalog).await?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let scraper = if config.metrics {
@@ -288,7 +427,7 @@ async fn run_one(
         ("query-server", query.pid()),
     ]);
     let run = workload::run_commands(
-        &command.endpoint(),
+        &target,
         &format!("obs{round}"),
         plan.catalog,
         &plan.load,
@@ -323,7 +462,12 @@ fn median(mut values: Vec<f64>) -> f64 {
 
 /// The report's table: per configuration, the median of its runs and each run's rate;
 /// then the per-request cost of each layer.
-pub fn markdown(points: &[ObservabilityPoint], layers: &LayerCost, paced: Option<f64>) -> String {
+pub fn markdown(
+    stage: Stage,
+    points: &[ObservabilityPoint],
+    layers: &LayerCost,
+    paced: Option<f64>,
+) -> String {
     use std::fmt::Write;
     let mut md = String::new();
     let Some(first) = points.first() else {
@@ -331,13 +475,22 @@ pub fn markdown(points: &[ObservabilityPoint], layers: &LayerCost, paced: Option
     };
     let _ = writeln!(
         md,
-        "### Observability cost\n\nThe mixed command workload at {} clients ({} connections, {:.0} s per run{}), a fresh stack per run, configurations alternating round by round; medians over the rounds (`metrics`: both servers scraped every second).\n\n| config | commands/s (median) | each run | vs off | p50 ms | p99 ms | command-server cores | command-server CPU µs per command | query-server cores | spans exported per run |\n|---|---|---|---|---|---|---|---|---|---|",
+        "### {} cost\n\nThe mixed command workload at {} clients ({} connections, {:.0} s per run{}), a fresh stack per run, configurations alternating round by round; medians over the rounds{}.\n\n| config | commands/s (median) | each run | vs {} | p50 ms | p99 ms | command-server cores | command-server CPU µs per command | query-server cores | spans exported per run |\n|---|---|---|---|---|---|---|---|---|---|",
+        match stage {
+            Stage::Observability => "Observability",
+            Stage::Security => "Security",
+        },
         first.commands.concurrency,
         first.commands.connections,
         first.commands.seconds,
         paced
             .map(|rate| format!(", paced at {rate:.0} commands/s"))
-            .unwrap_or_default()
+            .unwrap_or_default(),
+        match stage {
+            Stage::Observability => " (`metrics`: both servers scraped every second)",
+            Stage::Security => " (both servers run the configuration; the clients send every command with its credentials; a connection's TLS handshake happens once, before the run)",
+        },
+        stage.reference(),
     );
     let mut names: Vec<&str> = Vec::new();
     for p in points {
@@ -351,7 +504,11 @@ pub fn markdown(points: &[ObservabilityPoint], layers: &LayerCost, paced: Option
     ) -> impl Iterator<Item = &'a ObservabilityPoint> + 'a {
         points.iter().filter(move |p| p.config == name)
     }
-    let off = median(of(points, "off").map(|p| p.commands.per_second).collect());
+    let off = median(
+        of(points, stage.reference())
+            .map(|p| p.commands.per_second)
+            .collect(),
+    );
     for name in names {
         let rate = median(of(points, name).map(|p| p.commands.per_second).collect());
         let runs = of(points, name)
@@ -381,6 +538,10 @@ pub fn markdown(points: &[ObservabilityPoint], layers: &LayerCost, paced: Option
             median(of(points, name).map(|p| p.query_server_cpu).collect()),
             median(of(points, name).map(|p| p.spans_exported as f64).collect()),
         );
+    }
+    if stage == Stage::Security {
+        md.push('\n');
+        return md;
     }
     let _ = writeln!(
         md,

@@ -146,6 +146,8 @@ pub struct Results {
     pub growth: Vec<GrowthPoint>,
     pub observability: Vec<crate::observability::ObservabilityPoint>,
     pub layer_costs: crate::observability::LayerCost,
+    /// Stage `security`: plaintext vs TLS, tokens, mTLS, JWT.
+    pub security: Vec<crate::observability::ObservabilityPoint>,
     pub targets: Vec<Target>,
 }
 
@@ -396,9 +398,16 @@ impl Results {
             md.push('\n');
         }
         md.push_str(&crate::observability::markdown(
+            crate::observability::Stage::Observability,
             &self.observability,
             &self.layer_costs,
             self.observability.first().and_then(|p| p.paced_rate),
+        ));
+        md.push_str(&crate::observability::markdown(
+            crate::observability::Stage::Security,
+            &self.security,
+            &self.layer_costs,
+            self.security.first().and_then(|p| p.paced_rate),
         ));
         md
     }

@@ -11,7 +11,9 @@ use hdrhistogram::Histogram;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use shop_shared::pb;
-use tonic::transport::Channel;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, ClientTlsConfig};
 
 use crate::stats::{histogram, Recorder, RunSummary, Timeline};
 use pb::command_service_client::CommandServiceClient;
@@ -39,23 +41,76 @@ impl Catalog {
     }
 }
 
+/// Where a server is and how the bench reaches it: plaintext, or TLS and a bearer token
+/// (stage `security`).
+#[derive(Clone)]
+pub struct Target {
+    pub url: String,
+    pub tls: Option<ClientTlsConfig>,
+    pub token: Option<String>,
+}
+
+impl From<String> for Target {
+    fn from(url: String) -> Self {
+        Target {
+            url,
+            tls: None,
+            token: None,
+        }
+    }
+}
+
+impl From<&str> for Target {
+    fn from(url: &str) -> Self {
+        Target::from(url.to_string())
+    }
+}
+
+/// A connection: a channel whose requests carry the target's bearer token, if any.
+pub type Conn = InterceptedService<Channel, Credentials>;
+
+/// Adds `authorization: Bearer ...` to every request (nothing when there is no token).
+#[derive(Clone)]
+pub struct Credentials(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for Credentials {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
 /// Opens `n` HTTP/2 connections.
-pub async fn channels(endpoint: &str, n: usize) -> anyhow::Result<Vec<Channel>> {
+pub async fn channels(target: &Target, n: usize) -> anyhow::Result<Vec<Conn>> {
+    let credentials = match &target.token {
+        Some(token) => Some(format!("Bearer {token}").parse()?),
+        None => None,
+    };
     let mut out = Vec::with_capacity(n);
     for _ in 0..n.max(1) {
-        out.push(
-            Channel::from_shared(endpoint.to_string())?
-                .tcp_nodelay(true)
-                .connect_timeout(Duration::from_secs(5))
-                .connect()
-                .await?,
-        );
+        let mut endpoint = Channel::from_shared(target.url.clone())?
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(5));
+        if let Some(tls) = &target.tls {
+            endpoint = endpoint.tls_config(tls.clone())?;
+        }
+        out.push(InterceptedService::new(
+            endpoint.connect().await?,
+            Credentials(credentials.clone()),
+        ));
     }
     Ok(out)
 }
 
 /// Registers the customers and creates the products (with effectively unlimited stock).
-pub async fn setup(endpoint: &str, catalog: Catalog) -> anyhow::Result<()> {
+pub async fn setup(endpoint: &Target, catalog: Catalog) -> anyhow::Result<()> {
     let channels = channels(endpoint, 4).await?;
     let mut tasks = Vec::new();
     for (t, channel) in channels.into_iter().enumerate() {
@@ -112,7 +167,7 @@ impl Load {
 /// Where ack→visible probes go, and how often.
 #[derive(Clone)]
 pub struct Visibility {
-    pub query: QueryServiceClient<Channel>,
+    pub query: QueryServiceClient<Conn>,
     /// Probe one command in this many.
     pub every: u64,
     pub latency: Arc<Mutex<Histogram<u64>>>,
@@ -138,7 +193,7 @@ enum Step {
 /// The mixed command workload: PlaceOrder (1–5 lines) → PayOrder → ShipOrder, 10% of
 /// orders cancelled instead of paid, and 5% each of RegisterCustomer and RestockProduct.
 pub async fn run_commands(
-    endpoint: &str,
+    endpoint: &Target,
     tag: &str,
     catalog: Catalog,
     load: &Load,
@@ -362,7 +417,7 @@ pub enum QueryKind {
 
 /// A query workload over known orders and customers.
 pub async fn run_queries(
-    endpoint: &str,
+    endpoint: &Target,
     kind: QueryKind,
     orders: Arc<Vec<String>>,
     catalog: Catalog,
@@ -431,7 +486,7 @@ pub async fn run_queries(
 }
 
 /// The echo ceiling: the same request shapes against a server that does nothing.
-pub async fn run_echo(endpoint: &str, query: bool, load: &Load) -> anyhow::Result<RunSummary> {
+pub async fn run_echo(endpoint: &Target, query: bool, load: &Load) -> anyhow::Result<RunSummary> {
     let channels = channels(endpoint, load.connections).await?;
     let start = Instant::now();
     let end = start + load.duration;
@@ -518,8 +573,8 @@ impl LagSample {
 
 /// Samples log, relay and query positions every `every` until `stop` is set.
 pub async fn monitor_lag(
-    command: Channel,
-    query: Channel,
+    command: Conn,
+    query: Conn,
     every: Duration,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) -> Vec<LagSample> {
@@ -546,7 +601,7 @@ pub async fn monitor_lag(
 }
 
 /// Waits until the query server has applied `position`; how long that took.
-pub async fn wait_applied(query: Channel, position: u64, timeout: Duration) -> Option<Duration> {
+pub async fn wait_applied(query: Conn, position: u64, timeout: Duration) -> Option<Duration> {
     let mut q = QueryServiceClient::new(query);
     let start = Instant::now();
     while start.elapsed() < timeout {
@@ -561,7 +616,7 @@ pub async fn wait_applied(query: Channel, position: u64, timeout: Duration) -> O
 }
 
 /// The log's last position.
-pub async fn log_position(command: Channel) -> anyhow::Result<u64> {
+pub async fn log_position(command: Conn) -> anyhow::Result<u64> {
     Ok(LogServiceClient::new(command)
         .get_log_status(pb::GetLogStatusRequest {})
         .await?
@@ -575,7 +630,7 @@ pub fn shared_histogram() -> Arc<Mutex<Histogram<u64>>> {
 }
 
 /// The command server's recent group commits.
-pub async fn syncs(command: Channel) -> crate::report::Syncs {
+pub async fn syncs(command: Conn) -> crate::report::Syncs {
     match LogServiceClient::new(command)
         .get_log_status(pb::GetLogStatusRequest {})
         .await

@@ -418,6 +418,11 @@ impl Server {
         self.bin_dir = Some(dir);
     }
 
+    /// How the harness (and [`Server::channel`]) reaches a server that serves TLS.
+    pub fn set_client_tls(&mut self, tls: Option<ClientTlsConfig>) {
+        self.tls = tls;
+    }
+
     /// Points later (re)starts at another NATS URL.
     pub fn set_nats_url(&mut self, url: &str) {
         self.nats_url = url.to_string();
