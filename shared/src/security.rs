@@ -99,12 +99,17 @@ pub fn server_config(args: &SecurityArgs) -> Result<Option<ServerTlsConfig>, Tls
     Ok(Some(config))
 }
 
+/// Whether the server would serve plaintext to other machines (worth a warning).
+pub fn plaintext_beyond_loopback(listen: SocketAddr, args: &SecurityArgs) -> bool {
+    args.tls_cert.is_none() && !listen.ip().is_loopback()
+}
+
 /// Says what the server's transport is, with a warning when plaintext goes beyond this
 /// machine.
 fn log_transport(listen: SocketAddr, args: &SecurityArgs) {
     let tls = args.tls_cert.is_some();
     let authenticated = args.auth_tokens.is_some() || args.auth_jwt_key.is_some();
-    if !tls && !listen.ip().is_loopback() {
+    if plaintext_beyond_loopback(listen, args) {
         tracing::warn!(
             %listen,
             "serving plaintext gRPC on a non-loopback address: anyone on the network can read the traffic{}; see --tls-cert",
@@ -118,4 +123,25 @@ fn log_transport(listen: SocketAddr, args: &SecurityArgs) {
         authentication = authenticated,
         "gRPC transport"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plaintext_warning_only_beyond_loopback() {
+        let plain = SecurityArgs::default();
+        let tls = SecurityArgs {
+            tls_cert: Some("c.pem".into()),
+            tls_key: Some("k.pem".into()),
+            ..SecurityArgs::default()
+        };
+        let addr = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        assert!(!plaintext_beyond_loopback(addr("127.0.0.1:50051"), &plain));
+        assert!(!plaintext_beyond_loopback(addr("[::1]:50051"), &plain));
+        assert!(plaintext_beyond_loopback(addr("0.0.0.0:50051"), &plain));
+        assert!(plaintext_beyond_loopback(addr("10.1.2.3:50051"), &plain));
+        assert!(!plaintext_beyond_loopback(addr("0.0.0.0:50051"), &tls));
+    }
 }
