@@ -158,6 +158,7 @@ impl Nats {
             std::fs::write(&path, text).expect("write nats.conf");
             path
         });
+        let mut last_log = String::new();
         for _ in 0..5 {
             let mut nats = Nats {
                 port: free_port(),
@@ -168,9 +169,11 @@ impl Nats {
             if nats.spawn() {
                 return nats;
             }
+            let log = nats.log();
             dir = nats.into_dir();
+            last_log = log;
         }
-        panic!("nats-server did not start after 5 attempts");
+        panic!("nats-server did not start after 5 attempts; its last log:\n{last_log}");
     }
 
     fn into_dir(mut self) -> tempfile::TempDir {

@@ -243,3 +243,149 @@ pub fn nats_users_config(
         .replace("@COMMAND_PASSWORD@", command_password)
         .replace("@QUERY_PASSWORD@", query_password)
 }
+
+/// A NATS operator with one account (JetStream on) whose users get credentials files:
+/// the decentralised authentication of `nsc`, made here with nkeys (a test needs no
+/// `nsc` binary). The server runs in operator mode with the account preloaded.
+pub struct NatsOperator {
+    operator: nkeys::KeyPair,
+    account: nkeys::KeyPair,
+    /// JetStream in operator mode needs a system account.
+    system: nkeys::KeyPair,
+    dir: tempfile::TempDir,
+}
+
+impl Default for NatsOperator {
+    fn default() -> Self {
+        NatsOperator::new()
+    }
+}
+
+impl NatsOperator {
+    pub fn new() -> NatsOperator {
+        NatsOperator {
+            operator: nkeys::KeyPair::new_operator(),
+            account: nkeys::KeyPair::new_account(),
+            system: nkeys::KeyPair::new_account(),
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    /// A NATS JWT (`ed25519-nkey`) with these claims, signed by `issuer`.
+    fn jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        use base64::Engine;
+        let header = URL_SAFE_NO_PAD.encode(r#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+        let iat = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let claims = serde_json::json!({
+            "jti": format!("{:X}", Sha256::digest(format!("{subject}{iat}{name}").as_bytes()))[..52].to_string(),
+            "iat": iat,
+            "iss": issuer.public_key(),
+            "name": name,
+            "sub": subject,
+            "nats": nats,
+        });
+        let payload = URL_SAFE_NO_PAD.encode(claims.to_string());
+        let signed = format!("{header}.{payload}");
+        let signature = issuer.sign(signed.as_bytes()).expect("sign");
+        format!("{signed}.{}", URL_SAFE_NO_PAD.encode(signature))
+    }
+
+    /// The nats-server configuration: operator mode, the account preloaded.
+    pub fn server_config(&self) -> String {
+        let operator = Self::jwt(
+            &self.operator,
+            &self.operator.public_key(),
+            "shop-operator",
+            serde_json::json!({"type": "operator", "version": 2}),
+        );
+        let account = Self::jwt(
+            &self.operator,
+            &self.account.public_key(),
+            "shop",
+            serde_json::json!({
+                "limits": {
+                    "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+                    "wildcards": true, "conn": -1, "leaf": -1,
+                    "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1
+                },
+                "default_permissions": {"pub": {}, "sub": {}},
+                "type": "account",
+                "version": 2
+            }),
+        );
+        let system = Self::jwt(
+            &self.operator,
+            &self.system.public_key(),
+            "SYS",
+            serde_json::json!({"limits": {"subs": -1, "data": -1, "payload": -1, "conn": -1},
+                "type": "account", "version": 2}),
+        );
+        format!(
+            "operator: {operator}\nsystem_account: {sys}\nresolver: MEMORY\nresolver_preload: {{\n  {acc}: {account}\n  {sys}: {system}\n}}\n",
+            acc = self.account.public_key(),
+            sys = self.system.public_key(),
+        )
+    }
+
+    /// Writes a credentials file for a new user of the account allowed to publish and
+    /// subscribe to these subjects; its path.
+    pub fn user_creds(&self, name: &str, publish: &[&str], subscribe: &[&str]) -> PathBuf {
+        let user = nkeys::KeyPair::new_user();
+        let jwt = Self::jwt(
+            &self.account,
+            &user.public_key(),
+            name,
+            serde_json::json!({
+                "pub": {"allow": publish},
+                "sub": {"allow": subscribe},
+                "subs": -1, "data": -1, "payload": -1,
+                "type": "user",
+                "version": 2
+            }),
+        );
+        let seed = user.seed().expect("seed");
+        let path = self.dir.path().join(format!("{name}.creds"));
+        std::fs::write(
+            &path,
+            format!(
+                "-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n\
+                 ************************* IMPORTANT *************************\n\
+                 NKEY Seed printed below can be used to sign and prove identity.\n\n\
+                 -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+            ),
+        )
+        .expect("write creds");
+        path
+    }
+}
+
+/// The `(publish, subscribe)` allow lists of `user` in `scripts/nats-users.conf.in`, so
+/// that a credentials-file test grants exactly what the documented configuration does.
+pub fn nats_user_permissions(user: &str) -> (Vec<String>, Vec<String>) {
+    let template =
+        std::fs::read_to_string(crate::workspace_root().join("scripts/nats-users.conf.in"))
+            .expect("scripts/nats-users.conf.in");
+    let block = template
+        .split("user: ")
+        .find(|b| b.starts_with(user))
+        .unwrap_or_else(|| panic!("no user {user} in nats-users.conf.in"));
+    let list = |key: &str| -> Vec<String> {
+        let start = block
+            .find(key)
+            .map(|i| i + key.len())
+            .unwrap_or(block.len());
+        let rest = &block[start..];
+        let rest = &rest[rest.find('[').map_or(rest.len(), |i| i + 1)..];
+        let body = &rest[..rest.find(']').unwrap_or(rest.len())];
+        body.split('"')
+            .skip(1)
+            .step_by(2)
+            .map(ToString::to_string)
+            .collect()
+    };
+    (list("publish:"), list("subscribe:"))
+}

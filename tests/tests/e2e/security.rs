@@ -6,7 +6,9 @@
 
 use std::time::Duration;
 
-use shop_tests::security::{bearer, nats_users_config, write_tokens, JwtKeys, Pki};
+use shop_tests::security::{
+    bearer, nats_user_permissions, nats_users_config, write_tokens, JwtKeys, NatsOperator, Pki,
+};
 use shop_tests::{code, eventually, pb, reason, req, Kind, Nats, Server};
 use tonic::transport::Channel;
 use tonic::Code;
@@ -691,39 +693,11 @@ async fn nats_users_and_tls_confine_the_query_server_to_reading() {
     .await;
 
     // The query server's user may not publish events.
-    let (errors_tx, mut errors_rx) = tokio::sync::mpsc::unbounded_channel();
     let intruder = async_nats::ConnectOptions::new()
         .user_and_password("query".into(), "query-pw".into())
         .add_root_certificates(pki.path("ca.pem"))
-        .require_tls(true)
-        .event_callback(move |event| {
-            let errors_tx = errors_tx.clone();
-            async move {
-                let _ = errors_tx.send(event.to_string());
-            }
-        })
-        .connect(nats.url())
-        .await
-        .expect("query user connects over TLS");
-    let mut js = async_nats::jetstream::new(intruder.clone());
-    js.set_timeout(Duration::from_secs(2));
-    let forged = js
-        .publish("shop.events.customer.forged", "forged".into())
-        .await;
-    let acked = match forged {
-        Ok(ack) => ack.await.is_ok(),
-        Err(_) => false,
-    };
-    assert!(!acked, "NATS accepted a publish from the query user");
-    let violation = eventually(WAIT, "NATS reports the permission violation", || {
-        let next = errors_rx.try_recv().ok();
-        async move { next.filter(|e| e.to_lowercase().contains("permissions violation")) }
-    })
-    .await;
-    assert!(
-        violation.contains("shop.events.customer.forged"),
-        "{violation}"
-    );
+        .require_tls(true);
+    assert_publish_refused(intruder, &nats).await;
     // Without the password no one gets in.
     let anonymous = async_nats::ConnectOptions::new()
         .add_root_certificates(pki.path("ca.pem"))
@@ -746,22 +720,7 @@ async fn nats_users_and_tls_confine_the_query_server_to_reading() {
         (1, 1)
     );
     assert_eq!(query.health("").await, Some(ServingStatus::Serving));
-    // The servers themselves never needed more than their users may do.
-    let log = nats.log();
-    let refused: Vec<&str> = log
-        .lines()
-        .filter(|line| line.to_lowercase().contains("violation"))
-        .filter(|line| !line.contains("shop.events.customer.forged"))
-        .collect();
-    assert!(
-        refused.is_empty(),
-        "servers refused by NATS:\n{}",
-        refused.join("\n")
-    );
-    assert!(
-        log.contains("Publish Violation"),
-        "NATS logs violations (else the check above proves nothing):\n{log}"
-    );
+    assert_servers_never_refused(&nats);
 }
 
 #[tokio::test]
@@ -831,4 +790,112 @@ async fn unusable_security_files_stop_the_server_at_start() {
             server.log()
         );
     }
+}
+
+/// Connects with `options` and publishes an event: NATS must refuse it (no stream ack,
+/// a permissions violation reported to the client and logged by the server).
+async fn assert_publish_refused(options: async_nats::ConnectOptions, nats: &Nats) {
+    let (errors_tx, mut errors_rx) = tokio::sync::mpsc::unbounded_channel();
+    let intruder = options
+        .event_callback(move |event| {
+            let errors_tx = errors_tx.clone();
+            async move {
+                let _ = errors_tx.send(event.to_string());
+            }
+        })
+        .connect(nats.url())
+        .await
+        .expect("the query server's user connects");
+    let mut js = async_nats::jetstream::new(intruder.clone());
+    js.set_timeout(Duration::from_secs(2));
+    let forged = js
+        .publish("shop.events.customer.forged", "forged".into())
+        .await;
+    let acked = match forged {
+        Ok(ack) => ack.await.is_ok(),
+        Err(_) => false,
+    };
+    assert!(
+        !acked,
+        "NATS accepted a publish from the query server's user"
+    );
+    let violation = eventually(WAIT, "NATS reports the permission violation", || {
+        let next = errors_rx.try_recv().ok();
+        async move { next.filter(|e| e.to_lowercase().contains("permissions violation")) }
+    })
+    .await;
+    assert!(
+        violation.contains("shop.events.customer.forged"),
+        "{violation}"
+    );
+}
+
+/// NATS log lines about refused operations other than the test's own forged publish:
+/// the servers must never need more than their users may do.
+fn assert_servers_never_refused(nats: &Nats) {
+    let log = nats.log();
+    let refused: Vec<&str> = log
+        .lines()
+        .filter(|line| line.to_lowercase().contains("violation"))
+        .filter(|line| !line.contains("shop.events.customer.forged"))
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "servers refused by NATS:\n{}",
+        refused.join("\n")
+    );
+    assert!(
+        log.contains("Publish Violation"),
+        "NATS logs violations (else the check above proves nothing):\n{log}"
+    );
+}
+
+#[tokio::test]
+async fn nats_credentials_files_authenticate_each_server_as_its_own_user() {
+    let operator = NatsOperator::new();
+    let nats = Nats::start_with_config(Some(&operator.server_config()));
+    let creds = |user: &str| {
+        let (publish, subscribe) = nats_user_permissions(user);
+        let publish: Vec<&str> = publish.iter().map(String::as_str).collect();
+        let subscribe: Vec<&str> = subscribe.iter().map(String::as_str).collect();
+        operator.user_creds(user, &publish, &subscribe)
+    };
+    let (command_creds, query_creds) = (creds("command"), creds("query"));
+    let flag =
+        |path: &std::path::Path| vec!["--nats-creds".to_string(), path.display().to_string()];
+    let command = Server::start(Kind::Command, &nats, &args(&flag(&command_creds))).await;
+    let query = Server::start(Kind::Query, &nats, &args(&flag(&query_creds))).await;
+    command
+        .wait_health("shop.v1.Relay", ServingStatus::Serving, WAIT)
+        .await;
+    command
+        .commands()
+        .await
+        .register_customer(req::register("c1", "c1@example.com"))
+        .await
+        .expect("register");
+    let queries = query.queries().await;
+    eventually(WAIT, "events reach the query server through NATS", || {
+        let mut queries = queries.clone();
+        async move {
+            queries
+                .get_customer(pb::GetCustomerRequest {
+                    customer_id: "c1".into(),
+                    ..Default::default()
+                })
+                .await
+                .ok()
+        }
+    })
+    .await;
+    let intruder = async_nats::ConnectOptions::with_credentials_file(&query_creds)
+        .await
+        .expect("read creds");
+    assert_publish_refused(intruder, &nats).await;
+    let anonymous = async_nats::ConnectOptions::new().connect(nats.url()).await;
+    assert!(
+        anonymous.is_err(),
+        "NATS accepted a client without credentials"
+    );
+    assert_servers_never_refused(&nats);
 }
