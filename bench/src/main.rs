@@ -639,6 +639,10 @@ async fn run(args: Args, bin_dir: PathBuf) -> anyhow::Result<()> {
             configs: args.security_configs.clone(),
         };
         results.security = observability::run(&plan, observability::Stage::Security).await?;
+        if results.layer_costs.bare_ns == 0.0 {
+            results.layer_costs =
+                tokio::task::spawn_blocking(|| observability::layer_costs(200_000)).await?;
+        }
     }
 
     // Growth, on a fresh stack.

@@ -10,9 +10,7 @@
 //! is hashed and compared with every entry in constant time.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 
@@ -590,31 +588,29 @@ fn admit(
 impl<S, ReqBody> tower::Service<http::Request<ReqBody>> for AuthService<S>
 where
     S: tower::Service<http::Request<ReqBody>, Response = http::Response<tonic::body::Body>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
 {
     type Response = http::Response<tonic::body::Body>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+    /// The refusal, ready at once, or the admitted request (nothing boxed either way).
+    type Future =
+        futures::future::Either<std::future::Ready<Result<Self::Response, Self::Error>>, S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
+        use futures::future::Either;
         if let Some(auth) = &self.auth {
             match admit(auth, &request) {
                 Ok(Some(principal)) => {
                     request.extensions_mut().insert(principal);
                 }
                 Ok(None) => {}
-                Err(status) => {
-                    let response = status.into_http();
-                    return Box::pin(async move { Ok(response) });
-                }
+                Err(status) => return Either::Left(std::future::ready(Ok(status.into_http()))),
             }
         }
-        Box::pin(self.inner.call(request))
+        Either::Right(self.inner.call(request))
     }
 }
 
