@@ -610,34 +610,30 @@ async fn run(args: Args, bin_dir: PathBuf) -> anyhow::Result<()> {
     drop(query);
     drop(nats);
 
-    // Metrics and traces, each run on a fresh stack.
-    if stage("observability") {
+    // The observability and security stages: configurations alternating, each run on a
+    // fresh stack, at the reference concurrency, paced when asked.
+    let plan = |baseline_bin_dir: Option<PathBuf>, configs: &[String]| {
         let mut paced = load(args.reference_clients, &args);
         paced.rate = args.observability_rate;
-        let plan = observability::Plan {
+        observability::Plan {
             load: paced,
             rounds: args.rounds.max(1),
             catalog,
-            baseline_bin_dir: args.baseline_bin_dir.clone(),
-            configs: args.observability_configs.clone(),
-        };
+            baseline_bin_dir,
+            configs: configs.to_vec(),
+        }
+    };
+    if stage("observability") {
+        let plan = plan(args.baseline_bin_dir.clone(), &args.observability_configs);
         results.observability =
             observability::run(&plan, observability::Stage::Observability).await?;
         results.layer_costs =
             tokio::task::spawn_blocking(|| observability::layer_costs(200_000)).await?;
     }
 
-    // TLS, tokens, mTLS, JWT next to plaintext, each run on a fresh stack.
+    // TLS, tokens, mTLS, JWT next to plaintext.
     if stage("security") {
-        let mut paced = load(args.reference_clients, &args);
-        paced.rate = args.observability_rate;
-        let plan = observability::Plan {
-            load: paced,
-            rounds: args.rounds.max(1),
-            catalog,
-            baseline_bin_dir: None,
-            configs: args.security_configs.clone(),
-        };
+        let plan = plan(None, &args.security_configs);
         results.security = observability::run(&plan, observability::Stage::Security).await?;
         if results.layer_costs.bare_ns == 0.0 {
             results.layer_costs =

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 
 use sha2::{Digest, Sha256};
@@ -27,6 +27,9 @@ pub const AUTHORIZATION_BYTES_MAX: usize = 8 * 1024;
 pub const CERT_ENTRY_PREFIX: &str = "cert:";
 /// Clock skew tolerated on a JWT's `exp`, in seconds.
 const JWT_LEEWAY_S: u64 = 5;
+/// Verified JWTs remembered (by their SHA-256) so that a client reusing its token pays
+/// for one signature check, not one per request; the cache is emptied when full.
+const JWT_CACHE_ENTRIES_MAX: usize = 4096;
 
 /// A role of SPEC section 6.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -303,13 +306,23 @@ fn parse_sha256_hex(text: &str) -> Option<[u8; 32]> {
 struct Jwt {
     key: jsonwebtoken::DecodingKey,
     validation: jsonwebtoken::Validation,
+    /// SHA-256 of a verified token → its principal and `exp`. The key never changes
+    /// while the process runs, so a token verified once stays valid until `exp`.
+    verified: Mutex<HashMap<[u8; 32], (Principal, u64)>>,
 }
 
 #[derive(serde::Deserialize)]
 struct Claims {
     sub: String,
+    exp: u64,
     #[serde(default)]
     roles: Vec<String>,
+}
+
+fn unix_now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 impl Jwt {
@@ -334,10 +347,35 @@ impl Jwt {
         validation.set_required_spec_claims(&["exp", "sub"]);
         validation.leeway = JWT_LEEWAY_S;
         validation.validate_aud = false;
-        Ok(Jwt { key, validation })
+        Ok(Jwt {
+            key,
+            validation,
+            verified: Mutex::new(HashMap::new()),
+        })
     }
 
+    /// The principal of `token`, from the cache of verified tokens or by verifying it.
     fn verify(&self, token: &str) -> Result<Principal, Refusal> {
+        let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((principal, exp)) = verified.get(&hash) {
+            if unix_now_s() <= exp.saturating_add(JWT_LEEWAY_S) {
+                return Ok(principal.clone());
+            }
+            verified.remove(&hash);
+            return Err(Refusal::ExpiredJwt);
+        }
+        drop(verified);
+        let (principal, exp) = self.verify_signature(token)?;
+        let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        if verified.len() >= JWT_CACHE_ENTRIES_MAX {
+            verified.clear();
+        }
+        verified.insert(hash, (principal.clone(), exp));
+        Ok(principal)
+    }
+
+    fn verify_signature(&self, token: &str) -> Result<(Principal, u64), Refusal> {
         use jsonwebtoken::errors::ErrorKind;
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(
             |error| match error.kind() {
@@ -348,7 +386,7 @@ impl Jwt {
         if data.claims.sub.is_empty() {
             return Err(Refusal::InvalidJwt);
         }
-        Ok(Principal {
+        let principal = Principal {
             name: data.claims.sub,
             // Roles this server does not know are someone else's business.
             roles: data
@@ -357,7 +395,8 @@ impl Jwt {
                 .iter()
                 .filter_map(|r| Role::parse(r))
                 .collect(),
-        })
+        };
+        Ok((principal, data.claims.exp))
     }
 }
 
@@ -443,25 +482,28 @@ impl Authenticator {
             .clone()
     }
 
-    /// Who presents these credentials: the bearer token if any, else the client
-    /// certificate's subject (which may have no roles).
+    /// Who presents these credentials: the `authorization` bearer token if any, else the
+    /// client certificate's subject (which may have no roles; only looked for when no
+    /// token is sent).
     pub fn authenticate(
         &self,
-        authorization: &[&http::HeaderValue],
-        certificate_subject: Option<&str>,
+        headers: &http::HeaderMap,
+        certificate_subject: impl FnOnce() -> Option<String>,
     ) -> Result<Principal, Refusal> {
-        match authorization {
-            [] => {}
-            [value] => return self.authenticate_bearer(value.as_bytes()),
-            _ => return Err(Refusal::MalformedAuthorization),
+        let mut authorization = headers.get_all(http::header::AUTHORIZATION).iter();
+        match (authorization.next(), authorization.next()) {
+            (None, _) => {}
+            (Some(value), None) => return self.authenticate_bearer(value.as_bytes()),
+            (Some(_), Some(_)) => return Err(Refusal::MalformedAuthorization),
         }
-        let subject = certificate_subject.ok_or(Refusal::MissingCredentials)?;
+        let subject = certificate_subject().ok_or(Refusal::MissingCredentials)?;
+        let roles = self
+            .current_tokens()
+            .subject_roles(&subject)
+            .unwrap_or_default();
         Ok(Principal {
-            name: subject.to_string(),
-            roles: self
-                .current_tokens()
-                .subject_roles(subject)
-                .unwrap_or_default(),
+            name: subject,
+            roles,
         })
     }
 
@@ -557,14 +599,10 @@ fn admit(
     let Access::Requires(role) = access_of(path) else {
         return Ok(None);
     };
-    let headers: Vec<&http::HeaderValue> = request
-        .headers()
-        .get_all(http::header::AUTHORIZATION)
-        .iter()
-        .collect();
-    let subject = certificate_subject(request.extensions());
     let principal = auth
-        .authenticate(&headers, subject.as_deref())
+        .authenticate(request.headers(), || {
+            certificate_subject(request.extensions())
+        })
         .map_err(|refusal| {
             tracing::debug!(path, reason = refusal.reason(), "request not authenticated");
             refusal.status()
@@ -689,6 +727,57 @@ mod tests {
         assert_eq!(bearer_token(b"Bearer a\xffb"), None);
         let long = format!("Bearer {}", "a".repeat(AUTHORIZATION_BYTES_MAX));
         assert_eq!(bearer_token(long.as_bytes()), None);
+    }
+
+    fn hs256() -> (Jwt, jsonwebtoken::EncodingKey) {
+        let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.leeway = JWT_LEEWAY_S;
+        let jwt = Jwt {
+            key: jsonwebtoken::DecodingKey::from_secret(b"test secret"),
+            validation,
+            verified: Mutex::new(HashMap::new()),
+        };
+        (jwt, jsonwebtoken::EncodingKey::from_secret(b"test secret"))
+    }
+
+    fn sign(key: &jsonwebtoken::EncodingKey, sub: &str, exp: u64) -> String {
+        let claims = serde_json::json!({"sub": sub, "exp": exp, "roles": ["writer", "owner"]});
+        jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, key).expect("sign")
+    }
+
+    #[test]
+    fn verified_jwts_are_cached_until_they_expire() {
+        let (jwt, key) = hs256();
+        let token = sign(&key, "alice", unix_now_s() + 100);
+        let first = jwt.verify(&token).expect("valid");
+        assert_eq!(first.name, "alice");
+        assert!(first.roles.allow(Role::Writer) && !first.roles.allow(Role::Reader));
+        assert_eq!(jwt.verify(&token), Ok(first));
+        assert_eq!(jwt.verified.lock().expect("lock").len(), 1);
+        // Once past its exp (and the leeway) the cached token is refused and forgotten.
+        for entry in jwt.verified.lock().expect("lock").values_mut() {
+            entry.1 = unix_now_s() - JWT_LEEWAY_S - 1;
+        }
+        assert_eq!(jwt.verify(&token), Err(Refusal::ExpiredJwt));
+        assert!(jwt.verified.lock().expect("lock").is_empty());
+        // What does not verify is never cached.
+        let tampered = format!("{token}x");
+        assert_eq!(jwt.verify(&tampered), Err(Refusal::InvalidJwt));
+        let expired = sign(&key, "bob", unix_now_s() - 3600);
+        assert_eq!(jwt.verify(&expired), Err(Refusal::ExpiredJwt));
+        assert!(jwt.verified.lock().expect("lock").is_empty());
+    }
+
+    #[test]
+    fn jwt_cache_is_bounded() {
+        let (jwt, key) = hs256();
+        let exp = unix_now_s() + 100;
+        for i in 0..=JWT_CACHE_ENTRIES_MAX {
+            jwt.verify(&sign(&key, &format!("u{i}"), exp))
+                .expect("valid");
+        }
+        assert!(jwt.verified.lock().expect("lock").len() <= JWT_CACHE_ENTRIES_MAX);
     }
 
     proptest::proptest! {

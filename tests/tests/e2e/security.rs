@@ -672,25 +672,7 @@ async fn nats_users_and_tls_confine_the_query_server_to_reading() {
         .wait_health("shop.v1.Relay", ServingStatus::Serving, WAIT)
         .await;
 
-    let mut commands = command.commands().await;
-    commands
-        .register_customer(req::register("c1", "c1@example.com"))
-        .await
-        .expect("register");
-    let mut queries = query.queries().await;
-    eventually(WAIT, "events reach the query server through NATS", || {
-        let mut queries = queries.clone();
-        async move {
-            queries
-                .get_customer(pb::GetCustomerRequest {
-                    customer_id: "c1".into(),
-                    ..Default::default()
-                })
-                .await
-                .ok()
-        }
-    })
-    .await;
+    let mut queries = command_reaches_query(&command, &query).await;
 
     // The query server's user may not publish events.
     let intruder = async_nats::ConnectOptions::new()
@@ -792,6 +774,35 @@ async fn unusable_security_files_stop_the_server_at_start() {
     }
 }
 
+/// Registers customer c1 and waits until the query server has it: events flow from the
+/// command server through NATS to the query server. A query client for more checks.
+async fn command_reaches_query(
+    command: &Server,
+    query: &Server,
+) -> pb::query_service_client::QueryServiceClient<Channel> {
+    command
+        .commands()
+        .await
+        .register_customer(req::register("c1", "c1@example.com"))
+        .await
+        .expect("register");
+    let queries = query.queries().await;
+    eventually(WAIT, "events reach the query server through NATS", || {
+        let mut queries = queries.clone();
+        async move {
+            queries
+                .get_customer(pb::GetCustomerRequest {
+                    customer_id: "c1".into(),
+                    ..Default::default()
+                })
+                .await
+                .ok()
+        }
+    })
+    .await;
+    queries
+}
+
 /// Connects with `options` and publishes an event: NATS must refuse it (no stream ack,
 /// a permissions violation reported to the client and logged by the server).
 async fn assert_publish_refused(options: async_nats::ConnectOptions, nats: &Nats) {
@@ -868,26 +879,7 @@ async fn nats_credentials_files_authenticate_each_server_as_its_own_user() {
     command
         .wait_health("shop.v1.Relay", ServingStatus::Serving, WAIT)
         .await;
-    command
-        .commands()
-        .await
-        .register_customer(req::register("c1", "c1@example.com"))
-        .await
-        .expect("register");
-    let queries = query.queries().await;
-    eventually(WAIT, "events reach the query server through NATS", || {
-        let mut queries = queries.clone();
-        async move {
-            queries
-                .get_customer(pb::GetCustomerRequest {
-                    customer_id: "c1".into(),
-                    ..Default::default()
-                })
-                .await
-                .ok()
-        }
-    })
-    .await;
+    command_reaches_query(&command, &query).await;
     let intruder = async_nats::ConnectOptions::with_credentials_file(&query_creds)
         .await
         .expect("read creds");
