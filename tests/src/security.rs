@@ -331,17 +331,17 @@ impl NatsOperator {
         )
     }
 
-    /// Writes a credentials file for a new user of the account allowed to publish and
-    /// subscribe to these subjects; its path.
-    pub fn user_creds(&self, name: &str, publish: &[&str], subscribe: &[&str]) -> PathBuf {
+    /// Writes a credentials file for a new user of the account with these permissions;
+    /// its path.
+    pub fn user_creds(&self, name: &str, permissions: &NatsPermissions) -> PathBuf {
         let user = nkeys::KeyPair::new_user();
         let jwt = Self::jwt(
             &self.account,
             &user.public_key(),
             name,
             serde_json::json!({
-                "pub": {"allow": publish},
-                "sub": {"allow": subscribe},
+                "pub": {"allow": permissions.publish_allow, "deny": permissions.publish_deny},
+                "sub": {"allow": permissions.subscribe_allow},
                 "subs": -1, "data": -1, "payload": -1,
                 "type": "user",
                 "version": 2
@@ -363,9 +363,17 @@ impl NatsOperator {
     }
 }
 
-/// The `(publish, subscribe)` allow lists of `user` in `scripts/nats-users.conf.in`, so
-/// that a credentials-file test grants exactly what the documented configuration does.
-pub fn nats_user_permissions(user: &str) -> (Vec<String>, Vec<String>) {
+/// What a NATS user may do: allow and deny lists of subjects.
+#[derive(Debug, Clone, Default)]
+pub struct NatsPermissions {
+    pub publish_allow: Vec<String>,
+    pub publish_deny: Vec<String>,
+    pub subscribe_allow: Vec<String>,
+}
+
+/// The permissions of `user` in `scripts/nats-users.conf.in`, so that a credentials-file
+/// test grants exactly what the documented configuration does.
+pub fn nats_user_permissions(user: &str) -> NatsPermissions {
     let template =
         std::fs::read_to_string(crate::workspace_root().join("scripts/nats-users.conf.in"))
             .expect("scripts/nats-users.conf.in");
@@ -373,12 +381,15 @@ pub fn nats_user_permissions(user: &str) -> (Vec<String>, Vec<String>) {
         .split("user: ")
         .find(|b| b.starts_with(user))
         .unwrap_or_else(|| panic!("no user {user} in nats-users.conf.in"));
-    let list = |key: &str| -> Vec<String> {
-        let start = block
-            .find(key)
-            .map(|i| i + key.len())
-            .unwrap_or(block.len());
-        let rest = &block[start..];
+    let (publish, subscribe) = block
+        .split_once("subscribe:")
+        .unwrap_or_else(|| panic!("no subscribe permissions for {user}"));
+    // The quoted subjects of the `[...]` list after `key` in `text` (none without `key`).
+    let list = |text: &str, key: &str| -> Vec<String> {
+        let Some(start) = text.find(key) else {
+            return Vec::new();
+        };
+        let rest = &text[start + key.len()..];
         let rest = &rest[rest.find('[').map_or(rest.len(), |i| i + 1)..];
         let body = &rest[..rest.find(']').unwrap_or(rest.len())];
         body.split('"')
@@ -387,5 +398,9 @@ pub fn nats_user_permissions(user: &str) -> (Vec<String>, Vec<String>) {
             .map(ToString::to_string)
             .collect()
     };
-    (list("publish:"), list("subscribe:"))
+    NatsPermissions {
+        publish_allow: list(publish, "allow:"),
+        publish_deny: list(publish, "deny:"),
+        subscribe_allow: list(subscribe, "allow:"),
+    }
 }

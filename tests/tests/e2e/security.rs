@@ -839,16 +839,32 @@ async fn assert_publish_refused(options: async_nats::ConnectOptions, nats: &Nats
         violation.contains("shop.events.customer.forged"),
         "{violation}"
     );
+
+    // Nor delete the command server's policy consumer (it may delete the consumers it
+    // creates itself).
+    let policy = command_server::policy::CONSUMER_NAME;
+    let deleted = js.delete_consumer_from_stream(policy, "SHOP_EVENTS").await;
+    assert!(
+        deleted.is_err(),
+        "the query server's user deleted the policy consumer"
+    );
+    let stream = js.get_stream("SHOP_EVENTS").await.expect("stream info");
+    stream
+        .consumer_info(policy)
+        .await
+        .expect("the policy consumer is still there");
 }
 
-/// NATS log lines about refused operations other than the test's own forged publish:
-/// the servers must never need more than their users may do.
+/// NATS log lines about refused operations other than the test's own (the forged publish,
+/// the policy consumer's deletion): the servers must never need more than their users may
+/// do.
 fn assert_servers_never_refused(nats: &Nats) {
     let log = nats.log();
     let refused: Vec<&str> = log
         .lines()
         .filter(|line| line.to_lowercase().contains("violation"))
         .filter(|line| !line.contains("shop.events.customer.forged"))
+        .filter(|line| !line.contains(command_server::policy::CONSUMER_NAME))
         .collect();
     assert!(
         refused.is_empty(),
@@ -865,12 +881,7 @@ fn assert_servers_never_refused(nats: &Nats) {
 async fn nats_credentials_files_authenticate_each_server_as_its_own_user() {
     let operator = NatsOperator::new();
     let nats = Nats::start_with_config(Some(&operator.server_config()));
-    let creds = |user: &str| {
-        let (publish, subscribe) = nats_user_permissions(user);
-        let publish: Vec<&str> = publish.iter().map(String::as_str).collect();
-        let subscribe: Vec<&str> = subscribe.iter().map(String::as_str).collect();
-        operator.user_creds(user, &publish, &subscribe)
-    };
+    let creds = |user: &str| operator.user_creds(user, &nats_user_permissions(user));
     let (command_creds, query_creds) = (creds("command"), creds("query"));
     let flag =
         |path: &std::path::Path| vec!["--nats-creds".to_string(), path.display().to_string()];
