@@ -481,10 +481,13 @@ async fn bad_credentials_are_unauthenticated_and_write_nothing() {
         let claims = JwtKeys::claims("carol", &["admin"], 300).to_string();
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(claims)
     };
+    // One character in the middle of the signature changed (to another one, always).
     let flipped = {
         let mut s = signature.to_string();
-        let last = if s.ends_with('A') { "B" } else { "A" };
-        s.replace_range(s.len() - 2..s.len() - 1, last);
+        let middle = s.len() / 2;
+        let other = if &s[middle..=middle] == "A" { "B" } else { "A" };
+        s.replace_range(middle..=middle, other);
+        assert_ne!(s, signature);
         s
     };
     let other_key = JwtKeys::ed25519();
