@@ -163,7 +163,7 @@ async fn tls_refuses_plaintext_and_untrusted_clients() {
 
     // The per-connection in-flight limit holds over TLS too: four of ten parked reads
     // hold a slot until their deadline, the other six are shed.
-    let codes = shop_tests::parked_reads(&query.channel().await, 10, Duration::from_secs(1)).await;
+    let codes = shop_tests::parked_reads(&query.channel().await, 10, Duration::from_secs(3)).await;
     let shed = codes
         .iter()
         .filter(|(code, _)| *code == Code::ResourceExhausted)
