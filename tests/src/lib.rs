@@ -10,6 +10,7 @@
 //! - [`eventually`]: poll an async condition until a deadline (never sleep and hope).
 //! - [`observability`]: metrics scrapes and parsing, a real OTLP span receiver.
 //! - [`security`]: a throwaway PKI, tokens files, JWTs, NATS users.
+//! - [`grpc_fuzz`]: random and mutated protobuf bytes to every RPC of a server.
 //!
 //! Binaries are found next to the test executable (`target/<profile>/`), or in
 //! `SHOP_BIN_DIR`; `nats-server` via `NATS_SERVER_BIN`, `.tools/bin`, or PATH. A missing
@@ -31,6 +32,7 @@ use tonic_health::pb::HealthCheckRequest;
 
 pub use shop_shared::pb;
 
+pub mod grpc_fuzz;
 pub mod observability;
 pub mod security;
 

@@ -4,6 +4,7 @@
 mod bus;
 mod commands;
 mod crash;
+mod grpc_fuzz;
 mod model;
 mod observability;
 pub mod queries;
