@@ -38,6 +38,16 @@ fn tokens_file(dir: &std::path::Path, subjects: &[(&str, &str)]) -> std::path::P
     path
 }
 
+/// Server flags: the tokens file of [`tokens_file`] and `jwt`'s public key.
+fn tokens_and_jwt_args(dir: &std::path::Path, jwt: &JwtKeys) -> Vec<String> {
+    vec![
+        "--auth-tokens".to_string(),
+        tokens_file(dir, &[]).display().to_string(),
+        "--auth-jwt-key".to_string(),
+        jwt.public_key_path.display().to_string(),
+    ]
+}
+
 /// `message`, with a bearer token when one is given.
 fn maybe_bearer<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
     match token {
@@ -343,14 +353,8 @@ async fn roles_are_enforced_on_every_service_in_both_directions() {
 #[tokio::test]
 async fn actor_of_every_event_is_in_the_history() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let tokens = tokens_file(dir.path(), &[]);
     let jwt = JwtKeys::ed25519();
-    let auth = [
-        "--auth-tokens".to_string(),
-        tokens.display().to_string(),
-        "--auth-jwt-key".to_string(),
-        jwt.public_key_path.display().to_string(),
-    ];
+    let auth = tokens_and_jwt_args(dir.path(), &jwt);
     let nats = Nats::start();
     let command = Server::start(Kind::Command, &nats, &args(&auth)).await;
     let query = Server::start(Kind::Query, &nats, &args(&auth)).await;
@@ -461,14 +465,8 @@ async fn actor_of_every_event_is_in_the_history() {
 #[tokio::test]
 async fn bad_credentials_are_unauthenticated_and_write_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let tokens = tokens_file(dir.path(), &[]);
     let jwt = JwtKeys::rsa();
-    let auth = [
-        "--auth-tokens".to_string(),
-        tokens.display().to_string(),
-        "--auth-jwt-key".to_string(),
-        jwt.public_key_path.display().to_string(),
-    ];
+    let auth = tokens_and_jwt_args(dir.path(), &jwt);
     let nats = Nats::start();
     let mut command = Server::start(Kind::Command, &nats, &args(&auth)).await;
     let channel = command.channel().await;
