@@ -282,11 +282,6 @@ impl Tokens {
     }
 }
 
-/// The hex SHA-256 of a token: what the tokens file holds.
-pub fn sha256_hex(token: &str) -> String {
-    hex(&Sha256::digest(token.as_bytes()))
-}
-
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -657,7 +652,7 @@ mod tests {
     use super::*;
 
     fn hash_line(role: &str, token: &str, name: &str) -> String {
-        format!("{role} {} {name}\n", sha256_hex(token))
+        format!("{role} {} {name}\n", hex(&Sha256::digest(token.as_bytes())))
     }
 
     #[test]
