@@ -14,10 +14,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine;
 use futures::Stream;
 use prost::Message;
-use shop_shared::events::micros_from_timestamp;
 use shop_shared::grpc::{invalid_argument, request_timeout, FieldViolation};
 use shop_shared::ids::{validate_id, StreamId};
 use shop_shared::pb;
@@ -28,22 +26,16 @@ use tonic::{Request, Response, Status};
 
 use prometheus_client::metrics::counter::Counter;
 
+use crate::as_of::{cutoff, fold_merged, take_order, Cutoff};
 use crate::consumer::ConsumerStatus;
+use crate::history::{history_event, history_limit};
+use crate::paging::{decode_token, encode_token, page_size, paginate};
 use crate::projections::MemoryViews;
 use crate::store::{self, Store, StoreError};
 use crate::watch::{Update, WatchError, WatchKey, WatchSlot, Watchers};
 
 /// Wait for `min_position` when the client set no deadline.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(5);
-/// Page size when none is asked for, and the most one page may hold.
-pub const PAGE_SIZE_DEFAULT: usize = 50;
-pub const PAGE_SIZE_MAX: usize = 500;
-/// History events per page, default and maximum.
-pub const HISTORY_LIMIT_DEFAULT: usize = 100;
-pub const HISTORY_LIMIT_MAX: usize = 1000;
-/// Index entries one list request may examine (filters can reject many).
-const SCAN_BUDGET: usize = 5_000;
-
 /// The query service.
 #[derive(Clone)]
 pub struct Queries {
@@ -67,136 +59,6 @@ fn bad(field: &str, description: impl Into<String>) -> Status {
 
 fn check_id(field: &str, id: &str) -> Result<(), Status> {
     validate_id(id).map_err(|e| bad(field, format!("{e} (ids match [A-Za-z0-9_-]{{1,64}})")))
-}
-
-/// A point in the past to read the view at.
-#[derive(Debug, Clone, Copy)]
-enum Cutoff {
-    Position(u64),
-    TimeMicros(i64),
-}
-
-impl Cutoff {
-    fn keeps(self, envelope: &pb::EventEnvelope) -> bool {
-        match self {
-            Cutoff::Position(p) => envelope.position <= p,
-            Cutoff::TimeMicros(t) => {
-                envelope
-                    .occurred_at
-                    .as_ref()
-                    .map_or(0, micros_from_timestamp)
-                    <= t
-            }
-        }
-    }
-
-    fn describe(self) -> String {
-        match self {
-            Cutoff::Position(p) => format!("at position {p}"),
-            Cutoff::TimeMicros(t) => format!("at {t} µs since the epoch"),
-        }
-    }
-}
-
-fn cutoff(
-    as_of_position: u64,
-    as_of_time: Option<&prost_types::Timestamp>,
-) -> Result<Option<Cutoff>, Status> {
-    match (as_of_position, as_of_time) {
-        (0, None) => Ok(None),
-        (p, None) => Ok(Some(Cutoff::Position(p))),
-        (0, Some(t)) => {
-            if t.nanos < 0 || t.nanos >= 1_000_000_000 {
-                return Err(bad("as_of_time", "nanos must be within 0..1e9"));
-            }
-            Ok(Some(Cutoff::TimeMicros(micros_from_timestamp(t))))
-        }
-        _ => Err(bad(
-            "as_of_time",
-            "set as_of_position or as_of_time, not both",
-        )),
-    }
-}
-
-/// What a page token remembers.
-#[derive(Clone, PartialEq, prost::Message)]
-struct PageToken {
-    /// Last index key returned.
-    #[prost(bytes = "vec", tag = "1")]
-    after: Vec<u8>,
-    /// The request's filter, which must not change between pages.
-    #[prost(string, tag = "2")]
-    filter: String,
-}
-
-fn encode_token(after: &[u8], filter: &str) -> String {
-    let token = PageToken {
-        after: after.to_vec(),
-        filter: filter.to_string(),
-    };
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token.encode_to_vec())
-}
-
-fn decode_token(token: &str, filter: &str, prefix: &[u8]) -> Result<Option<Vec<u8>>, Status> {
-    if token.is_empty() {
-        return Ok(None);
-    }
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(token)
-        .map_err(|_| bad("page_token", "not a token this server issued"))?;
-    let token = PageToken::decode(bytes.as_slice())
-        .map_err(|_| bad("page_token", "not a token this server issued"))?;
-    if token.filter != filter {
-        return Err(bad(
-            "page_token",
-            "was issued for a request with other filters",
-        ));
-    }
-    if !token.after.starts_with(prefix) {
-        return Err(bad("page_token", "not a token this server issued"));
-    }
-    Ok(Some(token.after))
-}
-
-fn page_size(requested: u32) -> usize {
-    match usize::try_from(requested) {
-        Ok(0) | Err(_) => PAGE_SIZE_DEFAULT,
-        Ok(n) => n.min(PAGE_SIZE_MAX),
-    }
-}
-
-/// One page over an index: items `fetch` accepts, and the key to continue after.
-fn paginate<T>(
-    store: &Store,
-    prefix: &[u8],
-    end: Option<&[u8]>,
-    after: Option<Vec<u8>>,
-    size: usize,
-    mut fetch: impl FnMut(&[u8]) -> Result<Option<T>, StoreError>,
-) -> Result<(Vec<T>, Option<Vec<u8>>), StoreError> {
-    let mut items = Vec::with_capacity(size);
-    let mut cursor = after;
-    let mut scanned = 0;
-    loop {
-        let chunk = store.scan_index(prefix, cursor.as_deref(), 256)?;
-        if chunk.is_empty() {
-            return Ok((items, None));
-        }
-        for (key, value) in chunk {
-            if end.is_some_and(|end| key.as_ref() >= end) {
-                return Ok((items, None));
-            }
-            if items.len() == size || scanned == SCAN_BUDGET {
-                // There is at least this one more entry: continue after the last one.
-                return Ok((items, cursor));
-            }
-            scanned += 1;
-            if let Some(item) = fetch(&value)? {
-                items.push(item);
-            }
-            cursor = Some(key.to_vec());
-        }
-    }
 }
 
 impl Queries {
@@ -253,8 +115,7 @@ impl Queries {
         for stream in streams {
             events.extend(store.stream_prefix_while(stream, |e| cut.keeps(e))?);
         }
-        events.sort_by_key(|e| e.position);
-        Ok(MemoryViews::fold(&events))
+        Ok(fold_merged(events))
     }
 
     fn customer_as_of(
@@ -281,14 +142,7 @@ impl Queries {
             StreamId::customer(&current.customer_id),
         ];
         let mut views = Self::fold(store, &streams, cut)?;
-        Ok(views.orders.remove(id).map(|mut o| {
-            o.customer_name = views
-                .customers
-                .remove(&o.customer_id)
-                .map(|c| c.name)
-                .unwrap_or_default();
-            o
-        }))
+        Ok(take_order(&mut views, id))
     }
 
     fn product_as_of(
@@ -515,10 +369,7 @@ impl QueryService for Queries {
         let stream = StreamId::parse(&r.stream_id).map_err(|e| bad("stream_id", e.to_string()))?;
         self.wait_applied(&metadata, r.min_position).await?;
         let from = r.from_version.max(1);
-        let limit = match usize::try_from(r.limit) {
-            Ok(0) | Err(_) => HISTORY_LIMIT_DEFAULT,
-            Ok(n) => n.min(HISTORY_LIMIT_MAX),
-        };
+        let limit = history_limit(r.limit);
         let lookup = stream.clone();
         let events = self
             .blocking(move |s| s.history(&lookup, from, limit + 1))
@@ -534,19 +385,7 @@ impl QueryService for Queries {
         let events: Vec<pb::HistoryEvent> = events
             .into_iter()
             .take(limit)
-            .map(|e| pb::HistoryEvent {
-                payload_json: payload_json(&event_desc, e.event.as_ref()),
-                event_id: e.event_id,
-                position: e.position,
-                stream_id: e.stream_id,
-                stream_version: e.stream_version,
-                event_type: e.event_type,
-                occurred_at: e.occurred_at,
-                command_id: e.command_id,
-                correlation_id: e.correlation_id,
-                causation_id: e.causation_id,
-                actor: e.actor,
-            })
+            .map(|e| history_event(&event_desc, e))
             .collect();
         let next_version = if more {
             events.last().map_or(0, |e| e.stream_version + 1)
@@ -720,29 +559,4 @@ fn watch_stream<T: Clone + Send + Sync + 'static>(
             }
         }
     }))
-}
-
-/// The payload of an event as protobuf JSON (e.g. `{"orderId": "o1", ...}`).
-pub fn payload_json(
-    event_desc: &prost_reflect::MessageDescriptor,
-    event: Option<&pb::Event>,
-) -> String {
-    let Some(event) = event else {
-        return "{}".into();
-    };
-    let dynamic = match prost_reflect::DynamicMessage::decode(
-        event_desc.clone(),
-        event.encode_to_vec().as_slice(),
-    ) {
-        Ok(d) => d,
-        Err(_) => return "{}".into(),
-    };
-    match serde_json::to_value(&dynamic) {
-        Ok(serde_json::Value::Object(map)) => map
-            .into_iter()
-            .next()
-            .map(|(_, inner)| inner.to_string())
-            .unwrap_or_else(|| "{}".into()),
-        _ => "{}".into(),
-    }
 }

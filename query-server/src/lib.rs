@@ -6,17 +6,22 @@
 //!   atomic sled write of views + indexes + events + checkpoint; wakes waiters, watchers.
 //! - [`projections`]: pure `apply(views, event)`, one module per view.
 //! - [`store`]: sled keys, indexes (derived from views), checkpoint, scans.
-//! - [`grpc`]: queries, `min_position` waits, pagination, history, as-of, watches.
+//! - [`grpc`]: the query handlers: `min_position` waits, reads, watches.
+//! - [`paging`], [`as_of`], [`history`]: page tokens and list pages, as-of folds,
+//!   history rendering (pure, fuzzed: `fuzz/`).
 //! - [`watch`]: the bounded, non-blocking registry behind WatchOrder/WatchCustomer.
 //! - [`freshness`]: `shop-applied-position` / `shop-lag-events` on every answer.
 //! - [`metrics`]: Prometheus metrics read at scrape time (`--metrics-listen`).
 //!
 //! [`run`] serves; [`rebuild`] recomputes every view from sequence 1 and exits.
 
+pub mod as_of;
 pub mod consumer;
 pub mod freshness;
 pub mod grpc;
+pub mod history;
 pub mod metrics;
+pub mod paging;
 pub mod projections;
 pub mod store;
 pub mod watch;
@@ -27,9 +32,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use shop_shared::config::{LogArgs, NatsArgs, SecurityArgs, TelemetryArgs};
 use shop_shared::grpc::{Health, RequestErrorLayer};
+use shop_shared::limits::ConnectionArgs;
 use shop_shared::metrics::{serve_until_stopped, MetricsListenError, ServerMetrics};
 use shop_shared::pb::query_service_server::QueryServiceServer;
 use shop_shared::security::Security;
@@ -80,6 +85,9 @@ pub struct Config {
 
     #[command(flatten)]
     pub security: SecurityArgs,
+
+    #[command(flatten)]
+    pub connections: ConnectionArgs,
 
     /// Events applied per atomic write, at most.
     #[arg(
@@ -160,6 +168,8 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    let open_files = shop_shared::limits::raise_open_files_limit();
+    tracing::debug!(?open_files, "open-file limit");
     let (health, health_service) = Health::new().await;
     let security = Security::load(
         &config.security,
@@ -200,6 +210,7 @@ pub async fn run(
         grpc: grpc_metrics,
         shed_layer,
         shed,
+        connections: connection_metrics,
     } = ServerMetrics::new(&[SERVICE_NAME], config.requests_per_connection_max, &health);
     metrics::register(&mut registry, &status, &watchers);
     serve_until_stopped(config.telemetry.metrics_listen, registry, stop_rx.clone()).await?;
@@ -216,12 +227,11 @@ pub async fn run(
     })
     .max_decoding_message_size(config.request_bytes_max);
 
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|stream| {
-        if let Ok(s) = &stream {
-            let _ = s.set_nodelay(true);
-        }
-        stream
-    });
+    let incoming = shop_shared::limits::incoming(
+        listener,
+        config.connections.connections_max,
+        connection_metrics,
+    );
     let on_shutdown = {
         let health = health.clone();
         let watchers = watchers.clone();
@@ -239,8 +249,9 @@ pub async fn run(
     // Outermost first: the span covers everything; metrics see refused (unauthenticated,
     // shed) requests and the corrected codes of undecodable ones; every answer to an
     // authenticated caller, refusals included, gets its freshness headers.
-    let served = security
-        .server_builder()?
+    let served = config
+        .connections
+        .apply(security.server_builder()?)
         .layer(TraceLayer)
         .layer(grpc_metrics.layer())
         .layer(security.auth_layer())
