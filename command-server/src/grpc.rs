@@ -188,19 +188,7 @@ impl Commands {
             .map(|p| p.name.clone())
             .unwrap_or_default();
         let request = request.into_inner();
-        let command = request.to_command();
-
-        let mut violations = match command.validate() {
-            Ok(()) => Vec::new(),
-            Err(DomainError::Invalid(v)) => v,
-            Err(other) => return Err(status_of(&WriteError::Domain(other))),
-        };
-        if let Err(why) = check_command_id(request.command_id()) {
-            violations.insert(0, FieldViolation::new("command_id", why));
-        }
-        if !violations.is_empty() {
-            return Err(invalid_argument(&violations));
-        }
+        let command = admit(&request)?;
 
         let idempotent = !request.command_id().is_empty();
         let command_id = or_generated(request.command_id());
@@ -234,6 +222,63 @@ impl Commands {
                 Err(status_of(&error))
             }
         }
+    }
+}
+
+/// The validated domain command of a request, or INVALID_ARGUMENT naming every bad field.
+fn admit<R: CommandRequest>(request: &R) -> Result<Command, Status> {
+    let command = request.to_command();
+    let mut violations = match command.validate() {
+        Ok(()) => Vec::new(),
+        Err(DomainError::Invalid(v)) => v,
+        Err(other) => return Err(status_of(&WriteError::Domain(other))),
+    };
+    if let Err(why) = check_command_id(request.command_id()) {
+        violations.insert(0, FieldViolation::new("command_id", why));
+    }
+    if !violations.is_empty() {
+        return Err(invalid_argument(&violations));
+    }
+    Ok(command)
+}
+
+/// The command RPCs, in the order [`admit_encoded`] numbers them.
+pub const COMMAND_RPCS: [&str; 11] = [
+    "RegisterCustomer",
+    "RenameCustomer",
+    "ChangeCustomerAddress",
+    "DeleteCustomer",
+    "CreateProduct",
+    "RestockProduct",
+    "ChangeProductPrice",
+    "PlaceOrder",
+    "PayOrder",
+    "ShipOrder",
+    "CancelOrder",
+];
+
+/// Decodes `body` as the request of RPC number `rpc` of [`COMMAND_RPCS`] and admits it as
+/// the server does before the writer sees it: the domain command, or the status a client
+/// gets. Decoding failures are INVALID_ARGUMENT here (tonic answers INTERNAL before a
+/// handler runs). For the fuzz targets (`fuzz/`) and their corpus replay.
+pub fn admit_encoded(rpc: usize, body: &[u8]) -> Result<Command, Status> {
+    fn decoded<R: CommandRequest>(body: &[u8]) -> Result<Command, Status> {
+        let request = R::decode(body)
+            .map_err(|e| Status::invalid_argument(format!("not a {} request: {e}", R::RPC)))?;
+        admit(&request)
+    }
+    match rpc % COMMAND_RPCS.len() {
+        0 => decoded::<pb::RegisterCustomerRequest>(body),
+        1 => decoded::<pb::RenameCustomerRequest>(body),
+        2 => decoded::<pb::ChangeCustomerAddressRequest>(body),
+        3 => decoded::<pb::DeleteCustomerRequest>(body),
+        4 => decoded::<pb::CreateProductRequest>(body),
+        5 => decoded::<pb::RestockProductRequest>(body),
+        6 => decoded::<pb::ChangeProductPriceRequest>(body),
+        7 => decoded::<pb::PlaceOrderRequest>(body),
+        8 => decoded::<pb::PayOrderRequest>(body),
+        9 => decoded::<pb::ShipOrderRequest>(body),
+        _ => decoded::<pb::CancelOrderRequest>(body),
     }
 }
 

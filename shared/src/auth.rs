@@ -322,27 +322,27 @@ fn unix_now_s() -> u64 {
 
 impl Jwt {
     fn load(path: &Path) -> Result<Jwt, AuthError> {
-        use jsonwebtoken::{Algorithm, DecodingKey, Validation};
         let pem = std::fs::read(path).map_err(|source| AuthError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        let (key, algorithm) = match DecodingKey::from_rsa_pem(&pem) {
+        Jwt::from_pem(&pem).ok_or_else(|| AuthError::JwtKey {
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// A verifier for an RSA (RS256) or Ed25519 (EdDSA) public key in PEM.
+    fn from_pem(pem: &[u8]) -> Option<Jwt> {
+        use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+        let (key, algorithm) = match DecodingKey::from_rsa_pem(pem) {
             Ok(key) => (key, Algorithm::RS256),
-            Err(_) => match DecodingKey::from_ed_pem(&pem) {
-                Ok(key) => (key, Algorithm::EdDSA),
-                Err(_) => {
-                    return Err(AuthError::JwtKey {
-                        path: path.to_path_buf(),
-                    })
-                }
-            },
+            Err(_) => (DecodingKey::from_ed_pem(pem).ok()?, Algorithm::EdDSA),
         };
         let mut validation = Validation::new(algorithm);
         validation.set_required_spec_claims(&["exp", "sub"]);
         validation.leeway = JWT_LEEWAY_S;
         validation.validate_aud = false;
-        Ok(Jwt {
+        Some(Jwt {
             key,
             validation,
             verified: Mutex::new(HashMap::new()),
@@ -428,6 +428,21 @@ impl Authenticator {
             tokens: RwLock::new(Arc::new(tokens)),
             jwt,
         })))
+    }
+
+    /// An authenticator from tokens and a JWT public key (PEM) held in memory, not
+    /// reloadable; `None` when the key is not an RSA or Ed25519 public key. For the fuzz
+    /// targets (`fuzz/`) and tests.
+    pub fn in_memory(tokens: Tokens, jwt_public_pem: Option<&[u8]>) -> Option<Authenticator> {
+        let jwt = match jwt_public_pem {
+            Some(pem) => Some(Jwt::from_pem(pem)?),
+            None => None,
+        };
+        Some(Authenticator {
+            tokens_path: None,
+            tokens: RwLock::new(Arc::new(tokens)),
+            jwt,
+        })
     }
 
     /// Re-reads the tokens file; on error the previous tokens stay in force.

@@ -471,9 +471,10 @@ fn check_email(email: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Given/when/then helpers for the aggregate tests.
-#[cfg(test)]
-pub(crate) mod testing {
+/// Given/when/then helpers for the aggregate tests, and the in-memory state the fuzz
+/// targets (`fuzz/`, feature `testing`) decide commands against.
+#[cfg(any(test, feature = "testing"))]
+pub mod testing {
     use std::collections::HashMap;
 
     use super::*;
