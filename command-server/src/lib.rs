@@ -29,9 +29,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use shop_shared::config::{LogArgs, NatsArgs, SecurityArgs, TelemetryArgs};
 use shop_shared::grpc::{Health, RequestErrorLayer};
+use shop_shared::limits::ConnectionArgs;
 use shop_shared::metrics::{serve_until_stopped, MetricsListenError, ServerMetrics};
 use shop_shared::pb::command_service_server::CommandServiceServer;
 use shop_shared::pb::log_service_server::LogServiceServer;
@@ -79,6 +79,9 @@ pub struct Config {
 
     #[command(flatten)]
     pub security: SecurityArgs,
+
+    #[command(flatten)]
+    pub connections: ConnectionArgs,
 
     /// When a command counts as durable: `fsync` (survives power loss) or `flush`
     /// (survives a process crash).
@@ -151,6 +154,8 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    let open_files = shop_shared::limits::raise_open_files_limit();
+    tracing::debug!(?open_files, "open-file limit");
     let (health, health_service) = Health::new().await;
     let security = Security::load(
         &config.security,
@@ -229,6 +234,7 @@ pub async fn run(
         grpc: grpc_metrics,
         shed_layer,
         shed,
+        connections: connection_metrics,
     } = ServerMetrics::new(
         &[SERVICE_NAME, LOG_SERVICE_NAME],
         config.requests_per_connection_max,
@@ -253,12 +259,11 @@ pub async fn run(
     .max_decoding_message_size(config.request_bytes_max);
     drop(writer);
 
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|stream| {
-        if let Ok(s) = &stream {
-            let _ = s.set_nodelay(true);
-        }
-        stream
-    });
+    let incoming = shop_shared::limits::incoming(
+        listener,
+        config.connections.connections_max,
+        connection_metrics,
+    );
     let on_shutdown = {
         let health = health.clone();
         async move {
@@ -272,8 +277,9 @@ pub async fn run(
     tracing::info!("command server ready");
     // Outermost first: the span covers everything; metrics see refused (unauthenticated,
     // shed) requests and the corrected codes of undecodable ones.
-    let served = security
-        .server_builder()?
+    let served = config
+        .connections
+        .apply(security.server_builder()?)
         .layer(TraceLayer)
         .layer(grpc_metrics.layer())
         .layer(security.auth_layer())

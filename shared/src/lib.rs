@@ -8,6 +8,7 @@
 //! - [`config`]: flags both binaries take (NATS, stream, logging).
 //! - [`telemetry`]: `tracing` set-up, text or JSON.
 //! - [`grpc`]: health, reflection, deadlines, shutdown, error-detail helpers.
+//! - [`limits`]: connections at once, HTTP/2 streams and header bytes, open files.
 //! - [`nats`]: connecting to NATS without crash-looping while it is away.
 //! - [`metrics`]: Prometheus metrics: gRPC middleware, load shedding, scrape-time gauges.
 //! - [`auth`]: tokens, JWTs and client certificates → principal and roles; the layer.
@@ -18,6 +19,7 @@ pub mod config;
 pub mod events;
 pub mod grpc;
 pub mod ids;
+pub mod limits;
 pub mod metrics;
 pub mod nats;
 pub mod security;

@@ -184,7 +184,7 @@ async fn spawn_server(
 }
 
 /// What both servers register the same way: the gRPC metrics of their services (and
-/// health), the per-connection shedding limit, and `shop_serving`.
+/// health), the per-connection shedding limit, open connections, and `shop_serving`.
 pub struct ServerMetrics {
     /// Where each server adds its own metrics before serving them.
     pub registry: Registry,
@@ -192,6 +192,8 @@ pub struct ServerMetrics {
     pub shed_layer: ShedLayer,
     /// `shop_shed_requests_total`, for the server's other refusals at a limit.
     pub shed: Counter,
+    /// Open and refused connections (`--connections-max`).
+    pub connections: crate::limits::ConnectionMetrics,
 }
 
 impl ServerMetrics {
@@ -202,11 +204,13 @@ impl ServerMetrics {
         let grpc = GrpcMetrics::register(&mut registry, &services);
         let (shed_layer, shed) = ShedLayer::register(&mut registry, requests_per_connection_max);
         health.register_metrics(&mut registry);
+        let connections = crate::limits::ConnectionMetrics::register(&mut registry);
         ServerMetrics {
             registry,
             grpc,
             shed_layer,
             shed,
+            connections,
         }
     }
 }

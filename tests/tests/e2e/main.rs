@@ -5,6 +5,7 @@ mod bus;
 mod commands;
 mod crash;
 mod grpc_fuzz;
+mod limits;
 mod model;
 mod observability;
 pub mod queries;

@@ -1,0 +1,108 @@
+//! Connection-level limits (`shop_shared::limits`): connections at once, header bytes.
+
+use std::time::Duration;
+
+use shop_shared::pb;
+use shop_tests::observability::{metrics_addr, Scrape};
+use shop_tests::{eventually, Kind, Nats, Server};
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+
+use pb::query_service_client::QueryServiceClient;
+
+/// A query server with no stream behind it: it answers GetStatus, enough for these tests.
+fn query_server(nats: &Nats, dir: &tempfile::TempDir, extra: &[&str]) -> Server {
+    let mut args = vec!["--metrics-listen", "127.0.0.1:0"];
+    args.extend_from_slice(extra);
+    let mut query = Server::new(
+        Kind::Query,
+        &nats.url(),
+        dir.path().join("q"),
+        dir.path().to_path_buf(),
+        &args,
+    );
+    query.spawn_until_listening();
+    query
+}
+
+async fn status(channel: &Channel) -> Result<pb::QueryStatus, tonic::Status> {
+    let mut request = tonic::Request::new(pb::GetStatusRequest {});
+    request.set_timeout(Duration::from_secs(3));
+    QueryServiceClient::new(channel.clone())
+        .get_status(request)
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_are_closed_at_once_and_counted() {
+    let nats = Nats::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let query = query_server(&nats, &dir, &["--connections-max", "3"]);
+    let metrics = metrics_addr(&query).await;
+
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let channel = query.channel().await;
+        status(&channel).await.expect("within the limit");
+        open.push(channel);
+    }
+    // The fourth connection is accepted and closed: the client fails fast.
+    let started = std::time::Instant::now();
+    let fourth = match query.try_channel_with(None).await {
+        Ok(channel) => status(&channel).await.map(|_| ()),
+        Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+    };
+    assert!(fourth.is_err(), "a fourth connection was served");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "refused at once, not after a timeout"
+    );
+    let scrape = Scrape::from(metrics).await;
+    assert!(scrape.value_or_zero("shop_connections_refused_total", &[]) >= 1.0);
+    assert_eq!(scrape.value("shop_connections_open", &[]), Some(3.0));
+    // The connections already open were not disturbed.
+    for channel in &open {
+        status(channel)
+            .await
+            .expect("open connections still served");
+    }
+    // Once one closes, its place is free again.
+    open.pop();
+    eventually(
+        Duration::from_secs(10),
+        "a connection after one closed",
+        || {
+            let query = &query;
+            async move {
+                let channel = query.try_channel_with(None).await.ok()?;
+                status(&channel).await.ok().map(|_| channel)
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_block_beyond_header_bytes_max_is_refused_and_the_server_keeps_serving() {
+    let nats = Nats::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let query = query_server(&nats, &dir, &["--header-bytes-max", "4096"]);
+    let channel = query.channel().await;
+    let with_metadata = |bytes: usize| {
+        let mut request = tonic::Request::new(pb::GetStatusRequest {});
+        request.set_timeout(Duration::from_secs(3));
+        let value: MetadataValue<_> = "x".repeat(bytes).parse().expect("ascii metadata");
+        request.metadata_mut().insert("x-padding", value);
+        request
+    };
+    let mut q = QueryServiceClient::new(channel.clone());
+    q.get_status(with_metadata(2048))
+        .await
+        .expect("2 KiB of metadata is within 4 KiB");
+    let refused = q.get_status(with_metadata(8192)).await;
+    assert!(refused.is_err(), "8 KiB of metadata was accepted");
+    // The server, and a new connection to it, still serve.
+    let fresh = query.channel().await;
+    status(&fresh).await.expect("served after the refusal");
+}
