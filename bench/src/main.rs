@@ -24,6 +24,7 @@
 
 mod ceilings;
 mod observability;
+mod overload;
 mod report;
 mod stats;
 mod system;
@@ -77,13 +78,29 @@ struct Args {
     reference_clients: usize,
 
     /// Stages to run: commands, half, watchers, queries, pipeline, rebuild, growth,
-    /// observability, security.
+    /// observability, security, overload.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "commands,half,watchers,queries,pipeline,rebuild,growth,observability,security"
+        default_value = "commands,half,watchers,queries,pipeline,rebuild,growth,observability,security,overload"
     )]
     stages: Vec<String>,
+
+    /// Stage `overload`: the offered rate as a multiple of the measured capacity.
+    #[arg(long, default_value_t = 10.0)]
+    overload_multiple: f64,
+
+    /// Stage `overload`: connections the open-loop load is spread over.
+    #[arg(long, default_value_t = 64)]
+    overload_connections: usize,
+
+    /// Stage `overload`: idle WatchCustomer streams held open during the second run.
+    #[arg(long, default_value_t = 10_000)]
+    overload_watches: usize,
+
+    /// Stage `overload`: idle connections held open to each server during the second run.
+    #[arg(long, default_value_t = 1_000)]
+    overload_idle_connections: usize,
 
     /// Rounds of the observability and security stages (each runs every configuration once).
     #[arg(long, default_value_t = 3)]
@@ -194,7 +211,12 @@ fn main() -> anyhow::Result<()> {
         args.growth = vec![3_000];
         args.reference_clients = 8;
         args.rounds = 1;
+        args.overload_connections = 8;
+        args.overload_watches = 200;
+        args.overload_idle_connections = 20;
     }
+    // Thousands of connections and watches in the overload stage.
+    let _ = shop_shared::limits::raise_open_files_limit();
     let bin_dir = system::prepare_binaries()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -639,6 +661,18 @@ async fn run(args: Args, bin_dir: PathBuf) -> anyhow::Result<()> {
             results.layer_costs =
                 tokio::task::spawn_blocking(|| observability::layer_costs(200_000)).await?;
         }
+    }
+    // Open-loop load far beyond capacity, alone and with idle watches and connections.
+    if stage("overload") {
+        let plan = overload::Plan {
+            duration: Duration::from_secs(args.seconds),
+            multiple: args.overload_multiple,
+            capacity_clients: args.reference_clients,
+            connections: args.overload_connections,
+            watches: args.overload_watches,
+            idle_connections: args.overload_idle_connections,
+        };
+        results.overload = Some(overload::run(&plan).await?);
     }
 
     // Growth, on a fresh stack.

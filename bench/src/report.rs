@@ -148,6 +148,8 @@ pub struct Results {
     pub layer_costs: crate::observability::LayerCost,
     /// Stage `security`: plaintext vs TLS, tokens, mTLS, JWT.
     pub security: Vec<crate::observability::ObservabilityPoint>,
+    /// Stage `overload`: open-loop load at a multiple of capacity.
+    pub overload: Option<crate::overload::Overload>,
     pub targets: Vec<Target>,
 }
 
@@ -409,6 +411,9 @@ impl Results {
             &self.layer_costs,
             self.security.first().and_then(|p| p.paced_rate),
         ));
+        if let Some(o) = &self.overload {
+            md.push_str(&crate::overload::markdown(o));
+        }
         md
     }
 
