@@ -216,7 +216,7 @@ impl Commands {
                 Ok(response)
             }
             Err(error) => {
-                if matches!(error, WriteError::Overloaded(_)) {
+                if error.is_overload() {
                     self.metrics.shed();
                 }
                 Err(status_of(&error))
@@ -420,6 +420,11 @@ pub fn status_of(error: &WriteError) -> Status {
             ResourceExhausted,
             "OVERLOADED",
             &[("queue_capacity", capacity.to_string())],
+        ),
+        WriteError::QueueWait(ms) => reason(
+            ResourceExhausted,
+            "OVERLOADED",
+            &[("queue_wait_max_ms", ms.to_string())],
         ),
         WriteError::ShuttingDown => Status::unavailable(message),
         WriteError::Storage(detail) => {

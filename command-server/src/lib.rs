@@ -92,6 +92,14 @@ pub struct Config {
     #[arg(long, env = "SHOP_QUEUE_CAPACITY", default_value_t = 8192)]
     pub queue_capacity: usize,
 
+    /// The longest a command may wait for the writer, in milliseconds (0: no limit).
+    /// When the writer reaches a command that waited longer, it is refused with
+    /// RESOURCE_EXHAUSTED instead of decided, and new commands are refused at once for the
+    /// next as many milliseconds: under overload, admitted commands stay fast and the
+    /// others learn it right away.
+    #[arg(long, env = "SHOP_QUEUE_WAIT_MAX_MS", default_value_t = 500)]
+    pub queue_wait_max_ms: u64,
+
     /// Commands decided into one atomic write.
     #[arg(long, env = "SHOP_BATCH_COMMANDS_MAX", default_value_t = 1024)]
     pub batch_commands_max: usize,
@@ -176,6 +184,8 @@ pub async fn run(
         WriterConfig {
             queue_capacity: config.queue_capacity,
             batch_commands_max: config.batch_commands_max,
+            queue_wait_max: (config.queue_wait_max_ms > 0)
+                .then(|| Duration::from_millis(config.queue_wait_max_ms)),
         },
     )
     .map_err(|source| ServerError::Log {

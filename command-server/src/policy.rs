@@ -260,7 +260,7 @@ impl Policy {
                     // Shipped or cancelled since the list was read: nothing to do.
                     return true;
                 }
-                Err(WriteError::Overloaded(_)) => {
+                Err(e) if e.is_overload() => {
                     attempt += 1;
                     tokio::time::sleep(
                         shop_shared::nats::reconnect_delay(attempt + 1).min(RETRY_DELAY_MAX),

@@ -24,6 +24,7 @@
 //!   already holds), so restarts never replay more than a few intervals.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -113,6 +114,8 @@ pub enum WriteError {
     CommandIdReused(String),
     #[error("the command queue is full ({0} commands waiting); retry with backoff")]
     Overloaded(usize),
+    #[error("commands wait longer than {0} ms for the writer; retry with backoff")]
+    QueueWait(u64),
     #[error("the command server is shutting down")]
     ShuttingDown,
     #[error("the event log is unusable: {0}")]
@@ -126,12 +129,73 @@ pub struct WriterConfig {
     pub queue_capacity: usize,
     /// Commands decided into one atomic batch.
     pub batch_commands_max: usize,
+    /// The longest a command may wait in the queue (`None`: as long as it takes).
+    pub queue_wait_max: Option<Duration>,
+}
+
+impl WriteError {
+    /// Whether the command was refused for overload (nothing was decided; retry later).
+    pub fn is_overload(&self) -> bool {
+        matches!(self, WriteError::Overloaded(_) | WriteError::QueueWait(_))
+    }
 }
 
 struct Submission {
     command: Command,
     meta: CommandMeta,
     reply: oneshot::Sender<Result<Accepted, WriteError>>,
+    queued_at: Instant,
+}
+
+/// Admission by queueing time (the sojourn time of CoDel, not the queue's length): when
+/// the writer reaches a command that waited longer than `wait_max`, that command is
+/// refused instead of decided, and new commands are refused at once for the next
+/// `wait_max`, before they are queued. So the commands that are admitted wait at most
+/// about `wait_max`, and those that are not learn it right away.
+struct Admission {
+    base: Instant,
+    wait_max: Option<Duration>,
+    /// Microseconds after `base` until which new commands are refused.
+    closed_until_us: AtomicU64,
+}
+
+impl Admission {
+    fn new(wait_max: Option<Duration>) -> Self {
+        Admission {
+            base: Instant::now(),
+            wait_max,
+            closed_until_us: AtomicU64::new(0),
+        }
+    }
+
+    fn micros(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.base).as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether a new command may be queued now.
+    fn open(&self) -> bool {
+        self.wait_max.is_none()
+            || self.micros(Instant::now()) >= self.closed_until_us.load(Ordering::Relaxed)
+    }
+
+    /// Whether a command queued at `queued_at` waited too long by `now`; if so, new
+    /// commands are refused for the next `wait_max`.
+    fn expired(&self, queued_at: Instant, now: Instant) -> bool {
+        let Some(wait_max) = self.wait_max else {
+            return false;
+        };
+        if now.saturating_duration_since(queued_at) <= wait_max {
+            return false;
+        }
+        self.closed_until_us
+            .store(self.micros(now + wait_max), Ordering::Relaxed);
+        true
+    }
+
+    fn refusal(&self) -> WriteError {
+        let ms = self.wait_max.map_or(0, |d| d.as_millis());
+        WriteError::QueueWait(u64::try_from(ms).unwrap_or(u64::MAX))
+    }
 }
 
 /// Cloneable handle to submit commands.
@@ -139,6 +203,7 @@ struct Submission {
 pub struct Writer {
     queue: mpsc::Sender<Submission>,
     capacity: usize,
+    admission: Arc<Admission>,
     failure: watch::Receiver<Option<String>>,
 }
 
@@ -342,15 +407,18 @@ impl Writer {
         let failure_tx = Arc::new(failure_tx);
         let syncs = Arc::new(SyncStats::default());
         let recent = Arc::new(Recent::default());
+        let admission = Arc::new(Admission::new(config.queue_wait_max));
         let writer = {
             let failure_tx = failure_tx.clone();
-            let batch_max = config.batch_commands_max.max(1);
+            let queue = Queue {
+                receiver: queue_rx,
+                batch_max: config.batch_commands_max.max(1),
+                admission: admission.clone(),
+            };
             let recent = recent.clone();
             std::thread::Builder::new()
                 .name("shop-writer".into())
-                .spawn(move || {
-                    writer_loop(decider, queue_rx, flush_tx, batch_max, &recent, &failure_tx)
-                })
+                .spawn(move || writer_loop(decider, queue, flush_tx, &recent, &failure_tx))
                 .map_err(|source| LogError::Io {
                     path: "writer thread".into(),
                     source,
@@ -370,6 +438,7 @@ impl Writer {
             Writer {
                 queue: queue_tx,
                 capacity: config.queue_capacity,
+                admission,
                 failure: failure_rx.clone(),
             },
             WriterWatch {
@@ -388,11 +457,15 @@ impl Writer {
         command: Command,
         meta: CommandMeta,
     ) -> Result<Accepted, WriteError> {
+        if !self.admission.open() {
+            return Err(self.admission.refusal());
+        }
         let (reply, answer) = oneshot::channel();
         let submission = Submission {
             command,
             meta,
             reply,
+            queued_at: Instant::now(),
         };
         match self.queue.try_send(submission) {
             Ok(()) => {}
@@ -423,35 +496,60 @@ struct FlushJob {
     last_position: u64,
 }
 
-fn writer_loop(
-    mut decider: Decider,
-    mut queue: mpsc::Receiver<Submission>,
-    flush: std::sync::mpsc::SyncSender<FlushJob>,
+/// The writer's end of the command queue.
+struct Queue {
+    receiver: mpsc::Receiver<Submission>,
     batch_max: usize,
-    recent: &Recent,
-    failure: &watch::Sender<Option<String>>,
-) {
-    let mut submissions = Vec::with_capacity(batch_max);
-    loop {
-        // While a snapshot is being written, an idle writer keeps writing it.
-        let first = if decider.snapshot_in_progress() {
-            match queue.try_recv() {
+    admission: Arc<Admission>,
+}
+
+impl Queue {
+    /// The next batch of commands (blocking until one arrives unless `wait` is false);
+    /// `None` once every sender is gone. Commands that waited too long are answered here.
+    fn next_batch(&mut self, submissions: &mut Vec<Submission>, wait: bool) -> Option<()> {
+        let first = if wait {
+            Some(self.receiver.blocking_recv()?)
+        } else {
+            match self.receiver.try_recv() {
                 Ok(s) => Some(s),
                 Err(mpsc::error::TryRecvError::Empty) => None,
-                Err(mpsc::error::TryRecvError::Disconnected) => break,
-            }
-        } else {
-            match queue.blocking_recv() {
-                Some(s) => Some(s),
-                None => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => return None,
             }
         };
         submissions.extend(first);
-        while !submissions.is_empty() && submissions.len() < batch_max {
-            match queue.try_recv() {
+        while !submissions.is_empty() && submissions.len() < self.batch_max {
+            match self.receiver.try_recv() {
                 Ok(s) => submissions.push(s),
                 Err(_) => break,
             }
+        }
+        // Oldest first: when the first has not waited too long, none has.
+        let now = Instant::now();
+        let late = |s: &Submission| self.admission.expired(s.queued_at, now);
+        if submissions.first().is_some_and(late) {
+            let (kept, late): (Vec<_>, Vec<_>) = submissions.drain(..).partition(|s| !late(s));
+            *submissions = kept;
+            for s in late {
+                let _ = s.reply.send(Err(self.admission.refusal()));
+            }
+        }
+        Some(())
+    }
+}
+
+fn writer_loop(
+    mut decider: Decider,
+    mut queue: Queue,
+    flush: std::sync::mpsc::SyncSender<FlushJob>,
+    recent: &Recent,
+    failure: &watch::Sender<Option<String>>,
+) {
+    let mut submissions = Vec::with_capacity(queue.batch_max);
+    loop {
+        // While a snapshot is being written, an idle writer keeps writing it.
+        let wait = !decider.snapshot_in_progress();
+        if queue.next_batch(&mut submissions, wait).is_none() {
+            break;
         }
         let first = decider.next_position;
         let (replies, batch, written) = match decider.decide_batch(&mut submissions) {
@@ -1197,7 +1295,27 @@ mod tests {
             },
             command,
             reply,
+            queued_at: Instant::now(),
         }
+    }
+
+    #[test]
+    fn admission_closes_for_wait_max_after_a_command_waited_too_long() {
+        let wait_max = Duration::from_millis(200);
+        let admission = Admission::new(Some(wait_max));
+        let now = Instant::now();
+        assert!(admission.open());
+        assert!(!admission.expired(now, now + wait_max));
+        assert!(admission.open(), "a wait of exactly wait_max is fine");
+        assert!(admission.expired(now, now + wait_max + Duration::from_millis(1)));
+        assert!(!admission.open(), "closed right after a late command");
+        std::thread::sleep(wait_max * 3);
+        assert!(admission.open(), "open again once wait_max has passed");
+        assert!(matches!(admission.refusal(), WriteError::QueueWait(200)));
+
+        let unlimited = Admission::new(None);
+        assert!(!unlimited.expired(now, now + Duration::from_secs(3600)));
+        assert!(unlimited.open());
     }
 
     fn restock(sku: &str, quantity: i64) -> Command {

@@ -1,13 +1,18 @@
-//! Connection-level limits (`shop_shared::limits`): connections at once, header bytes.
+//! Limits under load: connections at once, header bytes (`shop_shared::limits`), and the
+//! command queue's waiting time (`--queue-wait-max-ms`).
 
 use std::time::Duration;
 
 use shop_shared::pb;
 use shop_tests::observability::{metrics_addr, Scrape};
-use shop_tests::{eventually, Kind, Nats, Server};
+use shop_tests::{
+    error_metadata, eventually, read_whole_log_with, reason, req, Kind, Nats, Server,
+};
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
+use tonic::Code;
 
+use pb::command_service_client::CommandServiceClient;
 use pb::query_service_client::QueryServiceClient;
 
 /// A query server with no stream behind it: it answers GetStatus, enough for these tests.
@@ -105,4 +110,78 @@ async fn a_header_block_beyond_header_bytes_max_is_refused_and_the_server_keeps_
     // The server, and a new connection to it, still serve.
     let fresh = query.channel().await;
     status(&fresh).await.expect("served after the refusal");
+}
+
+/// Under a burst far beyond what the writer takes in `--queue-wait-max-ms`, commands that
+/// waited longer are refused with RESOURCE_EXHAUSTED (OVERLOADED, queue_wait_max_ms) and
+/// wrote nothing: the log holds exactly the accepted ones, and a refused command id
+/// retried later is accepted as new, not replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_that_waited_too_long_are_shed_and_wrote_nothing() {
+    const COMMANDS: usize = 3_000;
+    let nats = Nats::start();
+    let command = Server::start(Kind::Command, &nats, &["--queue-wait-max-ms", "2"]).await;
+    let mut channels = Vec::new();
+    for _ in 0..6 {
+        channels.push(command.channel().await);
+    }
+    let request = |i: usize| {
+        let mut r = req::register(&format!("burst{i}"), &format!("burst{i}@example.com"));
+        r.command_id = format!("burst-cmd-{i}");
+        r
+    };
+    let sends = (0..COMMANDS).map(|i| {
+        let mut c = CommandServiceClient::new(channels[i % channels.len()].clone());
+        let r = request(i);
+        async move { (i, c.register_customer(r).await) }
+    });
+    let answers = futures::future::join_all(sends).await;
+    let (mut accepted, mut shed) = (Vec::new(), Vec::new());
+    for (i, answer) in answers {
+        match answer {
+            Ok(_) => accepted.push(i),
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                assert_eq!(reason(&status).as_deref(), Some("OVERLOADED"));
+                let metadata = error_metadata(&status);
+                assert_eq!(
+                    metadata.get("queue_wait_max_ms").map(String::as_str),
+                    Some("2")
+                );
+                shed.push(i);
+            }
+        }
+    }
+    assert!(!accepted.is_empty(), "nothing was admitted");
+    assert!(
+        !shed.is_empty(),
+        "{COMMANDS} commands at once never waited 2 ms"
+    );
+
+    let log = read_whole_log_with(&channels[0], None).await;
+    let mut written: Vec<usize> = log
+        .iter()
+        .filter_map(|e| e.command_id.strip_prefix("burst-cmd-"))
+        .map(|i| i.parse().expect("a burst index"))
+        .collect();
+    written.sort_unstable();
+    accepted.sort_unstable();
+    assert_eq!(
+        written, accepted,
+        "the log holds exactly the accepted commands"
+    );
+
+    // A refused command was never recorded: retried (once admission is open again), it
+    // is decided as a new command.
+    let retried = shed[0];
+    let answer = eventually(Duration::from_secs(10), "the retried command", || {
+        let mut c = CommandServiceClient::new(channels[0].clone());
+        let r = request(retried);
+        async move { c.register_customer(r).await.ok() }
+    })
+    .await;
+    assert!(
+        !answer.metadata().contains_key("shop-replayed"),
+        "a refused command was replayed as if it had been written"
+    );
 }
