@@ -290,6 +290,7 @@ async fn peak_rss(pids: [Option<u32>; 2], stop: Arc<AtomicBool>) -> [f64; 2] {
 /// One overload run on a running stack.
 async fn overload_run(
     name: &str,
+    tag: &str,
     stack: (&Server, &Server),
     rate: f64,
     plan: &Plan,
@@ -309,7 +310,7 @@ async fn overload_run(
     let reading = tokio::spawn(readers(reader_conn, catalog, stop.clone()));
     let read_start = Instant::now();
     let (outcomes, scheduled, not_sent, sending) =
-        open_loop(&conns, rate, plan.duration, name, catalog).await;
+        open_loop(&conns, rate, plan.duration, tag, catalog).await;
     stop.store(true, Ordering::Relaxed);
     let read_seconds = read_start.elapsed().as_secs_f64();
     let (reads, read_latency, read_errors) = reading.await?;
@@ -423,7 +424,8 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Overload> {
         "overload: capacity {capacity_per_second:.0} PlaceOrder/s (p99 {:.1} ms); offering {rate:.0}/s",
         capacity_latency.p99_ms
     ));
-    let mut runs = vec![overload_run("overload", (&command, &query), rate, plan, catalog).await?];
+    let mut runs =
+        vec![overload_run("overload", "ov1", (&command, &query), rate, plan, catalog).await?];
     say_run(&runs[0]);
 
     let watches = idle_watches(&command, &query, plan.watches).await?;
@@ -433,7 +435,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Overload> {
         "overload + {} watches + {} idle connections per server",
         plan.watches, plan.idle_connections
     );
-    runs.push(overload_run(&name, (&command, &query), rate, plan, catalog).await?);
+    runs.push(overload_run(&name, "ov2", (&command, &query), rate, plan, catalog).await?);
     say_run(&runs[1]);
     drop(watches);
     drop(idle);
