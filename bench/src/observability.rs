@@ -109,7 +109,13 @@ pub fn layer_costs(requests: u32) -> LayerCost {
         let best = |f: &dyn Fn() -> f64| (0..3).map(|_| f()).fold(f64::MAX, f64::min);
         let mut registry = Registry::default();
         let metrics = GrpcMetrics::register(&mut registry, &["shop.v1.CommandService"]);
-        let (shed, _) = ShedLayer::register(&mut registry, 1024);
+        let (shed, _) = ShedLayer::register(
+            &mut registry,
+            shop_shared::metrics::ShedLimits {
+                per_connection: 1024,
+                total: 8192,
+            },
+        );
         let tokens = tempfile::NamedTempFile::new().ok();
         let authenticator = tokens.as_ref().and_then(|file| {
             write_tokens(file.path(), &[("writer", WRITER_TOKEN, "bench")], &[]);

@@ -188,6 +188,11 @@ impl Commands {
             .map(|p| p.name.clone())
             .unwrap_or_default();
         let request = request.into_inner();
+        // Under overload, refuse before any work.
+        if let Err(overloaded) = self.writer.admitting() {
+            self.metrics.shed();
+            return Err(status_of(&overloaded));
+        }
         let command = admit(&request)?;
 
         let idempotent = !request.command_id().is_empty();

@@ -247,7 +247,9 @@ pub async fn run(
         connections: connection_metrics,
     } = ServerMetrics::new(
         &[SERVICE_NAME, LOG_SERVICE_NAME],
-        config.requests_per_connection_max,
+        config
+            .connections
+            .shed_limits(config.requests_per_connection_max),
         &health,
     );
     let command_metrics = metrics::register(&mut registry, &writer_watch, &relay_status, shed);

@@ -451,15 +451,23 @@ impl Writer {
         ))
     }
 
+    /// Whether new commands are admitted now (see `--queue-wait-max-ms`): callers refuse
+    /// early with this, before validating.
+    pub fn admitting(&self) -> Result<(), WriteError> {
+        if self.admission.open() {
+            Ok(())
+        } else {
+            Err(self.admission.refusal())
+        }
+    }
+
     /// Submits a validated command and waits until it is durable (or refused).
     pub async fn submit(
         &self,
         command: Command,
         meta: CommandMeta,
     ) -> Result<Accepted, WriteError> {
-        if !self.admission.open() {
-            return Err(self.admission.refusal());
-        }
+        self.admitting()?;
         let (reply, answer) = oneshot::channel();
         let submission = Submission {
             command,

@@ -211,7 +211,13 @@ pub async fn run(
         shed_layer,
         shed,
         connections: connection_metrics,
-    } = ServerMetrics::new(&[SERVICE_NAME], config.requests_per_connection_max, &health);
+    } = ServerMetrics::new(
+        &[SERVICE_NAME],
+        config
+            .connections
+            .shed_limits(config.requests_per_connection_max),
+        &health,
+    );
     metrics::register(&mut registry, &status, &watchers);
     serve_until_stopped(config.telemetry.metrics_listen, registry, stop_rx.clone()).await?;
 

@@ -45,6 +45,12 @@ pub struct ConnectionArgs {
     #[arg(long, env = "SHOP_HEADER_BYTES_MAX", default_value_t = 16 * 1024, value_parser = clap::value_parser!(u32).range(1024..))]
     pub header_bytes_max: u32,
 
+    /// Requests in flight on the whole server (all connections); beyond,
+    /// RESOURCE_EXHAUSTED at once. Bounds the memory requests hold however many
+    /// connections there are (open watches count only while they are being set up).
+    #[arg(long, env = "SHOP_REQUESTS_MAX", default_value_t = 8192, value_parser = clap::value_parser!(u32).range(1..))]
+    pub requests_max: u32,
+
     /// HTTP/2 streams one connection may have open at once (requests in flight and open
     /// watches); the client waits for a free one.
     #[arg(long, env = "SHOP_STREAMS_PER_CONNECTION_MAX", default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..))]
@@ -57,11 +63,20 @@ impl Default for ConnectionArgs {
             connections_max: 4096,
             header_bytes_max: 16 * 1024,
             streams_per_connection_max: 2048,
+            requests_max: 8192,
         }
     }
 }
 
 impl ConnectionArgs {
+    /// The shedding layer's limits, with the server's per-connection one.
+    pub fn shed_limits(&self, requests_per_connection_max: usize) -> crate::metrics::ShedLimits {
+        crate::metrics::ShedLimits {
+            per_connection: requests_per_connection_max,
+            total: self.requests_max as usize,
+        }
+    }
+
     /// The HTTP/2 limits on a server builder.
     pub fn apply(&self, builder: tonic::transport::Server) -> tonic::transport::Server {
         builder

@@ -197,12 +197,12 @@ pub struct ServerMetrics {
 }
 
 impl ServerMetrics {
-    pub fn new(services: &[&str], requests_per_connection_max: usize, health: &Health) -> Self {
+    pub fn new(services: &[&str], limits: ShedLimits, health: &Health) -> Self {
         let mut registry = Registry::default();
         let mut services = services.to_vec();
         services.push("grpc.health.v1.Health");
         let grpc = GrpcMetrics::register(&mut registry, &services);
-        let (shed_layer, shed) = ShedLayer::register(&mut registry, requests_per_connection_max);
+        let (shed_layer, shed) = ShedLayer::register(&mut registry, limits);
         health.register_metrics(&mut registry);
         let connections = crate::limits::ConnectionMetrics::register(&mut registry);
         ServerMetrics {
@@ -572,8 +572,10 @@ impl OnStatus for Pending {
 
 // ---- load shedding -------------------------------------------------------------------
 
-/// Bounds the requests one connection may have in flight; beyond, `RESOURCE_EXHAUSTED`
-/// at once (never a queue), counted in `shop_shed_requests_total`. This replaces tonic's
+/// Bounds the requests one connection may have in flight, and all connections together;
+/// beyond, `RESOURCE_EXHAUSTED` at once (never a queue), counted in
+/// `shop_shed_requests_total`. The total bounds the memory requests hold however many
+/// connections there are. This replaces tonic's
 /// `concurrency_limit_per_connection` + `load_shed`, which shed outside every layer, where
 /// neither the count nor the gRPC metrics could see it. A request's slot is held until
 /// its response headers are ready (for a watch: until it is set up, not for its life),
@@ -583,17 +585,36 @@ pub struct ShedLayer {
     state: Arc<ShedState>,
 }
 
+/// The in-flight limits of [`ShedLayer`] (each at least 1).
+#[derive(Debug, Clone, Copy)]
+pub struct ShedLimits {
+    pub per_connection: usize,
+    pub total: usize,
+}
+
 struct ShedState {
-    per_connection_max: usize,
-    in_flight: Mutex<HashMap<SocketAddr, usize>>,
+    limits: ShedLimits,
+    in_flight: Mutex<InFlight>,
     shed: Counter,
 }
 
+#[derive(Default)]
+struct InFlight {
+    by_peer: HashMap<SocketAddr, usize>,
+    total: usize,
+}
+
+/// Which limit a shed request met.
+enum Full {
+    Connection,
+    Server,
+}
+
 impl ShedLayer {
-    /// A limit of `per_connection_max` (at least 1) requests per connection; registers
+    /// In-flight limits per connection and in total; registers
     /// `shop_shed_requests_total` and returns the counter, which other refusals for
     /// overload (a full queue, too many watchers) also increment.
-    pub fn register(registry: &mut Registry, per_connection_max: usize) -> (Self, Counter) {
+    pub fn register(registry: &mut Registry, limits: ShedLimits) -> (Self, Counter) {
         let shed = Counter::default();
         registry.register(
             "shop_shed_requests",
@@ -602,8 +623,11 @@ impl ShedLayer {
         );
         let layer = ShedLayer {
             state: Arc::new(ShedState {
-                per_connection_max: per_connection_max.max(1),
-                in_flight: Mutex::new(HashMap::new()),
+                limits: ShedLimits {
+                    per_connection: limits.per_connection.max(1),
+                    total: limits.total.max(1),
+                },
+                in_flight: Mutex::new(InFlight::default()),
                 shed: shed.clone(),
             }),
         };
@@ -612,15 +636,19 @@ impl ShedLayer {
 }
 
 impl ShedState {
-    /// Takes a slot for the connection at `peer`, or `None` when it has none left.
-    fn acquire(self: &Arc<Self>, peer: SocketAddr) -> Option<Slot> {
+    /// Takes a slot for the connection at `peer`, or says which limit is reached.
+    fn acquire(self: &Arc<Self>, peer: SocketAddr) -> Result<Slot, Full> {
         let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-        let count = in_flight.entry(peer).or_insert(0);
-        if *count >= self.per_connection_max {
-            return None;
+        if in_flight.total >= self.limits.total {
+            return Err(Full::Server);
+        }
+        let count = in_flight.by_peer.entry(peer).or_insert(0);
+        if *count >= self.limits.per_connection {
+            return Err(Full::Connection);
         }
         *count += 1;
-        Some(Slot {
+        in_flight.total += 1;
+        Ok(Slot {
             state: self.clone(),
             peer,
         })
@@ -640,10 +668,11 @@ impl Drop for Slot {
             .in_flight
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if let Some(count) = in_flight.get_mut(&self.peer) {
+        in_flight.total = in_flight.total.saturating_sub(1);
+        if let Some(count) = in_flight.by_peer.get_mut(&self.peer) {
             *count = count.saturating_sub(1);
             if *count == 0 {
-                in_flight.remove(&self.peer);
+                in_flight.by_peer.remove(&self.peer);
             }
         }
     }
@@ -682,15 +711,21 @@ where
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
         let peer = crate::grpc::peer_addr(request.extensions());
         let slot = match peer.map(|peer| self.state.acquire(peer)) {
-            Some(Some(slot)) => Some(slot),
-            Some(None) => {
+            Some(Ok(slot)) => Some(slot),
+            Some(Err(full)) => {
                 self.state.shed.inc();
-                let status = tonic::Status::resource_exhausted(format!(
-                    "too many requests in flight on this connection (limit {}); retry later or use more connections",
-                    self.state.per_connection_max
-                ));
+                let message = match full {
+                    Full::Connection => format!(
+                        "too many requests in flight on this connection (limit {}); retry later or use more connections",
+                        self.state.limits.per_connection
+                    ),
+                    Full::Server => format!(
+                        "too many requests in flight on this server (limit {}); retry later",
+                        self.state.limits.total
+                    ),
+                };
                 return ShedFuture::Shed {
-                    response: Some(status.into_http()),
+                    response: Some(tonic::Status::resource_exhausted(message).into_http()),
                 };
             }
             // Not a TCP connection (in-process tests): nothing to key a limit on.
@@ -801,22 +836,35 @@ mod tests {
     }
 
     #[test]
-    fn slots_are_bounded_per_connection_and_given_back() {
+    fn slots_are_bounded_per_connection_and_in_total_and_given_back() {
         let mut registry = Registry::default();
-        let (layer, shed) = ShedLayer::register(&mut registry, 2);
+        let limits = ShedLimits {
+            per_connection: 2,
+            total: 3,
+        };
+        let (layer, shed) = ShedLayer::register(&mut registry, limits);
         let a: SocketAddr = "127.0.0.1:1000".parse().expect("addr");
         let b: SocketAddr = "127.0.0.1:1001".parse().expect("addr");
-        let first = layer.state.acquire(a).expect("slot");
-        let _second = layer.state.acquire(a).expect("slot");
-        assert!(layer.state.acquire(a).is_none(), "third on one connection");
+        let c: SocketAddr = "127.0.0.1:1002".parse().expect("addr");
+        let first = layer.state.acquire(a).ok().expect("slot");
+        let _second = layer.state.acquire(a).ok().expect("slot");
         assert!(
-            layer.state.acquire(b).is_some(),
-            "another connection has its own"
+            matches!(layer.state.acquire(a), Err(Full::Connection)),
+            "third on one connection"
+        );
+        let _third = layer
+            .state
+            .acquire(b)
+            .ok()
+            .expect("another connection has its own");
+        assert!(
+            matches!(layer.state.acquire(c), Err(Full::Server)),
+            "a fourth in total"
         );
         drop(first);
         assert!(
-            layer.state.acquire(a).is_some(),
-            "a slot is given back on drop"
+            layer.state.acquire(c).is_ok(),
+            "a slot is given back on drop, to the total too"
         );
         assert_eq!(shed.get(), 0, "acquire alone counts nothing");
     }

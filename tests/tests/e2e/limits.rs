@@ -6,7 +6,7 @@ use std::time::Duration;
 use shop_shared::pb;
 use shop_tests::observability::{metrics_addr, Scrape};
 use shop_tests::{
-    error_metadata, eventually, read_whole_log_with, reason, req, Kind, Nats, Server,
+    error_metadata, eventually, parked_reads, read_whole_log_with, reason, req, Kind, Nats, Server,
 };
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
@@ -110,6 +110,45 @@ async fn a_header_block_beyond_header_bytes_max_is_refused_and_the_server_keeps_
     // The server, and a new connection to it, still serve.
     let fresh = query.channel().await;
     status(&fresh).await.expect("served after the refusal");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_beyond_the_server_wide_limit_are_shed_whatever_the_connections() {
+    let nats = Nats::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let query = query_server(&nats, &dir, &["--requests-max", "6"]);
+    // Twenty-four parked reads over four connections (six each, within the default
+    // per-connection limit): at most six may be in flight on the server at once.
+    let mut channels = Vec::new();
+    for _ in 0..4 {
+        channels.push(query.channel().await);
+    }
+    let parked = channels
+        .iter()
+        .map(|c| parked_reads(c, 6, Duration::from_secs(3)));
+    let (mut held, mut shed) = (0, 0);
+    for (code, waited) in futures::future::join_all(parked)
+        .await
+        .into_iter()
+        .flatten()
+    {
+        match code {
+            Code::Unavailable => held += 1,
+            Code::ResourceExhausted => {
+                assert!(waited < Duration::from_secs(1), "shed at once");
+                shed += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(
+        (1..=6).contains(&held),
+        "{held} requests held a slot (limit 6)"
+    );
+    assert_eq!(held + shed, 24);
+    status(&channels[0])
+        .await
+        .expect("served again once they are done");
 }
 
 /// Under a burst far beyond what the writer takes in `--queue-wait-max-ms`, commands that
