@@ -86,9 +86,10 @@ struct Args {
     )]
     stages: Vec<String>,
 
-    /// Stage `overload`: the offered rate as a multiple of the measured capacity.
-    #[arg(long, default_value_t = 10.0)]
-    overload_multiple: f64,
+    /// Stage `overload`: offered rates as multiples of the measured capacity, one run
+    /// each; the last is run again with the idle watches and connections.
+    #[arg(long, value_delimiter = ',', default_value = "2,10")]
+    overload_multiples: Vec<f64>,
 
     /// Stage `overload`: connections the open-loop load is spread over.
     #[arg(long, default_value_t = 64)]
@@ -666,7 +667,7 @@ async fn run(args: Args, bin_dir: PathBuf) -> anyhow::Result<()> {
     if stage("overload") {
         let plan = overload::Plan {
             duration: Duration::from_secs(args.seconds),
-            multiple: args.overload_multiple,
+            multiples: args.overload_multiples.clone(),
             capacity_clients: args.reference_clients,
             connections: args.overload_connections,
             watches: args.overload_watches,

@@ -43,7 +43,9 @@ const READERS: usize = 4;
 /// What the stage runs.
 pub struct Plan {
     pub duration: Duration,
-    pub multiple: f64,
+    /// Offered rates as multiples of the capacity, one run each; the last one again with
+    /// the idle watches and connections.
+    pub multiples: Vec<f64>,
     pub capacity_clients: usize,
     /// Connections the open-loop load is spread over.
     pub connections: usize,
@@ -55,6 +57,7 @@ pub struct Plan {
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct OverloadRun {
     pub name: String,
+    pub multiple: f64,
     pub offered_per_second: f64,
     pub sent_per_second: f64,
     /// Scheduled requests the bench could not send (its own in-flight cap).
@@ -77,14 +80,14 @@ pub struct OverloadRun {
     pub command_rss_mb_max: f64,
     pub query_rss_mb_before: f64,
     pub query_rss_mb_max: f64,
-    /// How long a single command took right after the run (the server recovered).
+    /// From the end of the run (every answer in) until a command was admitted again.
     pub command_after_ms: f64,
 }
 
 /// The stage's results.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Overload {
-    pub multiple: f64,
+    pub multiples: Vec<f64>,
     pub capacity_per_second: f64,
     pub capacity_latency: Latency,
     pub watches: usize,
@@ -303,7 +306,7 @@ async fn overload_run(
     name: &str,
     tag: &str,
     stack: (&Server, &Server),
-    rate: f64,
+    (rate, capacity): (f64, f64),
     plan: &Plan,
     catalog: Catalog,
 ) -> anyhow::Result<OverloadRun> {
@@ -326,14 +329,21 @@ async fn overload_run(
     let read_seconds = read_start.elapsed().as_secs_f64();
     let (reads, read_latency, read_errors) = reading.await?;
     let rss_max = sampler.await?;
+    // Right after the load: how long until a command is admitted again.
     let t = Instant::now();
-    CommandServiceClient::new(conns[0].clone())
-        .place_order(with_deadline(place_order(
-            &format!("{tag}-after"),
-            0,
-            catalog,
-        )))
-        .await?;
+    let mut c = CommandServiceClient::new(conns[0].clone());
+    for attempt in 0u64.. {
+        let order = place_order(&format!("{tag}-after"), attempt, catalog);
+        match c.place_order(with_deadline(order)).await {
+            Ok(_) => break,
+            Err(s)
+                if s.code() == tonic::Code::ResourceExhausted && t.elapsed() < REQUEST_TIMEOUT =>
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(s) => return Err(s.into()),
+        }
+    }
     let command_after_ms = t.elapsed().as_secs_f64() * 1000.0;
     let seconds = sending.as_secs_f64().max(1e-9);
     let admitted = outcomes.admitted.len();
@@ -341,6 +351,7 @@ async fn overload_run(
     let answered = admitted + shed + outcomes.other.values().sum::<u64>();
     Ok(OverloadRun {
         name: name.to_string(),
+        multiple: rate / capacity,
         offered_per_second: rate,
         sent_per_second: (scheduled - not_sent) as f64 / seconds,
         not_sent,
@@ -431,28 +442,34 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Overload> {
     let conns = workload::channels(&command.endpoint().into(), 4).await?;
     let (capacity_per_second, capacity_latency) =
         capacity(&conns, plan.capacity_clients, plan.duration, catalog).await?;
-    let rate = capacity_per_second * plan.multiple;
     say(format!(
-        "overload: capacity {capacity_per_second:.0} PlaceOrder/s (p99 {:.1} ms); offering {rate:.0}/s",
+        "overload: capacity {capacity_per_second:.0} PlaceOrder/s (p99 {:.1} ms)",
         capacity_latency.p99_ms
     ));
-    let mut runs =
-        vec![overload_run("overload", "ov1", (&command, &query), rate, plan, catalog).await?];
-    say_run(&runs[0]);
-
+    let mut runs = Vec::new();
+    for (i, multiple) in plan.multiples.iter().enumerate() {
+        let rate = (capacity_per_second * multiple, capacity_per_second);
+        let (name, tag) = (format!("{multiple}x"), format!("ov{i}"));
+        let run = overload_run(&name, &tag, (&command, &query), rate, plan, catalog);
+        runs.push(run.await?);
+        say_run(&runs[runs.len() - 1]);
+    }
+    let multiple = plan.multiples.last().copied().unwrap_or(10.0);
     let watches = idle_watches(&command, &query, plan.watches).await?;
     let mut idle = workload::channels(&command.endpoint().into(), plan.idle_connections).await?;
     idle.extend(workload::channels(&query.endpoint().into(), plan.idle_connections).await?);
     let name = format!(
-        "overload + {} watches + {} idle connections per server",
+        "{multiple}x + {} watches + {} idle connections per server",
         plan.watches, plan.idle_connections
     );
-    runs.push(overload_run(&name, "ov2", (&command, &query), rate, plan, catalog).await?);
-    say_run(&runs[1]);
+    let rate = (capacity_per_second * multiple, capacity_per_second);
+    let run = overload_run(&name, "ovw", (&command, &query), rate, plan, catalog);
+    runs.push(run.await?);
+    say_run(&runs[runs.len() - 1]);
     drop(watches);
     drop(idle);
     Ok(Overload {
-        multiple: plan.multiple,
+        multiples: plan.multiples.clone(),
         capacity_per_second,
         capacity_latency,
         watches: plan.watches,
@@ -491,11 +508,11 @@ fn say_run(r: &OverloadRun) {
 pub fn markdown(o: &Overload) -> String {
     use std::fmt::Write;
     let mut md = String::new();
-    let _ = writeln!(md, "## Overload (open loop, {}× capacity)\n", o.multiple);
+    let _ = writeln!(md, "## Overload (open loop, multiples of capacity)\n");
     let _ = writeln!(
         md,
-        "Capacity (closed loop, PlaceOrder with two lines): {:.0}/s, p99 {:.1} ms. Then PlaceOrder offered at {:.0}/s on a fixed schedule; latency from the scheduled send. Readers: {READERS} closed-loop GetCustomer on the query server.\n",
-        o.capacity_per_second, o.capacity_latency.p99_ms, o.capacity_per_second * o.multiple
+        "Capacity (closed loop, PlaceOrder with two lines): {:.0}/s, p99 {:.1} ms. Then PlaceOrder offered at {:?} × that on a fixed schedule (latency from the scheduled send, and from the actual send); `sent` is what the bench managed to send on the same machine. Readers: {READERS} closed-loop GetCustomer on the query server. `command after`: from the end of a run until a command is admitted again.\n",
+        o.capacity_per_second, o.capacity_latency.p99_ms, o.multiples
     );
     md.push_str("| run | offered/s | sent/s | admitted/s | admitted p50 / p99 ms (from schedule) | admitted p99 ms (from send) | shed | shed p99 ms | other | reads/s | read p99 ms | read errors | command RSS MB | query RSS MB | command after ms |\n");
     md.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
