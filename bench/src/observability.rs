@@ -113,7 +113,7 @@ pub fn layer_costs(requests: u32) -> LayerCost {
             &mut registry,
             shop_shared::metrics::ShedLimits {
                 per_connection: 1024,
-                total: 8192,
+                total: 1024,
             },
         );
         let tokens = tempfile::NamedTempFile::new().ok();

@@ -47,8 +47,9 @@ pub struct ConnectionArgs {
 
     /// Requests in flight on the whole server (all connections); beyond,
     /// RESOURCE_EXHAUSTED at once. Bounds the memory requests hold however many
-    /// connections there are (open watches count only while they are being set up).
-    #[arg(long, env = "SHOP_REQUESTS_MAX", default_value_t = 8192, value_parser = clap::value_parser!(u32).range(1..))]
+    /// connections there are, and the time admitted requests spend waiting for a CPU
+    /// when the machine is saturated (open watches count only while being set up).
+    #[arg(long, env = "SHOP_REQUESTS_MAX", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub requests_max: u32,
 
     /// HTTP/2 streams one connection may have open at once (requests in flight and open
@@ -63,7 +64,7 @@ impl Default for ConnectionArgs {
             connections_max: 4096,
             header_bytes_max: 16 * 1024,
             streams_per_connection_max: 2048,
-            requests_max: 8192,
+            requests_max: 1024,
         }
     }
 }

@@ -159,7 +159,10 @@ async fn requests_beyond_the_server_wide_limit_are_shed_whatever_the_connections
 async fn commands_that_waited_too_long_are_shed_and_wrote_nothing() {
     const COMMANDS: usize = 3_000;
     let nats = Nats::start();
-    let command = Server::start(Kind::Command, &nats, &["--queue-wait-max-ms", "2"]).await;
+    // The server-wide in-flight limit raised above the burst: the queue's admission alone
+    // sheds here.
+    let flags = ["--queue-wait-max-ms", "2", "--requests-max", "10000"];
+    let command = Server::start(Kind::Command, &nats, &flags).await;
     let mut channels = Vec::new();
     for _ in 0..6 {
         channels.push(command.channel().await);
