@@ -483,12 +483,18 @@ fn say(message: String) {
 }
 
 fn say_run(r: &OverloadRun) {
-    say(format!(
-        "{}: offered {:.0}/s, sent {:.0}/s, admitted {:.0}/s (p99 {:.1} ms, from send {:.1} ms), shed {:.1}% (p99 {:.1} ms), other {:?}; reads {:.0}/s p99 {:.1} ms errors {:?}; RSS command {:.0} -> {:.0} MB, query {:.0} -> {:.0} MB",
+    say(format!("overload {}", row(r)));
+}
+
+/// A run as a row of the report's table.
+fn row(r: &OverloadRun) -> String {
+    format!(
+        "| {} | {:.0} | {:.0} | {:.0} | {:.1} / {:.1} | {:.1} | {:.1}% | {:.1} | {:?} | {:.0} | {:.1} | {:?} | {:.0} → {:.0} | {:.0} → {:.0} | {:.1} |",
         r.name,
         r.offered_per_second,
         r.sent_per_second,
         r.admitted_per_second,
+        r.admitted_latency.p50_ms,
         r.admitted_latency.p99_ms,
         r.admitted_latency_from_send.p99_ms,
         r.shed_fraction * 100.0,
@@ -500,8 +506,9 @@ fn say_run(r: &OverloadRun) {
         r.command_rss_mb_before,
         r.command_rss_mb_max,
         r.query_rss_mb_before,
-        r.query_rss_mb_max
-    ));
+        r.query_rss_mb_max,
+        r.command_after_ms
+    )
 }
 
 /// The stage's section of the report.
@@ -517,28 +524,7 @@ pub fn markdown(o: &Overload) -> String {
     md.push_str("| run | offered/s | sent/s | admitted/s | admitted p50 / p99 ms (from schedule) | admitted p99 ms (from send) | shed | shed p99 ms | other | reads/s | read p99 ms | read errors | command RSS MB | query RSS MB | command after ms |\n");
     md.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for r in &o.runs {
-        let _ = writeln!(
-            md,
-            "| {} | {:.0} | {:.0} | {:.0} | {:.1} / {:.1} | {:.1} | {:.1}% | {:.1} | {:?} | {:.0} | {:.1} | {:?} | {:.0} → {:.0} | {:.0} → {:.0} | {:.1} |",
-            r.name,
-            r.offered_per_second,
-            r.sent_per_second,
-            r.admitted_per_second,
-            r.admitted_latency.p50_ms,
-            r.admitted_latency.p99_ms,
-            r.admitted_latency_from_send.p99_ms,
-            r.shed_fraction * 100.0,
-            r.shed_latency.p99_ms,
-            r.other,
-            r.reads_per_second,
-            r.read_latency.p99_ms,
-            r.read_errors,
-            r.command_rss_mb_before,
-            r.command_rss_mb_max,
-            r.query_rss_mb_before,
-            r.query_rss_mb_max,
-            r.command_after_ms
-        );
+        let _ = writeln!(md, "{}", row(r));
     }
     md.push('\n');
     md
