@@ -585,6 +585,9 @@ pub struct ShedLayer {
     state: Arc<ShedState>,
 }
 
+/// Paths of the health service, which the shedding layer lets through.
+const HEALTH_PATH_PREFIX: &str = "/grpc.health.v1.Health/";
+
 /// The in-flight limits of [`ShedLayer`] (each at least 1).
 #[derive(Debug, Clone, Copy)]
 pub struct ShedLimits {
@@ -709,7 +712,13 @@ where
     }
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
-        let peer = crate::grpc::peer_addr(request.extensions());
+        // Health checks are never shed: an overloaded server is alive, and a probe that
+        // failed for overload would have it restarted when it is busiest.
+        let peer = if request.uri().path().starts_with(HEALTH_PATH_PREFIX) {
+            None
+        } else {
+            crate::grpc::peer_addr(request.extensions())
+        };
         let slot = match peer.map(|peer| self.state.acquire(peer)) {
             Some(Ok(slot)) => Some(slot),
             Some(Err(full)) => {
@@ -728,7 +737,7 @@ where
                     response: Some(tonic::Status::resource_exhausted(message).into_http()),
                 };
             }
-            // Not a TCP connection (in-process tests): nothing to key a limit on.
+            // A health check, or not a TCP connection (in-process tests): not limited.
             None => None,
         };
         ShedFuture::Admitted {

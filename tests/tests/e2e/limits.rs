@@ -11,6 +11,8 @@ use shop_tests::{
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 use tonic::Code;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
 
 use pb::command_service_client::CommandServiceClient;
 use pb::query_service_client::QueryServiceClient;
@@ -126,12 +128,17 @@ async fn requests_beyond_the_server_wide_limit_are_shed_whatever_the_connections
     let parked = channels
         .iter()
         .map(|c| parked_reads(c, 6, Duration::from_secs(3)));
+    // Health checks are never shed, even on a connection and a server at their limits.
+    let probe = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut request = tonic::Request::new(HealthCheckRequest::default());
+        request.set_timeout(Duration::from_secs(2));
+        HealthClient::new(channels[0].clone()).check(request).await
+    };
+    let (parked, probe) = tokio::join!(futures::future::join_all(parked), probe);
+    probe.expect("health answered while the server is at its in-flight limit");
     let (mut held, mut shed) = (0, 0);
-    for (code, waited) in futures::future::join_all(parked)
-        .await
-        .into_iter()
-        .flatten()
-    {
+    for (code, waited) in parked.into_iter().flatten() {
         match code {
             Code::Unavailable => held += 1,
             Code::ResourceExhausted => {
