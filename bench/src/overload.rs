@@ -388,15 +388,22 @@ async fn idle_watches(
             let mut c = CommandServiceClient::new(conn);
             for i in (t..n).step_by(4) {
                 let id = format!("watched{i}");
-                let _ = c
-                    .register_customer(pb::RegisterCustomerRequest {
-                        command_id: id.clone(),
-                        customer_id: id.clone(),
-                        name: format!("Watched {i}"),
-                        email: format!("{id}@bench.example"),
-                        ..Default::default()
-                    })
-                    .await;
+                let request = pb::RegisterCustomerRequest {
+                    command_id: id.clone(),
+                    customer_id: id.clone(),
+                    name: format!("Watched {i}"),
+                    email: format!("{id}@bench.example"),
+                    ..Default::default()
+                };
+                // Right after an overload run, admission may still be closed for a moment.
+                for _ in 0..500 {
+                    match c.register_customer(request.clone()).await {
+                        Err(s) if s.code() == tonic::Code::ResourceExhausted => {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                        _ => break,
+                    }
+                }
             }
         }));
     }
