@@ -91,7 +91,7 @@ pub fn register(
     }
     registry.register(
         "shop_commands",
-        "Commands answered, by command and outcome (OK, Replayed, or the refusal's gRPC code).",
+        "Commands answered, by command and outcome (OK, Replayed, or the refusal's gRPC code)",
         metrics.commands.clone(),
     );
     let (w, r) = (writer.clone(), relay.clone());
@@ -117,12 +117,12 @@ pub fn register(
     );
     registry.register(
         "shop_group_commit_sync_seconds",
-        "Duration of each group-commit sync (sled flush, and fdatasync in fsync mode).",
+        "Duration of each group-commit sync (sled flush, and fdatasync in fsync mode)",
         writer.syncs.sync_seconds.clone(),
     );
     registry.register(
         "shop_group_commit_commands",
-        "Commands acknowledged by each group-commit sync.",
+        "Commands acknowledged by each group-commit sync",
         writer.syncs.commands_per_sync.clone(),
     );
     metrics

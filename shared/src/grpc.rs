@@ -58,7 +58,7 @@ impl Health {
     pub fn register_metrics(&self, registry: &mut Registry) {
         registry.register(
             "shop_serving",
-            "1 while the gRPC service reports SERVING on grpc.health.v1.Health, else 0.",
+            "1 while the gRPC service reports SERVING on grpc.health.v1.Health, else 0",
             self.serving.clone(),
         );
     }

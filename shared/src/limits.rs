@@ -98,12 +98,12 @@ impl ConnectionMetrics {
         let metrics = ConnectionMetrics::default();
         registry.register(
             "shop_connections_open",
-            "TCP connections to the gRPC port open now.",
+            "TCP connections to the gRPC port open now",
             metrics.open.clone(),
         );
         registry.register(
             "shop_connections_refused",
-            "TCP connections closed at once because --connections-max were open.",
+            "TCP connections closed at once because --connections-max were open",
             metrics.refused.clone(),
         );
         metrics

@@ -384,17 +384,17 @@ impl GrpcMetrics {
             Family::new_with_constructor(latency_histogram);
         registry.register(
             "grpc_server_started",
-            "RPCs started on the server.",
+            "RPCs started on the server",
             started.clone(),
         );
         registry.register(
             "grpc_server_handled",
-            "RPCs completed on the server, whatever their status code.",
+            "RPCs completed on the server, whatever their status code",
             handled.clone(),
         );
         registry.register(
             "grpc_server_handling_seconds",
-            "Time from receiving an RPC to its status (for streams: the whole stream).",
+            "Time from receiving an RPC to its status (for streams: the whole stream)",
             handling.clone(),
         );
         let served = known_methods()
@@ -621,7 +621,7 @@ impl ShedLayer {
         let shed = Counter::default();
         registry.register(
             "shop_shed_requests",
-            "Requests refused with RESOURCE_EXHAUSTED because the server was at a limit (per-connection requests, queue, watchers).",
+            "Requests refused with RESOURCE_EXHAUSTED because the server was at a limit (per-connection requests, queue, watchers)",
             shed.clone(),
         );
         let layer = ShedLayer {
