@@ -203,7 +203,7 @@ pub async fn run(
     let relay_status = Arc::new(RelayStatus::new(client.clone()));
     let relay = Relay::new(
         log.clone(),
-        writer_watch.recent.clone(),
+        writer_watch.tail.clone(),
         client.clone(),
         config.nats.stream.clone(),
         writer_watch.durable_position.clone(),

@@ -22,8 +22,8 @@ use shop_shared::telemetry;
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use crate::domain::{Command, DomainError};
-use crate::log::EventLog;
+use crate::domain::{order, Command, DomainError, OPEN_ORDERS};
+use crate::log::{EventLog, LogError};
 use crate::writer::{CommandMeta, WriteError, Writer};
 
 /// Durable consumer name.
@@ -168,9 +168,12 @@ impl Policy {
             return Handled::Done;
         };
         let log = self.log.clone();
-        let customer_id = deleted.customer_id.clone();
-        let orders = match tokio::task::spawn_blocking(move || log.open_orders(&customer_id)).await
-        {
+        let prefix = order::open_orders_prefix(&deleted.customer_id);
+        let scan = move || {
+            let entries = log.index_scan(OPEN_ORDERS, &prefix)?;
+            Ok::<_, LogError>(order::open_order_ids(&prefix, entries))
+        };
+        let orders = match tokio::task::spawn_blocking(scan).await {
             Ok(Ok(orders)) => orders,
             Ok(Err(error)) => {
                 tracing::error!(%error, "policy cannot read open orders");

@@ -28,8 +28,8 @@ use shop_shared::subjects::{
 };
 use tokio::sync::watch;
 
+use crate::log::LogTail;
 use crate::log::{EventLog, LogError};
-use crate::writer::Recent;
 
 /// Metadata key of the published-position cursor in the log.
 const CURSOR_KEY: &str = "relay_published";
@@ -115,7 +115,7 @@ fn nats(context: &str, error: impl std::fmt::Display) -> RelayError {
 /// The relay task's state.
 pub struct Relay {
     log: Arc<EventLog>,
-    recent: Arc<Recent>,
+    tail: Arc<LogTail>,
     client: async_nats::Client,
     js: jetstream::Context,
     stream_name: String,
@@ -127,7 +127,7 @@ pub struct Relay {
 impl Relay {
     pub fn new(
         log: Arc<EventLog>,
-        recent: Arc<Recent>,
+        tail: Arc<LogTail>,
         client: async_nats::Client,
         stream_name: String,
         durable: watch::Receiver<u64>,
@@ -140,7 +140,7 @@ impl Relay {
         }
         Relay {
             log,
-            recent,
+            tail,
             client,
             js,
             stream_name,
@@ -325,7 +325,7 @@ impl Relay {
                     return Err(RelayError::Nats("disconnected from NATS".into()));
                 }
                 let to = durable.min(next + self.config.read_chunk as u64 - 1);
-                let events = match self.recent.range(next, to) {
+                let events = match self.tail.range(next, to) {
                     Some(events) => events,
                     None => {
                         let log = self.log.clone();

@@ -3,7 +3,7 @@
 //! folds every accepted command's events, as the writer does.
 
 use command_server::domain::testing::Memory;
-use command_server::domain::{decide, order, Command};
+use command_server::domain::{decide, Command, ReadKey};
 use command_server::grpc::{admit_encoded, status_of};
 use command_server::writer::WriteError;
 use shop_shared::events::stream_of;
@@ -32,12 +32,15 @@ fn run(state: &mut Memory, command: &Command) {
         command.validate().is_ok(),
         "admitted but invalid: {command:?}"
     );
-    let mut allowed = command.streams_read();
-    if let Command::ShipOrder { order_id, .. } | Command::CancelOrder { order_id, .. } = command {
-        if let Some(existing) = state.orders.get(order_id) {
-            allowed.extend(order::products_of(existing));
-        }
-    }
+    // What the writer loads before deciding: nothing else may be written.
+    let allowed: Vec<StreamId> = command
+        .reads(&*state)
+        .into_iter()
+        .filter_map(|key| match key {
+            ReadKey::Stream(stream) => Some(stream),
+            ReadKey::Index(..) => None,
+        })
+        .collect();
     match decide(command, state) {
         Ok(events) => {
             for event in &events {
@@ -58,7 +61,7 @@ fn run(state: &mut Memory, command: &Command) {
             );
         }
     }
-    for (sku, product) in &state.products {
+    for (sku, product) in &state.products() {
         assert!(
             product.reserved >= 0 && product.available() >= 0,
             "product {sku} went below zero: {product:?}"

@@ -3,7 +3,8 @@
 
 use shop_shared::pb;
 
-use super::{email_key, Command, DomainError, Event, State};
+use super::{email_key, Command, DomainError, Event, State, EMAILS};
+use crate::log::IndexChange;
 
 /// Current state of one customer, as stored in the command server's state rows.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -109,6 +110,32 @@ pub fn evolve(state: Option<Customer>, event: &Event) -> Customer {
     }
     c.version += 1;
     c
+}
+
+/// The email index entries that change when a customer goes from `before` to `after`:
+/// a live customer holds its email key; a deleted one frees it.
+pub(super) fn index_changes(
+    customer_id: &str,
+    before: Option<&Customer>,
+    after: &Customer,
+) -> Vec<IndexChange> {
+    let held = |c: &Customer| (!c.deleted).then(|| email_key(&c.email));
+    let (was, is) = (before.and_then(held), held(after));
+    if was == is {
+        return Vec::new();
+    }
+    let mut changes = Vec::with_capacity(2);
+    if let Some(key) = was {
+        changes.push(IndexChange::remove(EMAILS, key.into_bytes()));
+    }
+    if let Some(key) = is {
+        changes.push(IndexChange::put(
+            EMAILS,
+            key.into_bytes(),
+            customer_id.as_bytes().to_vec(),
+        ));
+    }
+    changes
 }
 
 #[cfg(test)]
@@ -240,7 +267,7 @@ mod tests {
             address: "2 Lane".into(),
         })
         .unwrap();
-        let c = &m.customers["c1"];
+        let c = &m.customers()["c1"];
         assert_eq!(
             (c.name.as_str(), c.address.as_str(), c.version),
             ("Grace", "2 Lane", 3)

@@ -11,6 +11,7 @@
 //! Events are the protobuf payloads of the contract (`pb::event::Kind`): the domain emits
 //! exactly what is stored and published.
 
+mod aggregate;
 pub mod customer;
 pub mod order;
 pub mod product;
@@ -22,6 +23,9 @@ use shop_shared::grpc::FieldViolation;
 use shop_shared::ids::{validate_id, StreamId};
 use shop_shared::pb;
 
+use crate::log::IndexName;
+
+pub use aggregate::{Aggregate, ReadKey, EMAILS, OPEN_ORDERS, READ_ROUNDS_MAX};
 pub use customer::Customer;
 pub use order::Order;
 pub use product::Product;
@@ -112,14 +116,34 @@ pub struct LineRequest {
     pub quantity: i64,
 }
 
-/// What `decide` may read: the current state of aggregates, by id. The writer loads what
-/// a command needs (see [`Command::streams_read`]) before calling `decide`.
+/// What `decide` may read: the current state of aggregates and index entries. The
+/// writer loads what a command needs (see [`Command::reads`]) before calling `decide`.
 pub trait State {
-    fn customer(&self, customer_id: &str) -> Option<&Customer>;
-    fn product(&self, sku: &str) -> Option<&Product>;
-    fn order(&self, order_id: &str) -> Option<&Order>;
+    /// The state of a stream's aggregate (`None`: no events yet).
+    fn aggregate(&self, stream: &StreamId) -> Option<&Aggregate>;
+    /// The value of an index entry (see [`Aggregate::index_changes`]).
+    fn index(&self, index: IndexName, key: &[u8]) -> Option<&[u8]>;
+
+    fn customer(&self, customer_id: &str) -> Option<&Customer> {
+        self.aggregate(&StreamId::customer(customer_id))
+            .and_then(Aggregate::as_customer)
+    }
+
+    fn product(&self, sku: &str) -> Option<&Product> {
+        self.aggregate(&StreamId::product(sku))
+            .and_then(Aggregate::as_product)
+    }
+
+    fn order(&self, order_id: &str) -> Option<&Order> {
+        self.aggregate(&StreamId::order(order_id))
+            .and_then(Aggregate::as_order)
+    }
+
     /// The live (not deleted) customer holding this email, by [`email_key`].
-    fn email_owner(&self, email_key: &str) -> Option<&str>;
+    fn email_owner(&self, email_key: &str) -> Option<&str> {
+        self.index(EMAILS, email_key.as_bytes())
+            .and_then(|owner| std::str::from_utf8(owner).ok())
+    }
 }
 
 /// Why a command was refused. Each variant names the gRPC status it becomes (mapped in
@@ -475,17 +499,16 @@ fn check_email(email: &str) -> Result<(), String> {
 /// targets (`fuzz/`, feature `testing`) decide commands against.
 #[cfg(any(test, feature = "testing"))]
 pub mod testing {
-    use std::collections::HashMap;
+    use std::collections::{BTreeMap, HashMap};
 
     use super::*;
 
-    /// An in-memory [`State`] built by folding events with the aggregates' `evolve`.
-    #[derive(Default, Debug, Clone)]
+    /// An in-memory [`State`] built by folding events exactly as the writer does:
+    /// [`Aggregate::evolve`] and [`Aggregate::index_changes`].
+    #[derive(Default, Debug, Clone, PartialEq)]
     pub struct Memory {
-        pub customers: HashMap<String, Customer>,
-        pub products: HashMap<String, Product>,
-        pub orders: HashMap<String, Order>,
-        pub emails: HashMap<String, String>,
+        pub aggregates: HashMap<StreamId, Aggregate>,
+        pub indexes: HashMap<(IndexName, Vec<u8>), Vec<u8>>,
     }
 
     impl Memory {
@@ -498,41 +521,17 @@ pub mod testing {
         }
 
         pub fn apply(&mut self, event: &Event) {
-            match event {
-                Event::CustomerRegistered(_)
-                | Event::CustomerRenamed(_)
-                | Event::CustomerAddressChanged(_)
-                | Event::CustomerDeleted(_) => {
-                    let id = shop_shared::events::stream_of(event).id;
-                    let before = self.customers.remove(&id);
-                    if let Some(b) = &before {
-                        self.emails.remove(&email_key(&b.email));
-                    }
-                    let after = customer::evolve(before, event);
-                    if !after.deleted {
-                        self.emails.insert(email_key(&after.email), id.clone());
-                    }
-                    self.customers.insert(id, after);
-                }
-                Event::ProductCreated(_)
-                | Event::ProductRestocked(_)
-                | Event::ProductPriceChanged(_)
-                | Event::StockReserved(_)
-                | Event::StockReleased(_)
-                | Event::StockCommitted(_) => {
-                    let id = shop_shared::events::stream_of(event).id;
-                    let before = self.products.remove(&id);
-                    self.products.insert(id, product::evolve(before, event));
-                }
-                Event::OrderPlaced(_)
-                | Event::OrderPaid(_)
-                | Event::OrderShipped(_)
-                | Event::OrderCancelled(_) => {
-                    let id = shop_shared::events::stream_of(event).id;
-                    let before = self.orders.remove(&id);
-                    self.orders.insert(id, order::evolve(before, event));
-                }
+            let stream = shop_shared::events::stream_of(event);
+            let before = self.aggregates.remove(&stream);
+            let after = Aggregate::evolve(stream.kind, before.clone(), event);
+            for change in Aggregate::index_changes(&stream, before.as_ref(), &after) {
+                let key = (change.index, change.key);
+                match change.value {
+                    Some(value) => self.indexes.insert(key, value),
+                    None => self.indexes.remove(&key),
+                };
             }
+            self.aggregates.insert(stream, after);
         }
 
         /// Validates and decides; on success folds the events in, like the writer does.
@@ -544,20 +543,36 @@ pub mod testing {
             }
             Ok(events)
         }
+
+        pub fn customers(&self) -> BTreeMap<&str, &Customer> {
+            self.aggregates
+                .iter()
+                .filter_map(|(s, a)| Some((s.id.as_str(), a.as_customer()?)))
+                .collect()
+        }
+
+        pub fn products(&self) -> BTreeMap<&str, &Product> {
+            self.aggregates
+                .iter()
+                .filter_map(|(s, a)| Some((s.id.as_str(), a.as_product()?)))
+                .collect()
+        }
+
+        pub fn orders(&self) -> BTreeMap<&str, &Order> {
+            self.aggregates
+                .iter()
+                .filter_map(|(s, a)| Some((s.id.as_str(), a.as_order()?)))
+                .collect()
+        }
     }
 
     impl State for Memory {
-        fn customer(&self, id: &str) -> Option<&Customer> {
-            self.customers.get(id)
+        fn aggregate(&self, stream: &StreamId) -> Option<&Aggregate> {
+            self.aggregates.get(stream)
         }
-        fn product(&self, sku: &str) -> Option<&Product> {
-            self.products.get(sku)
-        }
-        fn order(&self, id: &str) -> Option<&Order> {
-            self.orders.get(id)
-        }
-        fn email_owner(&self, key: &str) -> Option<&str> {
-            self.emails.get(key).map(String::as_str)
+
+        fn index(&self, index: IndexName, key: &[u8]) -> Option<&[u8]> {
+            self.indexes.get(&(index, key.to_vec())).map(Vec::as_slice)
         }
     }
 

@@ -7,7 +7,7 @@ use proptest::prelude::*;
 use shop_shared::pb::OrderStatus;
 
 use super::testing::Memory;
-use super::{email_key, Command, LineRequest};
+use super::{email_key, order, Command, LineRequest, EMAILS, OPEN_ORDERS};
 
 /// Small id universes so that commands collide on the same aggregates often.
 fn customer_id() -> impl Strategy<Value = String> {
@@ -119,44 +119,58 @@ proptest! {
             // Make some payments exact so that orders progress past PAID.
             if let Command::PayOrder { order_id, amount_cents, .. } = &mut cmd {
                 if *amount_cents == -1 {
-                    *amount_cents = m.orders.get(order_id.as_str()).map_or(0, |o| o.total_cents);
+                    *amount_cents = m.orders().get(order_id.as_str()).map_or(0, |o| o.total_cents);
                 }
             }
             let before: HashMap<String, OrderStatus> =
-                m.orders.iter().map(|(k, o)| (k.clone(), o.status())).collect();
+                m.orders().iter().map(|(k, o)| (k.to_string(), o.status())).collect();
             let snapshot = m.clone();
             let result = m.when(cmd);
             if result.is_err() {
                 // A refused command changes nothing.
-                prop_assert_eq!(&m.products, &snapshot.products);
-                prop_assert_eq!(&m.orders, &snapshot.orders);
-                prop_assert_eq!(&m.customers, &snapshot.customers);
+                prop_assert_eq!(&m.products(), &snapshot.products());
+                prop_assert_eq!(&m.orders(), &snapshot.orders());
+                prop_assert_eq!(&m.customers(), &snapshot.customers());
+                prop_assert_eq!(&m.indexes, &snapshot.indexes);
             }
 
             // 0 <= reserved <= on_hand for every product.
-            for (sku, p) in &m.products {
+            for (sku, p) in &m.products() {
                 prop_assert!(0 <= p.reserved && p.reserved <= p.on_hand, "{sku}: {p:?}");
             }
             // Reserved stock equals what open orders hold.
             let mut held: HashMap<&str, i64> = HashMap::new();
-            for o in m.orders.values().filter(|o| o.is_open()) {
+            for o in m.orders().values().filter(|o| o.is_open()) {
                 for l in &o.lines {
                     *held.entry(l.sku.as_str()).or_default() += l.quantity;
                 }
             }
-            for (sku, p) in &m.products {
-                prop_assert_eq!(p.reserved, held.get(sku.as_str()).copied().unwrap_or(0));
+            for (sku, p) in &m.products() {
+                prop_assert_eq!(p.reserved, held.get(*sku).copied().unwrap_or(0));
             }
             // Status moves only along the allowed edges.
-            for (id, o) in &m.orders {
-                prop_assert!(allowed(before.get(id).copied(), o.status()),
-                    "{id}: {:?} -> {:?}", before.get(id), o.status());
+            for (id, o) in &m.orders() {
+                prop_assert!(allowed(before.get(*id).copied(), o.status()),
+                    "{id}: {:?} -> {:?}", before.get(*id), o.status());
             }
             // An email is held by at most one live customer.
             let mut emails = HashSet::new();
-            for c in m.customers.values().filter(|c| !c.deleted) {
+            for c in m.customers().values().filter(|c| !c.deleted) {
                 prop_assert!(emails.insert(email_key(&c.email)), "duplicate email {}", c.email);
             }
+            // The indexes are exactly what the states say: each live customer's email,
+            // each open order.
+            let mut expected = HashSet::new();
+            for (id, c) in m.customers().iter().filter(|(_, c)| !c.deleted) {
+                expected.insert((EMAILS, email_key(&c.email).into_bytes(), id.as_bytes().to_vec()));
+            }
+            for (id, o) in m.orders().iter().filter(|(_, o)| o.is_open()) {
+                let mut key = order::open_orders_prefix(&o.customer_id);
+                key.extend_from_slice(id.as_bytes());
+                expected.insert((OPEN_ORDERS, key, Vec::new()));
+            }
+            let actual: HashSet<_> = m.indexes.iter().map(|((i, k), v)| (*i, k.clone(), v.clone())).collect();
+            prop_assert_eq!(actual, expected);
         }
     }
 }

@@ -7,7 +7,8 @@ use shop_shared::ids::StreamId;
 use shop_shared::pb;
 use shop_shared::pb::OrderStatus;
 
-use super::{customer, product, Command, DomainError, Event, State};
+use super::{customer, product, Command, DomainError, Event, State, OPEN_ORDERS};
+use crate::log::{IndexChange, IndexEntry};
 
 /// Current state of one order.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -202,6 +203,45 @@ pub fn evolve(state: Option<Order>, event: &Event) -> Order {
     o
 }
 
+/// The open-orders index entry of an order: present while it is PLACED or PAID.
+pub(super) fn index_changes(
+    order_id: &str,
+    before: Option<&Order>,
+    after: &Order,
+) -> Vec<IndexChange> {
+    if before.is_some_and(Order::is_open) == after.is_open() {
+        return Vec::new();
+    }
+    let key = open_order_key(&after.customer_id, order_id);
+    if after.is_open() {
+        vec![IndexChange::put(OPEN_ORDERS, key, Vec::new())]
+    } else {
+        vec![IndexChange::remove(OPEN_ORDERS, key)]
+    }
+}
+
+fn open_order_key(customer_id: &str, order_id: &str) -> Vec<u8> {
+    let mut key = open_orders_prefix(customer_id);
+    key.extend_from_slice(order_id.as_bytes());
+    key
+}
+
+/// The prefix of a customer's entries in the open-orders index (to scan).
+pub fn open_orders_prefix(customer_id: &str) -> Vec<u8> {
+    let mut key = customer_id.as_bytes().to_vec();
+    key.push(0);
+    key
+}
+
+/// The order ids of index entries scanned by [`open_orders_prefix`].
+pub fn open_order_ids(prefix: &[u8], entries: Vec<IndexEntry>) -> Vec<String> {
+    entries
+        .into_iter()
+        .filter_map(|(key, _)| key.strip_prefix(prefix).map(<[u8]>::to_vec))
+        .map(|id| String::from_utf8_lossy(&id).into_owned())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::testing::*;
@@ -217,7 +257,7 @@ mod tests {
     }
 
     fn stock(m: &Memory, sku: &str) -> (i64, i64) {
-        let p = &m.products[sku];
+        let p = &m.products()[sku];
         (p.on_hand, p.reserved)
     }
 
@@ -257,7 +297,7 @@ mod tests {
         assert!(matches!(&events[1], Event::StockReserved(r) if r.sku == "a" && r.quantity == 3));
         assert_eq!(stock(&m, "a"), (10, 3));
         assert_eq!(stock(&m, "b"), (2, 2));
-        assert_eq!(m.orders["o1"].status(), OrderStatus::Placed);
+        assert_eq!(m.orders()["o1"].status(), OrderStatus::Placed);
     }
 
     #[test]
@@ -272,7 +312,7 @@ mod tests {
             })
         );
         assert_eq!(stock(&m, "a"), (10, 0));
-        assert!(m.orders.is_empty());
+        assert!(m.orders().is_empty());
     }
 
     #[test]
@@ -353,7 +393,7 @@ mod tests {
         let events = m.when(ship("o1")).unwrap();
         assert!(matches!(&events[1], Event::StockCommitted(c) if c.quantity == 4));
         assert_eq!(stock(&m, "a"), (6, 0));
-        assert_eq!(m.orders["o1"].status(), OrderStatus::Shipped);
+        assert_eq!(m.orders()["o1"].status(), OrderStatus::Shipped);
         assert!(matches!(
             m.when(cancel("o1")),
             Err(DomainError::InvalidOrderState {

@@ -130,7 +130,7 @@ mod tests {
             price_cents: 300,
         })
         .unwrap();
-        let p = &m.products["p1"];
+        let p = &m.products()["p1"];
         assert_eq!(
             (p.on_hand, p.reserved, p.price_cents, p.version),
             (15, 0, 300, 3)
@@ -179,7 +179,7 @@ mod tests {
             quantity,
         };
         assert!(m.when(restock(5)).is_ok());
-        assert_eq!(m.products["p1"].on_hand, ON_HAND_MAX);
+        assert_eq!(m.products()["p1"].on_hand, ON_HAND_MAX);
         assert_eq!(
             m.when(restock(1)),
             Err(DomainError::StockLimit {

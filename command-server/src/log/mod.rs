@@ -8,8 +8,9 @@
 //!   positions (the exact bytes published to JetStream), plus the idempotency entries of
 //!   the commands that ended in it. Records are capped at [`RECORD_BYTES_MAX`], so one
 //!   batch of commands is a handful of rows, not one per event.
-//! - `E` `email_key` → customer id (live customers; written with the commit)
-//! - `O` customer_id NUL order_id → empty (open orders, for the policy; with the commit)
+//! - index rows: [`IndexName`]'s tag, then the domain's key → value (written with the
+//!   commit that changes them; the domain names its indexes and their key layouts,
+//!   see `domain/aggregate.rs`: `E` emails, `O` open orders)
 //! - Derived rows, written in snapshots (see below):
 //!   - `A` stream_id → current aggregate state
 //!   - `S` stream_id NUL first_version:u64be → [`PositionChunk`] (stream index)
@@ -42,10 +43,11 @@ use prost::Message;
 use shop_shared::ids::StreamId;
 use shop_shared::pb;
 
+mod tail;
+pub use tail::LogTail;
+
 /// Row kind prefixes.
 const RECORD: u8 = b'B';
-const EMAIL: u8 = b'E';
-const OPEN_ORDER: u8 = b'O';
 const STATE: u8 = b'A';
 const STREAM: u8 = b'S';
 const COMMAND: u8 = b'C';
@@ -53,6 +55,60 @@ const META: u8 = b'Z';
 
 /// Metadata key: position up to which the derived rows (A, S, C) are complete.
 const DERIVED: &str = "derived";
+
+/// A secondary index kept in the log: rows `tag key → value`, written in the same atomic
+/// batch as the commit whose events change them. The domain declares its indexes and
+/// computes the changes (`domain::Aggregate::index_changes`); the log only stores them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IndexName {
+    tag: u8,
+    name: &'static str,
+}
+
+impl IndexName {
+    /// An index whose rows start with `tag`; fails to compile (in a `const`) if the tag
+    /// is one of the log's own row kinds.
+    pub const fn new(tag: u8, name: &'static str) -> Self {
+        assert!(
+            !matches!(tag, RECORD | STATE | STREAM | COMMAND | META),
+            "index tag collides with a row kind of the log"
+        );
+        IndexName { tag, name }
+    }
+
+    pub fn name(self) -> &'static str {
+        self.name
+    }
+}
+
+/// An index entry as scanned: (key, value).
+pub type IndexEntry = (Vec<u8>, Vec<u8>);
+
+/// One index entry set (`value: Some`) or removed (`None`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexChange {
+    pub index: IndexName,
+    pub key: Vec<u8>,
+    pub value: Option<Vec<u8>>,
+}
+
+impl IndexChange {
+    pub fn put(index: IndexName, key: Vec<u8>, value: Vec<u8>) -> Self {
+        IndexChange {
+            index,
+            key,
+            value: Some(value),
+        }
+    }
+
+    pub fn remove(index: IndexName, key: Vec<u8>) -> Self {
+        IndexChange {
+            index,
+            key,
+            value: None,
+        }
+    }
+}
 
 /// A commit record is closed once it holds this many bytes of envelopes.
 pub const RECORD_BYTES_MAX: usize = 4 * 1024;
@@ -350,34 +406,22 @@ impl EventLog {
         Ok(by_version.into_values().take(limit).collect())
     }
 
-    /// The stored state of an aggregate (as of the derived position).
-    pub fn state<T: Message + Default>(&self, stream: &StreamId) -> Result<Option<T>, LogError> {
-        let key = state_key(stream);
-        match self.db.get(&key)? {
-            None => Ok(None),
-            Some(bytes) => T::decode(bytes.as_ref())
-                .map(Some)
-                .map_err(|e| corrupt(&key, e)),
-        }
+    /// The stored state of an aggregate (as of the derived position), encoded.
+    pub fn state(&self, stream: &StreamId) -> Result<Option<sled::IVec>, LogError> {
+        Ok(self.db.get(state_key(stream))?)
     }
 
-    /// The live customer holding an email, by email key.
-    pub fn email_owner(&self, email_key: &str) -> Result<Option<String>, LogError> {
-        let key = prefixed(EMAIL, email_key.as_bytes());
-        Ok(self
-            .db
-            .get(&key)?
-            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    /// The value of an index entry.
+    pub fn index_get(&self, index: IndexName, key: &[u8]) -> Result<Option<Vec<u8>>, LogError> {
+        Ok(self.db.get(prefixed(index.tag, key))?.map(|v| v.to_vec()))
     }
 
-    /// Ids of the customer's open (PLACED or PAID) orders.
-    pub fn open_orders(&self, customer_id: &str) -> Result<Vec<String>, LogError> {
-        let mut prefix = prefixed(OPEN_ORDER, customer_id.as_bytes());
-        prefix.push(0);
+    /// The index entries whose keys start with `prefix`: (key, value), in key order.
+    pub fn index_scan(&self, index: IndexName, prefix: &[u8]) -> Result<Vec<IndexEntry>, LogError> {
         let mut out = Vec::new();
-        for row in self.db.scan_prefix(&prefix) {
-            let (key, _) = row?;
-            out.push(String::from_utf8_lossy(&key[prefix.len()..]).into_owned());
+        for row in self.db.scan_prefix(prefixed(index.tag, prefix)) {
+            let (key, value) = row?;
+            out.push((key[1..].to_vec(), value.to_vec()));
         }
         Ok(out)
     }
@@ -451,22 +495,12 @@ impl WriteBatch {
         self.put(prefixed(META, DERIVED.as_bytes()), &position.to_be_bytes());
     }
 
-    pub fn email(&mut self, email_key: &str, owner: Option<&str>) {
-        let key = prefixed(EMAIL, email_key.as_bytes());
-        match owner {
-            Some(customer_id) => self.put(key, customer_id.as_bytes()),
+    /// Sets or removes an index entry.
+    pub fn index(&mut self, change: &IndexChange) {
+        let key = prefixed(change.index.tag, &change.key);
+        match &change.value {
+            Some(value) => self.put(key, value),
             None => self.remove(key),
-        }
-    }
-
-    pub fn open_order(&mut self, customer_id: &str, order_id: &str, open: bool) {
-        let mut key = prefixed(OPEN_ORDER, customer_id.as_bytes());
-        key.push(0);
-        key.extend_from_slice(order_id.as_bytes());
-        if open {
-            self.put(key, &[]);
-        } else {
-            self.remove(key);
         }
     }
 
@@ -675,7 +709,8 @@ mod tests {
         assert_eq!(versions(2, 100), [2, 3]);
         assert_eq!(versions(3, 100), [3]);
         assert_eq!(versions(1, 2), [1, 2]);
-        let state: Product = log.state(&p).expect("state").expect("present");
+        let bytes = log.state(&p).expect("state").expect("present");
+        let state = Product::decode(bytes.as_ref()).expect("decode");
         assert_eq!(state.version, 2);
         assert_eq!(log.derived_position().expect("derived"), 4);
     }
@@ -695,16 +730,27 @@ mod tests {
         release.join().expect("join");
     }
 
+    const OWNERS: IndexName = IndexName::new(b'E', "owners");
+    const OPEN: IndexName = IndexName::new(b'O', "open");
+
+    fn set(batch: &mut WriteBatch, index: IndexName, key: &[u8], value: Option<&[u8]>) {
+        batch.index(&IndexChange {
+            index,
+            key: key.to_vec(),
+            value: value.map(<[u8]>::to_vec),
+        });
+    }
+
     #[test]
     fn indexes_and_records_survive_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let log = open(dir.path());
             let mut batch = WriteBatch::default();
-            batch.email("a@x.io", Some("c1"));
-            batch.open_order("c1", "o1", true);
-            batch.open_order("c1", "o2", true);
-            batch.open_order("c10", "o3", true);
+            set(&mut batch, OWNERS, b"a@x.io", Some(b"c1"));
+            set(&mut batch, OPEN, b"c1\0o1", Some(b""));
+            set(&mut batch, OPEN, b"c1\0o2", Some(b""));
+            set(&mut batch, OPEN, b"c10\0o3", Some(b""));
             batch.command(
                 "cmd-1",
                 &CommandRecord {
@@ -714,16 +760,24 @@ mod tests {
             );
             log.apply(batch).expect("apply");
             let mut batch = WriteBatch::default();
-            batch.open_order("c1", "o1", false);
+            set(&mut batch, OPEN, b"c1\0o1", None);
             log.apply(batch).expect("apply");
             log.sync().expect("sync");
         }
         let log = open(dir.path());
         assert_eq!(
-            log.email_owner("a@x.io").expect("get").as_deref(),
-            Some("c1")
+            log.index_get(OWNERS, b"a@x.io").expect("get"),
+            Some(b"c1".to_vec())
         );
-        assert_eq!(log.open_orders("c1").expect("scan"), ["o2"]);
+        // The on-disk layout: the tag, then the key.
+        assert_eq!(
+            log.db.get(b"Ea@x.io").expect("raw").as_deref(),
+            Some(&b"c1"[..])
+        );
+        assert_eq!(
+            log.index_scan(OPEN, b"c1\0").expect("scan"),
+            [(b"c1\0o2".to_vec(), Vec::new())]
+        );
         assert_eq!(
             log.command("cmd-1").expect("get").map(|r| r.request_hash),
             Some(vec![1; 16])

@@ -1,0 +1,163 @@
+//! The aggregate cache: states and index entries loaded from the log on first use,
+//! evolved in memory as commands are decided, kept across batches (bounded), so that
+//! deciding rarely reads sled. States reach sled with the snapshots; index entries with
+//! the commits that change them.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use shop_shared::ids::StreamId;
+
+use super::snapshot::SnapshotRow;
+use crate::domain::{self, Aggregate, Command, Event, ReadKey, READ_ROUNDS_MAX};
+use crate::log::{EventLog, IndexName, LogError, WriteBatch};
+
+/// Entries cached in memory beyond this many are dropped at a snapshot (they are all in
+/// sled by then).
+const CACHE_ENTRIES_MAX: usize = 20_000;
+
+/// States by stream and index entries by key; `None` = known not to exist.
+pub(super) struct AggregateCache {
+    log: Arc<EventLog>,
+    states: HashMap<StreamId, Option<Aggregate>>,
+    indexes: HashMap<(IndexName, Vec<u8>), Option<Vec<u8>>>,
+    /// Streams changed since the last snapshot: never dropped from the cache before it.
+    dirty: HashSet<StreamId>,
+}
+
+impl AggregateCache {
+    pub(super) fn new(log: Arc<EventLog>) -> Self {
+        AggregateCache {
+            log,
+            states: HashMap::new(),
+            indexes: HashMap::new(),
+            dirty: HashSet::new(),
+        }
+    }
+
+    /// Once a snapshot is stored: drops the cache if it grew too large, except the
+    /// states changed since the snapshot was taken (not stored yet).
+    pub(super) fn trim(&mut self) {
+        if self.states.len() + self.indexes.len() <= CACHE_ENTRIES_MAX {
+            return;
+        }
+        let dirty = &self.dirty;
+        self.states.retain(|stream, _| dirty.contains(stream));
+        // Index entries are written with the commits: always stored.
+        self.indexes.clear();
+    }
+
+    /// Loads everything `decide` will read for `command`.
+    pub(super) fn load_reads(&mut self, command: &Command) -> Result<(), LogError> {
+        for _ in 0..READ_ROUNDS_MAX {
+            let missing: Vec<ReadKey> = command
+                .reads(&*self)
+                .into_iter()
+                .filter(|key| !self.holds(key))
+                .collect();
+            if missing.is_empty() {
+                return Ok(());
+            }
+            for key in missing {
+                match key {
+                    ReadKey::Stream(stream) => self.load(&stream)?,
+                    ReadKey::Index(index, key) => self.load_index(index, key)?,
+                }
+            }
+        }
+        debug_assert!(
+            false,
+            "{} still reads more after {READ_ROUNDS_MAX} rounds",
+            command.name()
+        );
+        Ok(())
+    }
+
+    fn holds(&self, key: &ReadKey) -> bool {
+        match key {
+            ReadKey::Stream(stream) => self.states.contains_key(stream),
+            ReadKey::Index(index, key) => self.indexes.contains_key(&(*index, key.clone())),
+        }
+    }
+
+    pub(super) fn load(&mut self, stream: &StreamId) -> Result<(), LogError> {
+        if self.states.contains_key(stream) {
+            return Ok(());
+        }
+        let state = match self.log.state(stream)? {
+            None => None,
+            Some(bytes) => {
+                Some(
+                    Aggregate::decode(stream.kind, &bytes).map_err(|e| LogError::Corrupt {
+                        key: format!("state of {stream}"),
+                        reason: e.to_string(),
+                    })?,
+                )
+            }
+        };
+        self.states.insert(stream.clone(), state);
+        Ok(())
+    }
+
+    fn load_index(&mut self, index: IndexName, key: Vec<u8>) -> Result<(), LogError> {
+        let value = self.log.index_get(index, &key)?;
+        self.indexes.insert((index, key), value);
+        Ok(())
+    }
+
+    pub(super) fn version(&self, stream: &StreamId) -> u64 {
+        self.states
+            .get(stream)
+            .and_then(Option::as_ref)
+            .map_or(0, Aggregate::version)
+    }
+
+    /// Folds an accepted event into its stream's state, adds the index changes to
+    /// `batch`, and returns the stream's new version.
+    pub(super) fn evolve(
+        &mut self,
+        stream: &StreamId,
+        event: &Event,
+        batch: &mut WriteBatch,
+    ) -> Result<u64, LogError> {
+        self.load(stream)?;
+        self.dirty.insert(stream.clone());
+        let before = self.states.get_mut(stream).and_then(Option::take);
+        let after = Aggregate::evolve(stream.kind, before.clone(), event);
+        for change in Aggregate::index_changes(stream, before.as_ref(), &after) {
+            batch.index(&change);
+            self.indexes
+                .insert((change.index, change.key), change.value);
+        }
+        let version = after.version();
+        self.states.insert(stream.clone(), Some(after));
+        Ok(version)
+    }
+
+    /// The encoded states changed since the last snapshot, as snapshot rows.
+    pub(super) fn snapshot_dirty(&mut self, rows: &mut Vec<SnapshotRow>) {
+        for stream in self.dirty.drain() {
+            if let Some(state) = self.states.get(&stream).and_then(Option::as_ref) {
+                let bytes = state.encode();
+                rows.push(SnapshotRow::State(stream, bytes));
+            }
+        }
+    }
+
+    pub(super) fn dirty_len(&self) -> usize {
+        self.dirty.len()
+    }
+}
+
+impl domain::State for AggregateCache {
+    fn aggregate(&self, stream: &StreamId) -> Option<&Aggregate> {
+        self.states.get(stream).and_then(Option::as_ref)
+    }
+
+    fn index(&self, index: IndexName, key: &[u8]) -> Option<&[u8]> {
+        // Only called for keys `load_reads` loaded; a miss means "absent".
+        self.indexes
+            .get(&(index, key.to_vec()))
+            .and_then(|v| v.as_deref())
+    }
+}

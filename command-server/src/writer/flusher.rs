@@ -1,0 +1,152 @@
+//! The flusher thread: makes applied batches durable, one sync for every batch applied
+//! since the last, then publishes the durable position and sends the batches' replies.
+//! Exactly one thread ever syncs (sled can hang when several flush at once, sled#1308).
+
+use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::histogram::Histogram;
+use tokio::sync::{oneshot, watch};
+
+use super::{Accepted, WriteError};
+use crate::log::EventLog;
+
+pub(super) type Reply = (
+    oneshot::Sender<Result<Accepted, WriteError>>,
+    Result<Accepted, WriteError>,
+);
+
+/// An applied batch waiting for a sync.
+pub(super) struct FlushJob {
+    pub(super) replies: Vec<Reply>,
+    pub(super) last_position: u64,
+}
+
+pub(super) fn flusher_loop(
+    log: &EventLog,
+    jobs: std::sync::mpsc::Receiver<FlushJob>,
+    durable: &watch::Sender<u64>,
+    failure: &watch::Sender<Option<String>>,
+    syncs: &SyncStats,
+) {
+    let mut pending = Vec::new();
+    while let Ok(first) = jobs.recv() {
+        pending.push(first);
+        while let Ok(more) = jobs.try_recv() {
+            pending.push(more);
+        }
+        let started = Instant::now();
+        let synced = log.sync();
+        let commands: usize = pending.iter().map(|j| j.replies.len()).sum();
+        syncs.record(started.elapsed(), commands as u64);
+        if let Err(error) = synced {
+            // Unknown what reached the disk: acknowledge nothing more, ever.
+            tracing::error!(%error, "sync of the event log failed; the command server stops accepting commands");
+            failure.send_replace(Some(error.to_string()));
+            return;
+        }
+        // Publish the new durable position before replying, so that a client reading the
+        // log (or the relay) right after its reply sees its own events.
+        let last = pending
+            .iter()
+            .map(|j| j.last_position)
+            .fold(*durable.borrow(), u64::max);
+        durable.send_if_modified(|position| {
+            let changed = *position != last;
+            *position = last;
+            changed
+        });
+        for job in pending.drain(..) {
+            for (reply, outcome) in job.replies {
+                let _client_gone = reply.send(outcome);
+            }
+        }
+    }
+    tracing::debug!("writer finished; flusher done");
+}
+
+/// The last syncs' durations and sizes (a ring of [`SYNC_SAMPLES`]), for status, and
+/// every sync in two Prometheus histograms.
+pub struct SyncStats {
+    samples: std::sync::Mutex<SyncSamples>,
+    /// `shop_group_commit_sync_seconds`: how long each group-commit sync took.
+    pub sync_seconds: Histogram,
+    /// `shop_group_commit_commands`: commands acknowledged by each sync.
+    pub commands_per_sync: Histogram,
+}
+
+/// Upper bounds of the commands-per-sync histogram (the batch limit defaults to 1024).
+const COMMANDS_PER_SYNC_BUCKETS: [f64; 12] = [
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
+];
+
+impl Default for SyncStats {
+    fn default() -> Self {
+        SyncStats {
+            samples: std::sync::Mutex::default(),
+            sync_seconds: shop_shared::metrics::latency_histogram(),
+            commands_per_sync: Histogram::new(COMMANDS_PER_SYNC_BUCKETS),
+        }
+    }
+}
+
+#[derive(Default)]
+struct SyncSamples {
+    /// (duration µs, commands acknowledged) per sync, oldest overwritten first.
+    ring: Vec<(u64, u64)>,
+    next: usize,
+    total: u64,
+}
+
+/// Syncs remembered for the status percentiles.
+const SYNC_SAMPLES: usize = 4096;
+
+/// Percentiles of the recent syncs.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SyncSummary {
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+    pub commands_per_sync: f64,
+    pub total: u64,
+}
+
+impl SyncStats {
+    pub(super) fn record(&self, took: Duration, commands: u64) {
+        self.sync_seconds.observe(took.as_secs_f64());
+        self.commands_per_sync.observe(commands as f64);
+        if let Ok(mut s) = self.samples.lock() {
+            let sample = (
+                u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+                commands,
+            );
+            if s.ring.len() < SYNC_SAMPLES {
+                s.ring.push(sample);
+            } else {
+                let i = s.next;
+                s.ring[i] = sample;
+            }
+            s.next = (s.next + 1) % SYNC_SAMPLES;
+            s.total += 1;
+        }
+    }
+
+    pub fn summary(&self) -> SyncSummary {
+        let Ok(s) = self.samples.lock() else {
+            return SyncSummary::default();
+        };
+        if s.ring.is_empty() {
+            return SyncSummary::default();
+        }
+        let mut durations: Vec<u64> = s.ring.iter().map(|(d, _)| *d).collect();
+        durations.sort_unstable();
+        let at = |q: f64| durations[((durations.len() - 1) as f64 * q) as usize];
+        let commands: u64 = s.ring.iter().map(|(_, c)| *c).sum();
+        SyncSummary {
+            p50_us: at(0.5),
+            p99_us: at(0.99),
+            max_us: at(1.0),
+            commands_per_sync: commands as f64 / s.ring.len() as f64,
+            total: s.total,
+        }
+    }
+}
