@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use prost::Message;
 use shop_shared::auth::Principal;
-use shop_shared::grpc::{invalid_argument, with_reason, FieldViolation};
+use shop_shared::grpc::{invalid_argument, storage_unavailable, with_reason, FieldViolation};
 use shop_shared::ids::{generate_id, StreamId};
 use shop_shared::metrics::code_name;
 use shop_shared::pb;
@@ -434,7 +434,7 @@ pub fn status_of(error: &WriteError) -> Status {
         WriteError::ShuttingDown => Status::unavailable(message),
         WriteError::Storage(detail) => {
             tracing::error!(%detail, "command refused: event log unusable");
-            Status::unavailable("the event log is unavailable; the command was not acknowledged")
+            storage_unavailable("the event log is unavailable; the command was not acknowledged")
         }
     }
 }

@@ -6,9 +6,9 @@ use std::sync::OnceLock;
 
 use command_server::log::{decode_envelope, CommitRecord};
 use prost::Message;
-use query_server::as_of::{cutoff, fold_merged, take_order};
+use query_server::as_of::{cutoff, fold_merged};
 use query_server::history::history_event;
-use query_server::projections::{self, MemoryViews};
+use query_server::projections::{self, MemoryViews, ReadViews};
 use shop_shared::events::{event_type, stream_of};
 use shop_shared::ids::{validate_id, StreamId};
 use shop_shared::pb;
@@ -108,13 +108,12 @@ pub fn as_of_history(data: &[u8]) {
     let kept: Vec<pb::EventEnvelope> = streams.into_values().flatten().collect();
     assert!(kept.iter().all(|e| cut.keeps(e)));
     let mut views = fold_merged(kept);
-    let ids: Vec<String> = views.orders.keys().cloned().collect();
-    for id in ids {
-        let order = take_order(&mut views, &id).expect("a folded order is there");
-        let name = views
-            .customers
-            .get(&order.customer_id)
-            .map(|c| c.name.as_str());
+    let customers = views.all::<pb::Customer>();
+    for id in views.all::<pb::Order>().into_keys() {
+        let order = views
+            .joined::<pb::Order>(&id)
+            .expect("a folded order is there");
+        let name = customers.get(&order.customer_id).map(|c| c.name.as_str());
         assert_eq!(order.customer_name, name.unwrap_or_default());
     }
     assert!(!cut.describe().is_empty());

@@ -1,18 +1,20 @@
 //! `page_token`: list page tokens as a client may send them, for every index.
 
 use query_server::paging::{decode_token, encode_token, page_size, PAGE_SIZE_MAX};
-use query_server::store;
-use tonic::Code;
+use query_server::projections::{customers, orders, products};
+use query_server::store::Store;
+use shop_shared::pb;
+use tonic::{Code, Status};
 
 /// The index prefixes the list RPCs page over.
 fn prefix(selector: u8) -> Vec<u8> {
     match selector % 6 {
-        0 => store::INDEX_ALL_ORDERS.to_vec(),
-        1 => store::orders_by_customer_prefix("c1"),
-        2 => store::orders_by_status_prefix(shop_shared::pb::OrderStatus::Paid),
-        3 => store::customers_by_name_prefix("ann"),
-        4 => store::INDEX_PRODUCTS_BY_AVAILABLE.to_vec(),
-        _ => b"p".to_vec(),
+        0 => orders::ALL.to_vec(),
+        1 => orders::by_customer_prefix("c1"),
+        2 => orders::by_status_prefix(pb::OrderStatus::Paid),
+        3 => customers::by_name_prefix("ann"),
+        4 => products::BY_AVAILABLE.to_vec(),
+        _ => Store::rows_prefix::<pb::Product>(),
     }
 }
 
@@ -32,8 +34,8 @@ pub fn page_token(data: &[u8]) {
         Ok(Some(after)) => {
             assert!(after.starts_with(&prefix), "a token escaped its index");
         }
-        Err(status) => {
-            assert_eq!(status.code(), Code::InvalidArgument);
+        Err(error) => {
+            assert_eq!(Status::from(error).code(), Code::InvalidArgument);
         }
     }
     let mut after = prefix.clone();

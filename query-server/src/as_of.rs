@@ -2,11 +2,11 @@
 //! stored events with the same projection code that maintains the views.
 
 use shop_shared::events::micros_from_timestamp;
-use shop_shared::grpc::{invalid_argument, FieldViolation};
 use shop_shared::pb;
-use tonic::Status;
 
-use crate::projections::MemoryViews;
+use crate::error::QueryError;
+use crate::projections::{MemoryViews, ReadViews, View};
+use crate::store::{Store, StoreError};
 
 /// A point in the past to read the view at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,9 +42,8 @@ impl Cutoff {
 pub fn cutoff(
     as_of_position: u64,
     as_of_time: Option<&prost_types::Timestamp>,
-) -> Result<Option<Cutoff>, Status> {
-    let bad =
-        |description: &str| invalid_argument(&[FieldViolation::new("as_of_time", description)]);
+) -> Result<Option<Cutoff>, QueryError> {
+    let bad = |description: &str| QueryError::bad("as_of_time", description);
     match (as_of_position, as_of_time) {
         (0, None) => Ok(None),
         (p, None) => Ok(Some(Cutoff::Position(p))),
@@ -64,13 +63,12 @@ pub fn fold_merged(mut events: Vec<pb::EventEnvelope>) -> MemoryViews {
     MemoryViews::fold(&events)
 }
 
-/// The order `id` of folded views, with its customer's name as of the same cut-off.
-pub fn take_order(views: &mut MemoryViews, id: &str) -> Option<pb::Order> {
-    let mut order = views.orders.remove(id)?;
-    order.customer_name = views
-        .customers
-        .get(&order.customer_id)
-        .map(|c| c.name.clone())
-        .unwrap_or_default();
-    Some(order)
+/// The view `id` as of `cut`, with its joins as of the same cut-off: the stored events
+/// of every stream it is made of ([`View::sources`]), each cut, merged and folded.
+pub fn read_as_of<V: View>(store: &Store, id: &str, cut: Cutoff) -> Result<Option<V>, StoreError> {
+    let mut events = Vec::new();
+    for stream in V::sources(store, id)? {
+        events.extend(store.stream_prefix_while(&stream, |e| cut.keeps(e))?);
+    }
+    Ok(fold_merged(events).joined::<V>(id))
 }

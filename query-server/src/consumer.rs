@@ -25,9 +25,9 @@ use shop_shared::subjects::HEADER_EVENT_ID;
 use shop_shared::telemetry;
 use tokio::sync::watch;
 
-use crate::projections::{self, Changed};
+use crate::projections::{self, Changed, Update, ViewKey};
 use crate::store::{Overlay, Store, StoreError};
-use crate::watch::{Update, WatchKey, Watchers};
+use crate::watchers::Watchers;
 
 /// How often sled's buffers are written out (the consumer is the only flusher).
 const FLUSH_INTERVAL: Duration = Duration::from_millis(500);
@@ -193,7 +193,7 @@ fn apply_span(message: &async_nats::jetstream::Message, sequence: u64) -> Option
 /// What a committed batch produced.
 struct Applied {
     checkpoint: u64,
-    updates: Vec<(WatchKey, Update)>,
+    updates: Vec<(ViewKey, Update)>,
     /// Applied up to `checkpoint`, then met this.
     stopped: Option<ConsumerError>,
 }
@@ -481,7 +481,7 @@ fn apply_batch(
     store: &Store,
     batch: Vec<Incoming>,
     checkpoint: u64,
-    watched: &HashSet<WatchKey>,
+    watched: &HashSet<ViewKey>,
 ) -> Result<Applied, ConsumerError> {
     let mut overlay = Overlay::new(store);
     let mut applied = checkpoint;
@@ -542,40 +542,18 @@ fn apply_batch(
     })
 }
 
-fn collect_updates(
-    overlay: &mut Overlay<'_>,
-    changed: Vec<Changed>,
-    watched: &HashSet<WatchKey>,
-    updates: &mut Vec<(WatchKey, Update)>,
+/// The watched views among those an event changed, as they are now.
+fn collect_updates<'s>(
+    overlay: &mut Overlay<'s>,
+    changed: Vec<Changed<Overlay<'s>>>,
+    watched: &HashSet<ViewKey>,
+    updates: &mut Vec<(ViewKey, Update)>,
 ) {
-    use crate::projections::Views;
     for change in changed {
-        match change {
-            Changed::Order(id) => {
-                let key = WatchKey::Order(id);
-                if watched.contains(&key) {
-                    let WatchKey::Order(id) = &key else { continue };
-                    if let Some(mut order) = overlay.order(id) {
-                        order.customer_name = overlay
-                            .peek_customer(&order.customer_id)
-                            .map(|c| c.name)
-                            .unwrap_or_default();
-                        updates.push((key, Update::Order(order)));
-                    }
-                }
+        if watched.contains(&change.key) {
+            if let Some(update) = change.read(overlay) {
+                updates.push((change.key, update));
             }
-            Changed::Customer(id) => {
-                let key = WatchKey::Customer(id);
-                if watched.contains(&key) {
-                    let WatchKey::Customer(id) = &key else {
-                        continue;
-                    };
-                    if let Some(customer) = overlay.customer(id) {
-                        updates.push((key, Update::Customer(customer)));
-                    }
-                }
-            }
-            Changed::Product(_) => {}
         }
     }
 }

@@ -17,6 +17,7 @@
 
 pub mod as_of;
 pub mod consumer;
+pub mod error;
 pub mod freshness;
 pub mod grpc;
 pub mod history;
@@ -24,7 +25,7 @@ pub mod metrics;
 pub mod paging;
 pub mod projections;
 pub mod store;
-pub mod watch;
+pub mod watchers;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -40,12 +41,12 @@ use shop_shared::pb::query_service_server::QueryServiceServer;
 use shop_shared::security::Security;
 use shop_shared::telemetry::TraceLayer;
 use tokio::net::TcpListener;
-use tokio::sync::watch as tokio_watch;
+use tokio::sync::watch;
 
 use crate::consumer::{Consumer, ConsumerConfig, ConsumerError, ConsumerStatus};
 use crate::freshness::FreshnessLayer;
 use crate::store::{Store, StoreError};
-use crate::watch::Watchers;
+use crate::watchers::Watchers;
 
 /// Events per atomic write during a rebuild, at least.
 const REBUILD_BATCH_EVENTS: usize = 10_000;
@@ -185,7 +186,7 @@ pub async fn run(
     let watchers = Watchers::new(config.watchers_max);
     let client = shop_shared::nats::connect(&config.nats, "query-server").await?;
 
-    let (stop_tx, stop_rx) = tokio_watch::channel(false);
+    let (stop_tx, stop_rx) = watch::channel(false);
     let consumer = Consumer {
         store: store.clone(),
         client: client.clone(),
@@ -197,7 +198,7 @@ pub async fn run(
         },
     };
     let consumer_task = tokio::spawn(consumer.run(stop_rx.clone(), None));
-    let (serving_tx, serving_rx) = tokio_watch::channel(true);
+    let (serving_tx, serving_rx) = watch::channel(true);
     let health_task = tokio::spawn(watch_health(
         health.clone(),
         status.clone(),
@@ -291,7 +292,7 @@ async fn watch_health(
     health: Health,
     status: Arc<ConsumerStatus>,
     client: async_nats::Client,
-    serving: tokio_watch::Receiver<bool>,
+    serving: watch::Receiver<bool>,
 ) {
     let mut last = None;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -360,7 +361,7 @@ pub async fn rebuild(config: Config) -> Result<RebuildReport, ServerError> {
         },
     };
     let started = Instant::now();
-    let (_stop_tx, stop_rx) = tokio_watch::channel(false);
+    let (_stop_tx, stop_rx) = watch::channel(false);
     let mut task = tokio::spawn(consumer.run(stop_rx, Some(target)));
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;

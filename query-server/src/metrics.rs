@@ -7,7 +7,7 @@ use std::sync::Arc;
 use shop_shared::metrics::{gauge_value, register_gauge_fn, Registry};
 
 use crate::consumer::ConsumerStatus;
-use crate::watch::Watchers;
+use crate::watchers::Watchers;
 
 /// Registers the positions, the lag and the watcher count.
 pub fn register(registry: &mut Registry, status: &Arc<ConsumerStatus>, watchers: &Arc<Watchers>) {

@@ -1,12 +1,10 @@
 //! List pagination: opaque page tokens (the last index key returned, bound to the
 //! request's filters) and one page walked over a store index.
 
+use crate::error::QueryError;
+use crate::store::{Store, StoreError};
 use base64::Engine;
 use prost::Message;
-use shop_shared::grpc::{invalid_argument, FieldViolation};
-use tonic::Status;
-
-use crate::store::{Store, StoreError};
 
 /// Page size when none is asked for, and the most one page may hold.
 pub const PAGE_SIZE_DEFAULT: usize = 50;
@@ -25,8 +23,8 @@ struct PageToken {
     filter: String,
 }
 
-fn bad_token(description: &str) -> Status {
-    invalid_argument(&[FieldViolation::new("page_token", description)])
+fn bad_token(description: &str) -> QueryError {
+    QueryError::bad("page_token", description)
 }
 
 /// The token that continues a list after index key `after`.
@@ -41,7 +39,11 @@ pub fn encode_token(after: &[u8], filter: &str) -> String {
 /// The index key to continue after (`None` for the first page), or INVALID_ARGUMENT on
 /// `page_token` when the token is not one this server issued for these filters and this
 /// index (`prefix`).
-pub fn decode_token(token: &str, filter: &str, prefix: &[u8]) -> Result<Option<Vec<u8>>, Status> {
+pub fn decode_token(
+    token: &str,
+    filter: &str,
+    prefix: &[u8],
+) -> Result<Option<Vec<u8>>, QueryError> {
     if token.is_empty() {
         return Ok(None);
     }

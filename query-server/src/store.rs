@@ -3,22 +3,21 @@
 //! of events is one atomic write (views + indexes + events + checkpoint together).
 //!
 //! Keys (first byte is the row kind):
-//! - `c` customer_id → `Customer` view
-//! - `p` sku → `Product` view
-//! - `o` order_id → `Order` view (customer_name is joined at read time)
+//! - a view's tag ([`View::TAG`]), then its id → the view (`c` customers, `p` products,
+//!   `o` orders; read-time joins such as an order's customer_name are not stored)
 //! - `e` stream_id NUL first_version:u64be → a [`HistoryChunk`]: the envelopes of that
 //!   stream's consecutive events applied in one batch (one row per stream per batch, not
 //!   per event: hot streams and short-lived orders cost one write per batch)
-//! - `x` index keys, derived from the views (see [`Indexed`]); value = the view's id:
-//!   `xa` inv(placed_position) (all orders, newest first), `xc` customer_id NUL inv(...)
-//!   (orders of a customer), `xs` status inv(...) (orders by status), `xn` lower(name) NUL
-//!   customer_id (customers by name), `xp` available sku (products by stock)
+//! - `x` index keys, derived from the views ([`View::index_keys`]); value = the view's
+//!   id (`xa` all orders, `xc` orders by customer, `xs` orders by status, `xn` customers
+//!   by name, `xp` products by stock: see `projections/`)
 //! - `m` name → metadata: `checkpoint` (last applied position) and the id of the event at
 //!   the checkpoint (to notice a stream that is not the one the views were built from)
 //!
 //! Indexes are kept by diffing the index keys of a view before and after a batch, so a
 //! view and its index entries can never disagree.
 
+use std::any::Any;
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
@@ -26,19 +25,9 @@ use prost::Message;
 use shop_shared::ids::StreamId;
 use shop_shared::pb;
 
-use crate::projections::Views;
+use crate::projections::{IndexEntry, ReadViews, View, ViewTag, Views};
 
-const CUSTOMER: u8 = b'c';
-const PRODUCT: u8 = b'p';
-const ORDER: u8 = b'o';
 const EVENT: u8 = b'e';
-
-/// Index prefixes.
-pub const INDEX_ALL_ORDERS: &[u8] = b"xa";
-pub const INDEX_ORDERS_BY_CUSTOMER: &[u8] = b"xc";
-pub const INDEX_ORDERS_BY_STATUS: &[u8] = b"xs";
-pub const INDEX_CUSTOMERS_BY_NAME: &[u8] = b"xn";
-pub const INDEX_PRODUCTS_BY_AVAILABLE: &[u8] = b"xp";
 
 const CHECKPOINT: &[u8] = b"mcheckpoint";
 const CHECKPOINT_EVENT: &[u8] = b"mcheckpoint_event";
@@ -88,16 +77,35 @@ impl Store {
         Ok((position, event_id))
     }
 
-    pub fn customer(&self, customer_id: &str) -> Result<Option<pb::Customer>, StoreError> {
-        self.get(&key(CUSTOMER, customer_id.as_bytes()))
+    /// A view as stored.
+    pub fn view<V: View>(&self, id: &str) -> Result<Option<V>, StoreError> {
+        self.get(&key(V::TAG.byte(), id.as_bytes()))
     }
 
-    pub fn product(&self, sku: &str) -> Result<Option<pb::Product>, StoreError> {
-        self.get(&key(PRODUCT, sku.as_bytes()))
+    /// A view with its read-time joins (see [`View::join`]).
+    pub fn joined<V: View>(&self, id: &str) -> Result<Option<V>, StoreError> {
+        let mut reader = Reader {
+            store: self,
+            error: None,
+        };
+        let view = reader.joined::<V>(id);
+        match reader.error {
+            Some(error) => Err(error),
+            None => Ok(view),
+        }
     }
 
-    pub fn order(&self, order_id: &str) -> Result<Option<pb::Order>, StoreError> {
-        self.get(&key(ORDER, order_id.as_bytes()))
+    /// Decodes a view's row (as scanned under [`Self::rows_prefix`]).
+    pub fn decode_row<V: View>(value: &[u8]) -> Result<V, StoreError> {
+        V::decode(value).map_err(|e| StoreError::Corrupt {
+            key: format!("a {} row", V::NAME),
+            reason: e.to_string(),
+        })
+    }
+
+    /// The prefix of every row of a view (to list them all, in id order).
+    pub fn rows_prefix<V: View>() -> Vec<u8> {
+        vec![V::TAG.byte()]
     }
 
     fn get<T: Message + Default>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
@@ -189,11 +197,10 @@ impl Store {
         Ok(out)
     }
 
-    /// Ids of every order a customer ever placed.
-    pub fn orders_of_customer(&self, customer_id: &str) -> Result<Vec<String>, StoreError> {
-        let prefix = orders_by_customer_prefix(customer_id);
+    /// The values of every index entry under `prefix` (view ids).
+    pub fn index_values(&self, prefix: &[u8]) -> Result<Vec<String>, StoreError> {
         let mut out = Vec::new();
-        for row in self.db.scan_prefix(&prefix) {
+        for row in self.db.scan_prefix(prefix) {
             let (_, v) = row?;
             out.push(String::from_utf8_lossy(&v).into_owned());
         }
@@ -272,102 +279,70 @@ fn decode_chunk(key: &[u8], bytes: &[u8]) -> Result<Vec<pb::EventEnvelope>, Stor
         .collect()
 }
 
-/// Newest first: positions inverted so an ascending scan runs from the newest.
-fn inverted(position: u64) -> [u8; 8] {
-    (u64::MAX - position).to_be_bytes()
+/// Reads views from the store for joins, keeping the first error.
+struct Reader<'s> {
+    store: &'s Store,
+    error: Option<StoreError>,
 }
 
-/// Order-preserving encoding of a signed number.
-fn ordered_i64(value: i64) -> [u8; 8] {
-    ((value as u64) ^ (1 << 63)).to_be_bytes()
-}
-
-/// Prefix of the orders-by-customer index for one customer.
-pub fn orders_by_customer_prefix(customer_id: &str) -> Vec<u8> {
-    let mut k = INDEX_ORDERS_BY_CUSTOMER.to_vec();
-    k.extend_from_slice(customer_id.as_bytes());
-    k.push(0);
-    k
-}
-
-/// Prefix of the orders-by-status index for one status.
-pub fn orders_by_status_prefix(status: pb::OrderStatus) -> Vec<u8> {
-    let mut k = INDEX_ORDERS_BY_STATUS.to_vec();
-    k.push(u8::try_from(status as i32).unwrap_or(0));
-    k
-}
-
-/// Prefix of the customers-by-name index for a (lower-cased) name prefix.
-pub fn customers_by_name_prefix(name_prefix: &str) -> Vec<u8> {
-    let mut k = INDEX_CUSTOMERS_BY_NAME.to_vec();
-    k.extend_from_slice(name_prefix.to_lowercase().as_bytes());
-    k
-}
-
-/// Key just past every product with `available <= max_available` in the stock index.
-pub fn products_by_available_end(max_available: i64) -> Vec<u8> {
-    let mut k = INDEX_PRODUCTS_BY_AVAILABLE.to_vec();
-    match max_available.checked_add(1) {
-        Some(next) => k.extend_from_slice(&ordered_i64(next)),
-        None => k.push(0xff),
-    }
-    k
-}
-
-/// A view with index entries.
-pub trait Indexed {
-    /// The index entries of this view: (key, value).
-    fn index_keys(&self) -> Vec<(Vec<u8>, Vec<u8>)>;
-}
-
-impl Indexed for pb::Customer {
-    fn index_keys(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
-        let mut k = customers_by_name_prefix(&self.name);
-        k.push(0);
-        k.extend_from_slice(self.customer_id.as_bytes());
-        vec![(k, self.customer_id.as_bytes().to_vec())]
+impl ReadViews for Reader<'_> {
+    fn get<V: View>(&mut self, id: &str) -> Option<V> {
+        match self.store.view(id) {
+            Ok(view) => view,
+            Err(error) => {
+                self.error.get_or_insert(error);
+                None
+            }
+        }
     }
 }
 
-impl Indexed for pb::Product {
-    fn index_keys(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
-        let mut k = INDEX_PRODUCTS_BY_AVAILABLE.to_vec();
-        k.extend_from_slice(&ordered_i64(self.available));
-        k.extend_from_slice(self.sku.as_bytes());
-        vec![(k, self.sku.as_bytes().to_vec())]
-    }
+/// A view of any kind, as the overlay holds it.
+trait AnyView: Send {
+    fn as_any(&self) -> &dyn Any;
+    fn index_keys(&self) -> Vec<IndexEntry>;
+    fn encode(&self) -> Vec<u8>;
+    fn same(&self, other: &dyn AnyView) -> bool;
 }
 
-impl Indexed for pb::Order {
-    fn index_keys(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
-        let inv = inverted(self.placed_position);
-        let id = self.order_id.as_bytes().to_vec();
-        let mut all = INDEX_ALL_ORDERS.to_vec();
-        all.extend_from_slice(&inv);
-        let mut by_customer = orders_by_customer_prefix(&self.customer_id);
-        by_customer.extend_from_slice(&inv);
-        let mut by_status = orders_by_status_prefix(self.status());
-        by_status.extend_from_slice(&inv);
-        vec![
-            (all, id.clone()),
-            (by_customer, id.clone()),
-            (by_status, id),
-        ]
+impl<V: View> AnyView for V {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn index_keys(&self) -> Vec<IndexEntry> {
+        View::index_keys(self)
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        self.encode_to_vec()
+    }
+
+    fn same(&self, other: &dyn AnyView) -> bool {
+        other.as_any().downcast_ref::<V>() == Some(self)
     }
 }
 
 /// One row of the overlay: the view as stored, and as it is now.
-struct Row<T> {
-    stored: Option<T>,
-    current: Option<T>,
+struct Row {
+    stored: Option<Box<dyn AnyView>>,
+    current: Option<Box<dyn AnyView>>,
+}
+
+impl Row {
+    fn changed(&self) -> bool {
+        match (&self.stored, &self.current) {
+            (None, None) => false,
+            (Some(a), Some(b)) => !a.same(b.as_ref()),
+            _ => true,
+        }
+    }
 }
 
 /// The views a batch of events touches, loaded on first use and written back at commit.
 pub struct Overlay<'s> {
     store: &'s Store,
-    customers: HashMap<String, Row<pb::Customer>>,
-    products: HashMap<String, Row<pb::Product>>,
-    orders: HashMap<String, Row<pb::Order>>,
+    rows: HashMap<(ViewTag, String), Row>,
     /// History chunks of this batch: stream id → (first version, envelopes).
     events: HashMap<String, (u64, HistoryChunk)>,
     /// Storage error met while loading; reported at commit.
@@ -378,9 +353,7 @@ impl<'s> Overlay<'s> {
     pub fn new(store: &'s Store) -> Self {
         Overlay {
             store,
-            customers: HashMap::new(),
-            products: HashMap::new(),
-            orders: HashMap::new(),
+            rows: HashMap::new(),
             events: HashMap::new(),
             error: None,
         }
@@ -396,11 +369,6 @@ impl<'s> Overlay<'s> {
         chunk.1.envelopes.push(envelope.to_vec());
     }
 
-    /// The current view of a customer (for joining names into order updates).
-    pub fn peek_customer(&mut self, customer_id: &str) -> Option<pb::Customer> {
-        self.customer(customer_id)
-    }
-
     /// Builds the atomic batch: changed views, their index diffs, events, checkpoint.
     pub fn into_batch(
         self,
@@ -411,9 +379,11 @@ impl<'s> Overlay<'s> {
             return Err(error);
         }
         let mut batch = sled::Batch::default();
-        write_rows(&mut batch, CUSTOMER, self.customers);
-        write_rows(&mut batch, PRODUCT, self.products);
-        write_rows(&mut batch, ORDER, self.orders);
+        for ((tag, id), row) in self.rows {
+            if row.changed() {
+                write_row(&mut batch, &key(tag.byte(), id.as_bytes()), &row);
+            }
+        }
         for (stream_id, (first_version, chunk)) in self.events {
             let mut k = key(EVENT, stream_id.as_bytes());
             k.push(0);
@@ -425,103 +395,65 @@ impl<'s> Overlay<'s> {
         Ok(batch)
     }
 
-    fn load<T: Message + Default>(&mut self, kind: u8, id: &str) -> Option<T> {
-        match self.store.get(&key(kind, id.as_bytes())) {
-            Ok(v) => v,
-            Err(e) => {
-                self.error.get_or_insert(e);
+    /// The row of a view, loaded from the store on first use.
+    fn row<V: View>(&mut self, id: &str) -> &mut Row {
+        let Overlay {
+            store, rows, error, ..
+        } = self;
+        rows.entry((V::TAG, id.to_string())).or_insert_with(|| {
+            let stored = store.view::<V>(id).unwrap_or_else(|e| {
+                error.get_or_insert(e);
                 None
+            });
+            Row {
+                current: stored.clone().map(|v| Box::new(v) as Box<dyn AnyView>),
+                stored: stored.map(|v| Box::new(v) as Box<dyn AnyView>),
             }
-        }
+        })
     }
 }
 
-fn write_rows<T: Message + PartialEq + Indexed>(
-    batch: &mut sled::Batch,
-    kind: u8,
-    rows: HashMap<String, Row<T>>,
-) {
-    for (id, row) in rows {
-        if row.stored == row.current {
-            continue;
-        }
-        let before: BTreeSet<(Vec<u8>, Vec<u8>)> = row
-            .stored
-            .as_ref()
-            .map(|v| v.index_keys().into_iter().collect())
-            .unwrap_or_default();
-        let after: BTreeSet<(Vec<u8>, Vec<u8>)> = row
+impl ReadViews for Overlay<'_> {
+    fn get<V: View>(&mut self, id: &str) -> Option<V> {
+        self.row::<V>(id)
             .current
             .as_ref()
-            .map(|v| v.index_keys().into_iter().collect())
-            .unwrap_or_default();
-        for (k, _) in before.difference(&after) {
-            batch.remove(k.as_slice());
-        }
-        for (k, v) in after.difference(&before) {
-            batch.insert(k.as_slice(), v.as_slice());
-        }
-        match &row.current {
-            Some(view) => batch.insert(key(kind, id.as_bytes()), view.encode_to_vec()),
-            None => batch.remove(key(kind, id.as_bytes())),
-        }
+            .and_then(|v| v.as_any().downcast_ref::<V>())
+            .cloned()
     }
-}
-
-macro_rules! overlay_view {
-    ($get:ident, $put:ident, $map:ident, $kind:expr, $ty:ty, $id:ident) => {
-        fn $get(&mut self, id: &str) -> Option<$ty> {
-            if let Some(row) = self.$map.get(id) {
-                return row.current.clone();
-            }
-            let stored: Option<$ty> = self.load($kind, id);
-            let current = stored.clone();
-            self.$map.insert(
-                id.to_string(),
-                Row {
-                    stored,
-                    current: current.clone(),
-                },
-            );
-            current
-        }
-
-        fn $put(&mut self, view: $ty) {
-            let id = view.$id.clone();
-            if !self.$map.contains_key(&id) {
-                let stored: Option<$ty> = self.load($kind, &id);
-                self.$map.insert(
-                    id.clone(),
-                    Row {
-                        stored,
-                        current: None,
-                    },
-                );
-            }
-            if let Some(row) = self.$map.get_mut(&id) {
-                row.current = Some(view);
-            }
-        }
-    };
 }
 
 impl Views for Overlay<'_> {
-    overlay_view!(
-        customer,
-        put_customer,
-        customers,
-        CUSTOMER,
-        pb::Customer,
-        customer_id
-    );
-    overlay_view!(product, put_product, products, PRODUCT, pb::Product, sku);
-    overlay_view!(order, put_order, orders, ORDER, pb::Order, order_id);
+    fn put<V: View>(&mut self, view: V) {
+        let id = view.id().to_string();
+        self.row::<V>(&id).current = Some(Box::new(view));
+    }
+}
+
+/// A changed view's row and its index diff.
+fn write_row(batch: &mut sled::Batch, row_key: &[u8], row: &Row) {
+    let keys = |v: &Option<Box<dyn AnyView>>| -> BTreeSet<IndexEntry> {
+        v.as_ref()
+            .map(|v| v.index_keys().into_iter().collect())
+            .unwrap_or_default()
+    };
+    let (before, after) = (keys(&row.stored), keys(&row.current));
+    for (k, _) in before.difference(&after) {
+        batch.remove(k.as_slice());
+    }
+    for (k, v) in after.difference(&before) {
+        batch.insert(k.as_slice(), v.as_slice());
+    }
+    match &row.current {
+        Some(view) => batch.insert(row_key, view.encode()),
+        None => batch.remove(row_key),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::projections::{apply, envelope};
+    use crate::projections::{apply, customers, envelope, orders, products};
     use shop_shared::pb::event::Kind;
 
     #[test]
@@ -571,22 +503,31 @@ mod tests {
             (3, "e3".to_string())
         );
         assert_eq!(
-            store.customer("c1").expect("get").expect("exists").name,
+            store
+                .view::<pb::Customer>("c1")
+                .expect("get")
+                .expect("exists")
+                .name,
             "Bea"
         );
         // The name index follows the rename: the old entry is gone.
         assert!(store
-            .scan_index(&customers_by_name_prefix("ada"), None, 10)
+            .scan_index(&customers::by_name_prefix("ada"), None, 10)
             .expect("scan")
             .is_empty());
         assert_eq!(
             store
-                .scan_index(&customers_by_name_prefix("b"), None, 10)
+                .scan_index(&customers::by_name_prefix("b"), None, 10)
                 .expect("scan")
                 .len(),
             1
         );
-        assert_eq!(store.orders_of_customer("c1").expect("scan"), ["o1"]);
+        assert_eq!(
+            store
+                .index_values(&orders::by_customer_prefix("c1"))
+                .expect("scan"),
+            ["o1"]
+        );
         assert_eq!(
             store
                 .history(&StreamId::customer("c1"), 1, 10)
@@ -659,21 +600,19 @@ mod tests {
 
     #[test]
     fn products_by_available_are_ordered_by_stock() {
-        let a = pb::Product {
+        let a = View::index_keys(&pb::Product {
             sku: "a".into(),
             available: 5,
             ..Default::default()
-        }
-        .index_keys();
-        let b = pb::Product {
+        });
+        let b = View::index_keys(&pb::Product {
             sku: "b".into(),
             available: 40,
             ..Default::default()
-        }
-        .index_keys();
+        });
         assert!(a[0].0 < b[0].0);
-        assert!(a[0].0 < products_by_available_end(5));
-        assert!(b[0].0 > products_by_available_end(5));
-        assert!(b[0].0 < products_by_available_end(i64::MAX));
+        assert!(a[0].0 < products::by_available_end(5));
+        assert!(b[0].0 > products::by_available_end(5));
+        assert!(b[0].0 < products::by_available_end(i64::MAX));
     }
 }

@@ -230,6 +230,18 @@ pub fn with_reason(
     Status::with_error_details(code, message, details)
 }
 
+/// The status of a request a server could not serve because its own storage failed
+/// (the same on both servers): UNAVAILABLE, reason `STORAGE_UNAVAILABLE`. The detail
+/// goes to the server's log, not to the client.
+pub fn storage_unavailable(what: &str) -> Status {
+    with_reason(
+        Code::Unavailable,
+        "STORAGE_UNAVAILABLE",
+        format!("{what}; retry later, or ask the operator to check the server's log"),
+        &[],
+    )
+}
+
 /// Tower layer that corrects the codes tonic gives to requests it cannot decode, so that
 /// bad input is the client's error, as SPEC §2.8 promises:
 /// - a message over the size limit (tonic: `OUT_OF_RANGE`) becomes `RESOURCE_EXHAUSTED`;

@@ -6,6 +6,51 @@ use shop_shared::pb;
 use shop_shared::pb::event::Kind;
 use shop_shared::pb::{CustomerStatus, OrderStatus};
 
+use shop_shared::ids::StreamId;
+
+use super::view::{index_prefix, IndexEntry, View, ViewTag};
+use crate::store::{Store, StoreError};
+
+/// Index: lower(name) NUL customer_id (customers by name).
+const BY_NAME: [u8; 2] = index_prefix(b'n');
+
+impl View for pb::Customer {
+    const TAG: ViewTag = ViewTag::new(b'c');
+    const NAME: &'static str = "customer";
+    const ID_FIELD: &'static str = "customer_id";
+    const NOT_FOUND: &'static str = "CUSTOMER_NOT_FOUND";
+
+    fn id(&self) -> &str {
+        &self.customer_id
+    }
+
+    fn position(&self) -> u64 {
+        self.position
+    }
+
+    fn index_keys(&self) -> Vec<IndexEntry> {
+        let mut k = by_name_prefix(&self.name);
+        k.push(0);
+        k.extend_from_slice(self.customer_id.as_bytes());
+        vec![(k, self.customer_id.as_bytes().to_vec())]
+    }
+
+    /// Its own stream, and its orders' (its counters come from them).
+    fn sources(store: &Store, id: &str) -> Result<Vec<StreamId>, StoreError> {
+        let mut streams = vec![StreamId::customer(id)];
+        let orders = store.index_values(&super::orders::by_customer_prefix(id))?;
+        streams.extend(orders.into_iter().map(StreamId::order));
+        Ok(streams)
+    }
+}
+
+/// Prefix of the customers-by-name index for a name prefix (case-insensitive).
+pub fn by_name_prefix(name_prefix: &str) -> Vec<u8> {
+    let mut k = BY_NAME.to_vec();
+    k.extend_from_slice(name_prefix.to_lowercase().as_bytes());
+    k
+}
+
 /// The customer id of a customer event.
 pub fn id_of(kind: &Kind) -> &str {
     match kind {
@@ -155,7 +200,7 @@ mod tests {
             ),
         ];
         let views = MemoryViews::fold(&events);
-        let c = &views.customers["c1"];
+        let c = &views.all::<pb::Customer>()["c1"];
         assert_eq!(c.name, "Grace");
         assert_eq!(c.order_count, 3);
         // o3 is still placed; o1 shipped; o2 cancelled after payment.

@@ -8,32 +8,18 @@
 pub mod customers;
 pub mod orders;
 pub mod products;
-
-use std::collections::HashMap;
+mod view;
 
 use shop_shared::pb;
 use shop_shared::pb::event::Kind;
 
-/// Where projections read and write views.
-pub trait Views {
-    fn customer(&mut self, customer_id: &str) -> Option<pb::Customer>;
-    fn put_customer(&mut self, view: pb::Customer);
-    fn product(&mut self, sku: &str) -> Option<pb::Product>;
-    fn put_product(&mut self, view: pb::Product);
-    fn order(&mut self, order_id: &str) -> Option<pb::Order>;
-    fn put_order(&mut self, view: pb::Order);
-}
+pub use view::{
+    Changed, IndexEntry, MemoryViews, ReadViews, Update, View, ViewKey, ViewTag, Views,
+};
 
-/// A view that an event changed (for watchers).
-#[derive(Debug, Clone, PartialEq)]
-pub enum Changed {
-    Customer(String),
-    Product(String),
-    Order(String),
-}
-
-/// Folds one event into the views; returns the views it changed.
-pub fn apply(views: &mut impl Views, envelope: &pb::EventEnvelope) -> Vec<Changed> {
+/// Folds one event into the views; returns the views it changed. The registry of
+/// projections: which views each event changes, in which order.
+pub fn apply<S: Views>(views: &mut S, envelope: &pb::EventEnvelope) -> Vec<Changed<S>> {
     let Some(kind) = envelope.event.as_ref().and_then(|e| e.kind.as_ref()) else {
         return Vec::new();
     };
@@ -43,10 +29,9 @@ pub fn apply(views: &mut impl Views, envelope: &pb::EventEnvelope) -> Vec<Change
         | Kind::CustomerAddressChanged(_)
         | Kind::CustomerDeleted(_) => {
             let id = customers::id_of(kind);
-            let before = views.customer(id);
-            let after = customers::apply(before, envelope, kind);
-            views.put_customer(after);
-            vec![Changed::Customer(id.to_string())]
+            let before = views.get::<pb::Customer>(id);
+            views.put(customers::apply(before, envelope, kind));
+            vec![Changed::of::<pb::Customer>(id)]
         }
         Kind::ProductCreated(_)
         | Kind::ProductRestocked(_)
@@ -55,68 +40,27 @@ pub fn apply(views: &mut impl Views, envelope: &pb::EventEnvelope) -> Vec<Change
         | Kind::StockReleased(_)
         | Kind::StockCommitted(_) => {
             let sku = products::sku_of(kind);
-            let before = views.product(sku);
-            let after = products::apply(before, envelope, kind);
-            views.put_product(after);
-            vec![Changed::Product(sku.to_string())]
+            let before = views.get::<pb::Product>(sku);
+            views.put(products::apply(before, envelope, kind));
+            vec![Changed::of::<pb::Product>(sku)]
         }
         Kind::OrderPlaced(_)
         | Kind::OrderPaid(_)
         | Kind::OrderShipped(_)
         | Kind::OrderCancelled(_) => {
             let id = orders::id_of(kind);
-            let before = views.order(id);
+            let before = views.get::<pb::Order>(id);
             let after = orders::apply(before.clone(), envelope, kind);
-            let mut changed = vec![Changed::Order(id.to_string())];
-            if let Some(customer) = views.customer(&after.customer_id) {
+            let mut changed = vec![Changed::of::<pb::Order>(id)];
+            if let Some(customer) = views.get::<pb::Customer>(&after.customer_id) {
                 let updated =
                     customers::on_order_change(customer, before.as_ref(), &after, envelope);
-                changed.push(Changed::Customer(updated.customer_id.clone()));
-                views.put_customer(updated);
+                changed.push(Changed::of::<pb::Customer>(&updated.customer_id));
+                views.put(updated);
             }
-            views.put_order(after);
+            views.put(after);
             changed
         }
-    }
-}
-
-/// Views in memory: the reference fold for tests and the scratch space of as-of queries.
-#[derive(Debug, Default, Clone, PartialEq)]
-pub struct MemoryViews {
-    pub customers: HashMap<String, pb::Customer>,
-    pub products: HashMap<String, pb::Product>,
-    pub orders: HashMap<String, pb::Order>,
-}
-
-impl MemoryViews {
-    /// Folds every envelope, in order.
-    pub fn fold<'a>(envelopes: impl IntoIterator<Item = &'a pb::EventEnvelope>) -> Self {
-        let mut views = MemoryViews::default();
-        for e in envelopes {
-            apply(&mut views, e);
-        }
-        views
-    }
-}
-
-impl Views for MemoryViews {
-    fn customer(&mut self, customer_id: &str) -> Option<pb::Customer> {
-        self.customers.get(customer_id).cloned()
-    }
-    fn put_customer(&mut self, view: pb::Customer) {
-        self.customers.insert(view.customer_id.clone(), view);
-    }
-    fn product(&mut self, sku: &str) -> Option<pb::Product> {
-        self.products.get(sku).cloned()
-    }
-    fn put_product(&mut self, view: pb::Product) {
-        self.products.insert(view.sku.clone(), view);
-    }
-    fn order(&mut self, order_id: &str) -> Option<pb::Order> {
-        self.orders.get(order_id).cloned()
-    }
-    fn put_order(&mut self, view: pb::Order) {
-        self.orders.insert(view.order_id.clone(), view);
     }
 }
 

@@ -3,6 +3,50 @@
 use shop_shared::pb;
 use shop_shared::pb::event::Kind;
 
+use shop_shared::ids::StreamId;
+
+use super::view::{index_prefix, ordered_i64, IndexEntry, View, ViewTag};
+use crate::store::{Store, StoreError};
+
+/// Index: ordered(available) sku (products by stock).
+pub const BY_AVAILABLE: [u8; 2] = index_prefix(b'p');
+
+impl View for pb::Product {
+    const TAG: ViewTag = ViewTag::new(b'p');
+    const NAME: &'static str = "product";
+    const ID_FIELD: &'static str = "sku";
+    const NOT_FOUND: &'static str = "PRODUCT_NOT_FOUND";
+
+    fn id(&self) -> &str {
+        &self.sku
+    }
+
+    fn position(&self) -> u64 {
+        self.position
+    }
+
+    fn index_keys(&self) -> Vec<IndexEntry> {
+        let mut k = BY_AVAILABLE.to_vec();
+        k.extend_from_slice(&ordered_i64(self.available));
+        k.extend_from_slice(self.sku.as_bytes());
+        vec![(k, self.sku.as_bytes().to_vec())]
+    }
+
+    fn sources(_store: &Store, sku: &str) -> Result<Vec<StreamId>, StoreError> {
+        Ok(vec![StreamId::product(sku)])
+    }
+}
+
+/// Key just past every product with `available <= max_available` in the stock index.
+pub fn by_available_end(max_available: i64) -> Vec<u8> {
+    let mut k = BY_AVAILABLE.to_vec();
+    match max_available.checked_add(1) {
+        Some(next) => k.extend_from_slice(&ordered_i64(next)),
+        None => k.push(0xff),
+    }
+    k
+}
+
 /// The sku of a product or stock event.
 pub fn sku_of(kind: &Kind) -> &str {
     match kind {
@@ -98,7 +142,7 @@ mod tests {
                 }),
             ),
         ];
-        let p = &MemoryViews::fold(&events).products["p"];
+        let p = &MemoryViews::fold(&events).all::<pb::Product>()["p"];
         assert_eq!(
             (p.on_hand, p.reserved, p.available, p.version),
             (12, 0, 12, 5)

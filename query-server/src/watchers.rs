@@ -1,4 +1,5 @@
-//! Live watches: one broadcast channel per watched order or customer.
+//! Live watches: one broadcast channel per watched view (any kind: see
+//! [`crate::projections::View`]), and the stream a watcher reads.
 //!
 //! The consumer publishes every change of a watched view after the batch holding it is
 //! committed; publishing never blocks (a broadcast send only overwrites the oldest slot),
@@ -7,28 +8,19 @@
 //! is bounded by the number of watched keys × `WATCH_BUFFER`, and watchers are capped.
 
 use std::collections::{HashMap, HashSet};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use shop_shared::pb;
+use futures::Stream;
 use tokio::sync::broadcast;
+use tokio::sync::broadcast::error::RecvError;
+use tonic::Status;
+
+use crate::projections::{Update, View, ViewKey};
 
 /// Changes buffered per watched key before a slow watcher lags.
 pub const WATCH_BUFFER: usize = 16;
-
-/// What is watched.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum WatchKey {
-    Order(String),
-    Customer(String),
-}
-
-/// One change, as the watcher receives it.
-#[derive(Debug, Clone)]
-pub enum Update {
-    Order(pb::Order),
-    Customer(pb::Customer),
-}
 
 /// Why a watch cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -41,7 +33,7 @@ pub enum WatchError {
 
 /// The registry of watched keys.
 pub struct Watchers {
-    channels: Mutex<HashMap<WatchKey, broadcast::Sender<Arc<Update>>>>,
+    channels: Mutex<HashMap<ViewKey, broadcast::Sender<Update>>>,
     active: AtomicUsize,
     max: usize,
     closed: AtomicBool,
@@ -77,8 +69,8 @@ impl Watchers {
     /// change can fall between the read and the subscription.
     pub fn subscribe(
         self: &Arc<Self>,
-        key: WatchKey,
-    ) -> Result<(broadcast::Receiver<Arc<Update>>, WatchSlot), WatchError> {
+        key: ViewKey,
+    ) -> Result<(broadcast::Receiver<Update>, WatchSlot), WatchError> {
         if self.closed.load(Ordering::Acquire) {
             return Err(WatchError::Closed);
         }
@@ -97,7 +89,7 @@ impl Watchers {
     }
 
     /// The keys watched right now (empty, and cheap, when nobody watches).
-    pub fn watched(&self) -> HashSet<WatchKey> {
+    pub fn watched(&self) -> HashSet<ViewKey> {
         match self.channels.lock() {
             Ok(channels) if !channels.is_empty() => channels.keys().cloned().collect(),
             _ => HashSet::new(),
@@ -105,13 +97,13 @@ impl Watchers {
     }
 
     /// Sends committed changes; drops channels nobody listens to any more.
-    pub fn publish(&self, updates: Vec<(WatchKey, Update)>) {
+    pub fn publish(&self, updates: Vec<(ViewKey, Update)>) {
         let Ok(mut channels) = self.channels.lock() else {
             return;
         };
         for (key, update) in updates {
             let gone = match channels.get(&key) {
-                Some(sender) => sender.send(Arc::new(update)).is_err(),
+                Some(sender) => sender.send(update).is_err(),
                 None => false,
             };
             if gone {
@@ -130,21 +122,81 @@ impl Watchers {
     }
 }
 
+/// A watch's answers.
+pub type WatchStream<V> = Pin<Box<dyn Stream<Item = Result<V, Status>> + Send>>;
+
+/// A watch: the current view, then each newer change (by [`View::position`]); after
+/// lagging, the latest state (`reload`). Ends with UNAVAILABLE when the server shuts
+/// down.
+pub fn watch_stream<V: View>(
+    current: V,
+    receiver: broadcast::Receiver<Update>,
+    slot: WatchSlot,
+    reload: impl Fn() -> Option<V> + Send + 'static,
+) -> WatchStream<V> {
+    struct State<V, R> {
+        first: Option<V>,
+        last_position: u64,
+        receiver: broadcast::Receiver<Update>,
+        _slot: WatchSlot,
+        reload: R,
+        done: bool,
+    }
+    let state = State {
+        last_position: current.position(),
+        first: Some(current),
+        receiver,
+        _slot: slot,
+        reload,
+        done: false,
+    };
+    Box::pin(futures::stream::unfold(state, move |mut st| async move {
+        if let Some(first) = st.first.take() {
+            return Some((Ok(first), st));
+        }
+        if st.done {
+            return None;
+        }
+        loop {
+            let next = match st.receiver.recv().await {
+                Ok(update) => update.view::<V>().cloned(),
+                Err(RecvError::Lagged(_)) => (st.reload)(),
+                Err(RecvError::Closed) => {
+                    st.done = true;
+                    return Some((
+                        Err(Status::unavailable(
+                            "the query server is shutting down; watch again",
+                        )),
+                        st,
+                    ));
+                }
+            };
+            if let Some(view) = next {
+                if view.position() > st.last_position {
+                    st.last_position = view.position();
+                    return Some((Ok(view), st));
+                }
+            }
+        }
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use shop_shared::pb;
 
     #[tokio::test]
     async fn slow_watchers_lag_instead_of_blocking() {
         let watchers = Watchers::new(10);
-        let key = WatchKey::Order("o".into());
+        let key = ViewKey::of::<pb::Order>("o");
         let (mut rx, _slot) = watchers.subscribe(key.clone()).expect("subscribe");
         for version in 0..(WATCH_BUFFER as u64 * 3) {
             let order = pb::Order {
                 version,
                 ..Default::default()
             };
-            watchers.publish(vec![(key.clone(), Update::Order(order))]);
+            watchers.publish(vec![(key.clone(), Update::new(order))]);
         }
         assert!(matches!(
             rx.recv().await,
@@ -153,17 +205,19 @@ mod tests {
         let Ok(update) = rx.recv().await else {
             panic!("expected an update after lagging")
         };
-        assert!(matches!(&*update, Update::Order(o) if o.version >= WATCH_BUFFER as u64));
+        assert!(update
+            .view::<pb::Order>()
+            .is_some_and(|o| o.version >= WATCH_BUFFER as u64));
     }
 
     #[test]
     fn watchers_are_capped_and_released() {
         let watchers = Watchers::new(1);
         let first = watchers
-            .subscribe(WatchKey::Customer("a".into()))
+            .subscribe(ViewKey::of::<pb::Customer>("a"))
             .expect("first");
         assert!(matches!(
-            watchers.subscribe(WatchKey::Customer("b".into())),
+            watchers.subscribe(ViewKey::of::<pb::Customer>("b")),
             Err(WatchError::TooMany(1))
         ));
         assert_eq!(watchers.active(), 1);
