@@ -69,6 +69,7 @@ macro_rules! command_request {
     };
 }
 
+/// A client-chosen id, or a generated one when the request left it empty.
 fn or_generated(id: &str) -> String {
     if id.is_empty() {
         generate_id()
@@ -195,20 +196,20 @@ impl Commands {
         }
         let command = admit(&request)?;
 
-        let idempotent = !request.command_id().is_empty();
-        let command_id = or_generated(request.command_id());
-        let mut hashed = request.clone();
-        hashed.clear_command_id();
-        let meta = CommandMeta {
-            request_hash: CommandMeta::hash_request(R::RPC, &hashed.encode_to_vec()),
-            expected_version: request.expected_version(),
-            correlation_id: correlation.unwrap_or_else(|| command_id.clone()),
-            causation_id: command_id.clone(),
-            command_id,
-            idempotent,
-            traceparent,
-            actor,
-        };
+        let mut unkeyed = request.clone();
+        unkeyed.clear_command_id();
+        let client_id = Some(request.command_id()).filter(|id| !id.is_empty());
+        let mut meta = CommandMeta::for_request(
+            R::RPC,
+            &unkeyed.encode_to_vec(),
+            client_id.map(str::to_string),
+        );
+        meta.expected_version = request.expected_version();
+        if let Some(correlation) = correlation {
+            meta.correlation_id = correlation;
+        }
+        meta.traceparent = traceparent;
+        meta.actor = actor;
         match self.writer.submit(command, meta).await {
             Ok(accepted) => {
                 let mut response = Response::new(accepted.result);

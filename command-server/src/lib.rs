@@ -36,6 +36,7 @@ use shop_shared::metrics::{serve_until_stopped, MetricsListenError, ServerMetric
 use shop_shared::pb::command_service_server::CommandServiceServer;
 use shop_shared::pb::log_service_server::LogServiceServer;
 use shop_shared::security::Security;
+use shop_shared::task::{Severity, TaskError};
 use shop_shared::telemetry::TraceLayer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -344,14 +345,12 @@ async fn verify_stream_at_startup(
     wait: Duration,
 ) -> Result<(), ServerError> {
     let deadline = tokio::time::Instant::now() + wait;
-    while !shop_shared::nats::is_connected(client) {
-        if tokio::time::Instant::now() >= deadline {
-            tracing::warn!(
-                "NATS not reachable at start-up; accepting commands and relaying once it is"
-            );
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let (_stop, never) = tokio::sync::watch::channel(false);
+    if !shop_shared::task::wait_connected(client, wait, &never).await {
+        tracing::warn!(
+            "NATS not reachable at start-up; accepting commands and relaying once it is"
+        );
+        return Ok(());
     }
     match tokio::time::timeout_at(
         deadline.max(tokio::time::Instant::now() + Duration::from_secs(1)),
@@ -360,9 +359,9 @@ async fn verify_stream_at_startup(
     .await
     {
         Ok(Err(RelayError::Conflict(reason))) => Err(ServerError::StreamConflict(reason)),
-        Ok(Err(RelayError::Log(error))) => Err(ServerError::Relay(RelayError::Log(error))),
-        Ok(Err(RelayError::Nats(reason))) => {
-            tracing::warn!(%reason, "stream not verified at start-up; the relay retries in the background");
+        Ok(Err(error)) if error.severity() == Severity::Fatal => Err(ServerError::Relay(error)),
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "stream not verified at start-up; the relay retries in the background");
             Ok(())
         }
         Ok(Ok(_)) => Ok(()),

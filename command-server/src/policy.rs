@@ -25,6 +25,7 @@ use tracing::Instrument;
 use crate::domain::{order, Command, DomainError, OPEN_ORDERS};
 use crate::log::{EventLog, LogError};
 use crate::writer::{CommandMeta, WriteError, Writer};
+use shop_shared::task::{blocking, Backoff, Panicked, Severity, TaskError};
 
 /// Durable consumer name.
 pub const CONSUMER_NAME: &str = "shop-policy-cancel-orders-of-deleted-customers";
@@ -60,33 +61,53 @@ pub struct Policy {
     pub writer: Writer,
 }
 
-enum Handled {
-    /// Done: ack the message.
-    Done,
-    /// The writer is gone (shutdown or failure): leave the message unacked.
-    Stop,
+/// Why the policy paused or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// NATS is unreachable or answered with an error; retried with backoff.
+    #[error("NATS: {0}")]
+    Nats(String),
+    /// The open orders cannot be read. Fatal.
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// A blocking step panicked: a bug. Fatal.
+    #[error(transparent)]
+    Panicked(#[from] Panicked),
+    /// The writer is gone (shutdown or storage failure); the message stays unacked.
+    #[error("the writer stopped")]
+    WriterStopped,
+}
+
+impl TaskError for PolicyError {
+    fn severity(&self) -> Severity {
+        match self {
+            PolicyError::Nats(_) => Severity::Transient,
+            _ => Severity::Fatal,
+        }
+    }
+}
+
+fn nats(context: &str, error: impl std::fmt::Display) -> PolicyError {
+    PolicyError::Nats(format!("{context}: {error}"))
 }
 
 impl Policy {
     /// Consumes until `stop` is set. NATS outages are waited out.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let js = jetstream::new(self.client.clone());
-        let mut attempt = 0usize;
+        let mut backoff = Backoff::new("policy", RETRY_DELAY_MAX);
         while !*stop.borrow() {
             match self.consume(&js, &mut stop).await {
                 Ok(()) => return,
-                Err(reason) => {
-                    attempt += 1;
-                    if attempt == 1 || attempt % 10 == 0 {
-                        tracing::warn!(%reason, attempt, "policy consumer paused; retrying");
-                    }
-                    let delay =
-                        shop_shared::nats::reconnect_delay(attempt + 1).min(RETRY_DELAY_MAX);
-                    tokio::select! {
-                        () = tokio::time::sleep(delay) => {}
-                        _ = stop.changed() => {}
-                    }
+                Err(PolicyError::WriterStopped) => {
+                    tracing::info!("the writer stopped; the policy stops");
+                    return;
                 }
+                Err(error) if error.severity() == Severity::Fatal => {
+                    tracing::error!(%error, "policy stopped");
+                    return;
+                }
+                Err(error) => backoff.wait(&error, &mut stop).await,
             }
         }
     }
@@ -95,14 +116,14 @@ impl Policy {
         &self,
         js: &jetstream::Context,
         stop: &mut watch::Receiver<bool>,
-    ) -> Result<(), String> {
+    ) -> Result<(), PolicyError> {
         if !shop_shared::nats::is_connected(&self.client) {
-            return Err("not connected to NATS".into());
+            return Err(PolicyError::Nats("not connected".into()));
         }
         let stream = js
             .get_stream(&self.stream_name)
             .await
-            .map_err(|e| format!("stream {}: {e}", self.stream_name))?;
+            .map_err(|e| nats(&format!("stream {}", self.stream_name), e))?;
         let consumer: jetstream::consumer::Consumer<pull::Config> = stream
             .get_or_create_consumer(
                 CONSUMER_NAME,
@@ -118,11 +139,11 @@ impl Policy {
                 },
             )
             .await
-            .map_err(|e| format!("consumer {CONSUMER_NAME}: {e}"))?;
+            .map_err(|e| nats(CONSUMER_NAME, e))?;
         let mut messages = consumer
             .messages()
             .await
-            .map_err(|e| format!("consumer {CONSUMER_NAME} messages: {e}"))?;
+            .map_err(|e| nats(CONSUMER_NAME, e))?;
         loop {
             let next = tokio::select! {
                 next = messages.next() => next,
@@ -130,42 +151,39 @@ impl Policy {
             };
             let message = match next {
                 Some(Ok(m)) => m,
-                Some(Err(e)) => return Err(format!("consumer {CONSUMER_NAME}: {e}")),
-                None => return Err(format!("consumer {CONSUMER_NAME} ended")),
+                Some(Err(e)) => return Err(nats(CONSUMER_NAME, e)),
+                None => return Err(PolicyError::Nats(format!("{CONSUMER_NAME} ended"))),
             };
-            match self.handle(&message).await {
-                Handled::Done => {
-                    if let Err(e) = message.double_ack().await {
-                        // Redelivery is harmless: the command ids make it a replay.
-                        tracing::debug!(error = %e, "policy ack failed; the message will be redelivered");
-                    }
-                }
-                Handled::Stop => return Ok(()),
+            self.handle(&message).await?;
+            if let Err(e) = message.double_ack().await {
+                // Redelivery is harmless: the command ids make it a replay.
+                tracing::debug!(error = %e, "policy ack failed; the message will be redelivered");
             }
         }
     }
 
-    async fn handle(&self, message: &jetstream::Message) -> Handled {
+    /// Handles one event; an error leaves it unacked.
+    async fn handle(&self, message: &jetstream::Message) -> Result<(), PolicyError> {
         let is_delete = message
             .headers
             .as_ref()
             .and_then(|h| h.get(HEADER_EVENT_TYPE))
             .is_some_and(|t| t.as_str() == "CustomerDeleted");
         if !is_delete {
-            return Handled::Done;
+            return Ok(());
         }
         let envelope = match pb::EventEnvelope::decode(message.payload.as_ref()) {
             Ok(e) => e,
             Err(error) => {
                 tracing::error!(%error, subject = %message.subject, "undecodable event; skipped by the policy");
-                return Handled::Done;
+                return Ok(());
             }
         };
         let Some(pb::event::Kind::CustomerDeleted(deleted)) =
             envelope.event.as_ref().and_then(|e| e.kind.clone())
         else {
             tracing::error!(event_id = %envelope.event_id, "CustomerDeleted header on another event; skipped");
-            return Handled::Done;
+            return Ok(());
         };
         let log = self.log.clone();
         let prefix = order::open_orders_prefix(&deleted.customer_id);
@@ -173,23 +191,13 @@ impl Policy {
             let entries = log.index_scan(OPEN_ORDERS, &prefix)?;
             Ok::<_, LogError>(order::open_order_ids(&prefix, entries))
         };
-        let orders = match tokio::task::spawn_blocking(scan).await {
-            Ok(Ok(orders)) => orders,
-            Ok(Err(error)) => {
-                tracing::error!(%error, "policy cannot read open orders");
-                return Handled::Stop;
-            }
-            Err(error) => {
-                tracing::error!(%error, "policy read task failed");
-                return Handled::Stop;
-            }
-        };
+        let orders = blocking("policy", scan).await??;
         for order_id in orders {
             if !self.cancel(&envelope, &order_id).await {
-                return Handled::Stop;
+                return Err(PolicyError::WriterStopped);
             }
         }
-        Handled::Done
+        Ok(())
     }
 
     /// Cancels one order; false when the writer is gone. The cancel continues the trace
@@ -236,16 +244,15 @@ impl Policy {
             order_id: order_id.to_string(),
             reason: CANCEL_REASON.to_string(),
         };
-        let meta = CommandMeta {
-            command_id: cancel_command_id(&cause.event_id, order_id),
-            idempotent: true,
-            request_hash: CommandMeta::hash_request("CancelOrder", &request.encode_to_vec()),
-            expected_version: None,
-            correlation_id: cause.correlation_id.clone(),
-            causation_id: cause.event_id.clone(),
-            traceparent,
-            actor: ACTOR.to_string(),
-        };
+        let mut meta = CommandMeta::for_request(
+            "CancelOrder",
+            &request.encode_to_vec(),
+            Some(cancel_command_id(&cause.event_id, order_id)),
+        );
+        meta.correlation_id.clone_from(&cause.correlation_id);
+        meta.causation_id.clone_from(&cause.event_id);
+        meta.traceparent = traceparent;
+        meta.actor = ACTOR.to_string();
         let command = Command::CancelOrder {
             order_id: order_id.to_string(),
             reason: CANCEL_REASON.to_string(),

@@ -26,10 +26,12 @@ use shop_shared::subjects::{
     self, HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_EXPECTED_LAST_SEQUENCE, HEADER_POSITION,
     HEADER_TRACEPARENT, STREAM_SUBJECTS,
 };
+use shop_shared::task::{
+    blocking, wait_connected, Backoff, Panicked, Severity, TaskError, CONNECT_WAIT,
+};
 use tokio::sync::watch;
 
-use crate::log::LogTail;
-use crate::log::{EventLog, LogError};
+use crate::log::{EventLog, LogError, LogTail};
 
 /// Metadata key of the published-position cursor in the log.
 const CURSOR_KEY: &str = "relay_published";
@@ -106,6 +108,20 @@ pub enum RelayError {
     /// The log cannot be read. Fatal.
     #[error(transparent)]
     Log(#[from] LogError),
+    /// A blocking step panicked: a bug. Fatal.
+    #[error(transparent)]
+    Panicked(#[from] Panicked),
+}
+
+impl TaskError for RelayError {
+    fn severity(&self) -> Severity {
+        match self {
+            RelayError::Nats(_) => Severity::Transient,
+            RelayError::Conflict(_) | RelayError::Log(_) | RelayError::Panicked(_) => {
+                Severity::Fatal
+            }
+        }
+    }
 }
 
 fn nats(context: &str, error: impl std::fmt::Display) -> RelayError {
@@ -221,9 +237,8 @@ impl Relay {
             .map(|v| v.as_str().to_string())
             .unwrap_or_default();
         let log = self.log.clone();
-        let in_log = tokio::task::spawn_blocking(move || log.event(sequence))
-            .await
-            .map_err(|e| RelayError::Nats(format!("log read task: {e}")))??
+        let in_log = blocking("relay", move || log.event(sequence))
+            .await??
             .and_then(|bytes| pb::EventEnvelope::decode(bytes.as_ref()).ok())
             .map(|e| e.event_id)
             .unwrap_or_default();
@@ -240,19 +255,19 @@ impl Relay {
     /// Publishes until `stop` is set and everything durable is published (or until a
     /// fatal error). NATS outages are waited out with backoff.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> Result<(), RelayError> {
-        let mut attempt: u32 = 0;
+        let mut backoff = Backoff::new("relay", RETRY_DELAY_MAX);
         loop {
             if *stop.borrow() && self.caught_up() {
                 return Ok(());
             }
-            let resumed = if self.wait_connected(&stop).await {
+            let resumed = if wait_connected(&self.client, CONNECT_WAIT, &stop).await {
                 self.prepare().await
             } else {
                 Err(RelayError::Nats("not connected".into()))
             };
             let outcome = match resumed {
                 Ok(position) => {
-                    attempt = 0;
+                    backoff.reset();
                     self.status.published.store(position, Ordering::Release);
                     self.status.set_error(None);
                     tracing::info!(stream = %self.stream_name, resume_after = position, log_position = *self.durable.borrow(), "relay publishing");
@@ -260,44 +275,22 @@ impl Relay {
                 }
                 Err(e) => Err(e),
             };
-            match outcome {
+            let error = match outcome {
                 Ok(()) => return Ok(()),
-                Err(RelayError::Nats(reason)) => {
-                    attempt = attempt.saturating_add(1);
-                    if attempt == 1 || attempt % 10 == 0 {
-                        tracing::warn!(%reason, attempt, "relay paused; events stay in the log and are published once NATS is back");
-                    }
-                    self.status.set_error(Some(reason));
-                    if *stop.borrow() {
-                        // Shutting down with NATS away: the log keeps the events.
-                        return Ok(());
-                    }
-                    let delay = shop_shared::nats::reconnect_delay(attempt as usize + 1)
-                        .min(RETRY_DELAY_MAX);
-                    tokio::select! {
-                        () = tokio::time::sleep(delay) => {}
-                        _ = stop.changed() => {}
-                    }
-                }
-                Err(fatal) => {
-                    tracing::error!(error = %fatal, "relay stopped");
-                    self.status.set_error(Some(fatal.to_string()));
-                    return Err(fatal);
-                }
+                Err(error) => error,
+            };
+            self.status.set_error(Some(error.to_string()));
+            if error.severity() == Severity::Fatal {
+                tracing::error!(%error, "relay stopped");
+                return Err(error);
             }
-        }
-    }
-
-    /// The client connects in the background; give it a moment before calling it down.
-    async fn wait_connected(&self, stop: &watch::Receiver<bool>) -> bool {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-        while !shop_shared::nats::is_connected(&self.client) {
-            if tokio::time::Instant::now() >= deadline || *stop.borrow() {
-                return false;
+            if *stop.borrow() {
+                // Shutting down with NATS away: the log keeps the events.
+                return Ok(());
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            // Events stay in the log and are published once NATS is back.
+            backoff.wait(&error, &mut stop).await;
         }
-        true
     }
 
     fn caught_up(&self) -> bool {
@@ -330,9 +323,7 @@ impl Relay {
                     None => {
                         let log = self.log.clone();
                         let chunk = self.config.read_chunk;
-                        tokio::task::spawn_blocking(move || log.read_range(next, to, chunk))
-                            .await
-                            .map_err(|e| nats("log read task", e))??
+                        blocking("relay", move || log.read_range(next, to, chunk)).await??
                     }
                 };
                 for (expected, (position, bytes)) in (next..).zip(events) {
@@ -357,9 +348,8 @@ impl Relay {
             // Caught up with the log.
             if published != saved_cursor {
                 let log = self.log.clone();
-                let _ =
-                    tokio::task::spawn_blocking(move || log.set_meta_u64(CURSOR_KEY, published))
-                        .await;
+                // Losing the cursor only republishes (deduplicated by the stream).
+                let _ = blocking("relay", move || log.set_meta_u64(CURSOR_KEY, published)).await;
                 saved_cursor = published;
             }
             if *stop.borrow() {

@@ -22,6 +22,9 @@ use futures::{FutureExt, StreamExt};
 use prost::Message;
 use shop_shared::pb;
 use shop_shared::subjects::HEADER_EVENT_ID;
+use shop_shared::task::{
+    blocking, wait_connected, Backoff, Panicked, Severity, TaskError, CONNECT_WAIT,
+};
 use shop_shared::telemetry;
 use tokio::sync::watch;
 
@@ -140,6 +143,24 @@ pub enum ConsumerError {
     Nats(String),
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    /// A blocking step panicked: a bug.
+    #[error(transparent)]
+    Panicked(#[from] Panicked),
+}
+
+impl TaskError for ConsumerError {
+    /// A gap or an unusable event may be the relay republishing: retried from the
+    /// checkpoint. Another stream, a failing store or a bug stop the consumer.
+    fn severity(&self) -> Severity {
+        match self {
+            ConsumerError::Gap { .. } | ConsumerError::Poison { .. } | ConsumerError::Nats(_) => {
+                Severity::Transient
+            }
+            ConsumerError::Conflict(_) | ConsumerError::Store(_) | ConsumerError::Panicked(_) => {
+                Severity::Fatal
+            }
+        }
+    }
 }
 
 /// A consumer session's progress.
@@ -218,36 +239,24 @@ impl Consumer {
         until: Option<u64>,
     ) -> Result<(), ConsumerError> {
         let js = jetstream::new(self.client.clone());
-        let mut attempt = 0usize;
+        let mut backoff = Backoff::new("consumer", RETRY_DELAY_MAX);
         let result = loop {
             if *stop.borrow() || until.is_some_and(|u| self.status.applied() >= u) {
                 break Ok(());
             }
-            let outcome = self.consume(&js, &mut stop, until).await;
-            match outcome {
+            let error = match self.consume(&js, &mut stop, until).await {
                 Ok(()) => break Ok(()),
-                Err(error @ (ConsumerError::Conflict(_) | ConsumerError::Store(_))) => {
-                    tracing::error!(%error, "consumer stopped");
-                    self.status.set_error(Some(error.to_string()));
-                    break Err(error);
-                }
-                Err(error) => {
-                    attempt += 1;
-                    if attempt == 1 || attempt % 10 == 0 {
-                        tracing::warn!(%error, attempt, applied = self.status.applied(), "consumer paused; retrying from the checkpoint");
-                    }
-                    self.status.set_error(Some(error.to_string()));
-                    let delay =
-                        shop_shared::nats::reconnect_delay(attempt + 1).min(RETRY_DELAY_MAX);
-                    tokio::select! {
-                        () = tokio::time::sleep(delay) => {}
-                        _ = stop.changed() => {}
-                    }
-                }
+                Err(error) => error,
+            };
+            self.status.set_error(Some(error.to_string()));
+            if error.severity() == Severity::Fatal {
+                tracing::error!(%error, "consumer stopped");
+                break Err(error);
             }
+            backoff.wait(&error, &mut stop).await;
         };
         let store = self.store.clone();
-        let _ = tokio::task::spawn_blocking(move || store.flush()).await;
+        let _ = blocking("consumer", move || store.flush()).await;
         result
     }
 
@@ -258,13 +267,8 @@ impl Consumer {
         stop: &mut watch::Receiver<bool>,
         until: Option<u64>,
     ) -> Result<(), ConsumerError> {
-        // The client connects in the background; give a fresh one a moment.
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while !shop_shared::nats::is_connected(&self.client) {
-            if Instant::now() >= deadline || *stop.borrow() {
-                return Err(ConsumerError::Nats("not connected".into()));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        if !wait_connected(&self.client, CONNECT_WAIT, stop).await {
+            return Err(ConsumerError::Nats("not connected".into()));
         }
         let mut stream = js
             .get_stream(&self.stream_name)
@@ -278,9 +282,7 @@ impl Consumer {
         self.status.saw_stream_last(info.state.last_sequence);
         let store = self.store.clone();
         let (checkpoint, checkpoint_event) =
-            tokio::task::spawn_blocking(move || store.checkpoint())
-                .await
-                .map_err(|e| ConsumerError::Nats(format!("store task: {e}")))??;
+            blocking("consumer", move || store.checkpoint()).await??;
         if checkpoint > 0 {
             if info.state.last_sequence < checkpoint {
                 return Err(ConsumerError::Nats(format!(
@@ -451,7 +453,10 @@ impl Consumer {
         joined: Result<Result<Applied, ConsumerError>, tokio::task::JoinError>,
         session: &mut Session,
     ) -> Result<(), ConsumerError> {
-        let applied = joined.map_err(|e| ConsumerError::Nats(format!("apply task: {e}")))??;
+        let applied = joined.map_err(|source| Panicked {
+            what: "consumer",
+            source,
+        })??;
         if applied.checkpoint > session.checkpoint {
             session.checkpoint = applied.checkpoint;
             session.dirty = true;
@@ -468,9 +473,7 @@ impl Consumer {
 
     async fn flush(&self) -> Result<(), ConsumerError> {
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.flush())
-            .await
-            .map_err(|e| ConsumerError::Nats(format!("flush task: {e}")))??;
+        blocking("consumer", move || store.flush()).await??;
         Ok(())
     }
 }

@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod nats;
 pub mod security;
 pub mod subjects;
+pub mod task;
 pub mod telemetry;
 
 /// The generated `shop.v1` types and services.

@@ -72,6 +72,25 @@ pub struct CommandMeta {
 }
 
 impl CommandMeta {
+    /// The metadata of a request to `rpc`: `unkeyed` is the request's encoding without
+    /// its command id (what a retry must repeat exactly). A `command_id` makes the
+    /// request idempotent; without one an id is generated and no record is kept. The id
+    /// is also the correlation and causation id until the caller says otherwise.
+    pub fn for_request(rpc: &str, unkeyed: &[u8], command_id: Option<String>) -> Self {
+        let idempotent = command_id.is_some();
+        let command_id = command_id.unwrap_or_else(shop_shared::ids::generate_id);
+        CommandMeta {
+            request_hash: Self::hash_request(rpc, unkeyed),
+            correlation_id: command_id.clone(),
+            causation_id: command_id.clone(),
+            command_id,
+            idempotent,
+            expected_version: None,
+            traceparent: None,
+            actor: String::new(),
+        }
+    }
+
     /// The hash of a request, as stored in idempotency records.
     pub fn hash_request(rpc: &str, payload: &[u8]) -> [u8; 16] {
         let mut bytes = Vec::with_capacity(rpc.len() + 1 + payload.len());
