@@ -329,81 +329,7 @@ pub fn status_of(error: &WriteError) -> Status {
         with_reason(code, reason, message.clone(), metadata)
     };
     match error {
-        WriteError::Domain(domain) => match domain {
-            DomainError::Invalid(violations) => invalid_argument(violations),
-            DomainError::CustomerNotFound(id) => reason(
-                NotFound,
-                "CUSTOMER_NOT_FOUND",
-                &[("customer_id", id.clone())],
-            ),
-            DomainError::ProductNotFound(sku) => {
-                reason(NotFound, "PRODUCT_NOT_FOUND", &[("sku", sku.clone())])
-            }
-            DomainError::OrderNotFound(id) => {
-                reason(NotFound, "ORDER_NOT_FOUND", &[("order_id", id.clone())])
-            }
-            DomainError::CustomerExists(id) => reason(
-                AlreadyExists,
-                "CUSTOMER_EXISTS",
-                &[("customer_id", id.clone())],
-            ),
-            DomainError::ProductExists(sku) => {
-                reason(AlreadyExists, "PRODUCT_EXISTS", &[("sku", sku.clone())])
-            }
-            DomainError::OrderExists(id) => {
-                reason(AlreadyExists, "ORDER_EXISTS", &[("order_id", id.clone())])
-            }
-            DomainError::EmailTaken { customer_id, .. } => reason(
-                AlreadyExists,
-                "EMAIL_TAKEN",
-                &[
-                    ("field", "email".into()),
-                    ("customer_id", customer_id.clone()),
-                ],
-            ),
-            DomainError::CustomerDeleted(id) => reason(
-                FailedPrecondition,
-                "CUSTOMER_DELETED",
-                &[("customer_id", id.clone())],
-            ),
-            DomainError::InsufficientStock {
-                sku,
-                requested,
-                available,
-            } => reason(
-                FailedPrecondition,
-                "INSUFFICIENT_STOCK",
-                &[
-                    ("sku", sku.clone()),
-                    ("requested", requested.to_string()),
-                    ("available", available.to_string()),
-                ],
-            ),
-            DomainError::InvalidOrderState {
-                order_id, status, ..
-            } => reason(
-                FailedPrecondition,
-                "INVALID_ORDER_STATE",
-                &[
-                    ("order_id", order_id.clone()),
-                    ("status", (*status).to_string()),
-                ],
-            ),
-            DomainError::AmountMismatch {
-                amount_cents,
-                total_cents,
-            } => reason(
-                FailedPrecondition,
-                "AMOUNT_MISMATCH",
-                &[
-                    ("amount_cents", amount_cents.to_string()),
-                    ("total_cents", total_cents.to_string()),
-                ],
-            ),
-            DomainError::StockLimit { sku, .. } => {
-                reason(FailedPrecondition, "STOCK_LIMIT", &[("sku", sku.clone())])
-            }
-        },
+        WriteError::Domain(domain) => domain_status(domain, message),
         WriteError::VersionConflict {
             stream,
             expected,
@@ -436,6 +362,96 @@ pub fn status_of(error: &WriteError) -> Status {
         WriteError::Storage(detail) => {
             tracing::error!(%detail, "command refused: event log unusable");
             storage_unavailable("the event log is unavailable; the command was not acknowledged")
+        }
+    }
+}
+
+/// The status of a domain refusal (part of [`status_of`]).
+fn domain_status(error: &DomainError, message: String) -> Status {
+    use Code::*;
+    let reason = |code, reason: &str, metadata: &[(&str, String)]| {
+        with_reason(code, reason, message.clone(), metadata)
+    };
+    match error {
+        DomainError::Invalid(violations) => invalid_argument(violations),
+        DomainError::CustomerNotFound(id) => reason(
+            NotFound,
+            "CUSTOMER_NOT_FOUND",
+            &[("customer_id", id.clone())],
+        ),
+        DomainError::ProductNotFound(sku) => {
+            reason(NotFound, "PRODUCT_NOT_FOUND", &[("sku", sku.clone())])
+        }
+        DomainError::OrderNotFound(id) => {
+            reason(NotFound, "ORDER_NOT_FOUND", &[("order_id", id.clone())])
+        }
+        DomainError::CustomerExists(id) => reason(
+            AlreadyExists,
+            "CUSTOMER_EXISTS",
+            &[("customer_id", id.clone())],
+        ),
+        DomainError::ProductExists(sku) => {
+            reason(AlreadyExists, "PRODUCT_EXISTS", &[("sku", sku.clone())])
+        }
+        DomainError::OrderExists(id) => {
+            reason(AlreadyExists, "ORDER_EXISTS", &[("order_id", id.clone())])
+        }
+        DomainError::EmailTaken { customer_id, .. } => reason(
+            AlreadyExists,
+            "EMAIL_TAKEN",
+            &[
+                ("field", "email".into()),
+                ("customer_id", customer_id.clone()),
+            ],
+        ),
+        _ => precondition_status(error, message),
+    }
+}
+
+/// The status of a refusal for a failed precondition (part of [`status_of`]).
+fn precondition_status(error: &DomainError, message: String) -> Status {
+    let reason = |reason: &str, metadata: &[(&str, String)]| {
+        with_reason(Code::FailedPrecondition, reason, message.clone(), metadata)
+    };
+    match error {
+        DomainError::CustomerDeleted(id) => {
+            reason("CUSTOMER_DELETED", &[("customer_id", id.clone())])
+        }
+        DomainError::InsufficientStock {
+            sku,
+            requested,
+            available,
+        } => reason(
+            "INSUFFICIENT_STOCK",
+            &[
+                ("sku", sku.clone()),
+                ("requested", requested.to_string()),
+                ("available", available.to_string()),
+            ],
+        ),
+        DomainError::InvalidOrderState {
+            order_id, status, ..
+        } => reason(
+            "INVALID_ORDER_STATE",
+            &[
+                ("order_id", order_id.clone()),
+                ("status", (*status).to_string()),
+            ],
+        ),
+        DomainError::AmountMismatch {
+            amount_cents,
+            total_cents,
+        } => reason(
+            "AMOUNT_MISMATCH",
+            &[
+                ("amount_cents", amount_cents.to_string()),
+                ("total_cents", total_cents.to_string()),
+            ],
+        ),
+        DomainError::StockLimit { sku, .. } => reason("STOCK_LIMIT", &[("sku", sku.clone())]),
+        other => {
+            debug_assert!(false, "not a precondition: {other:?}");
+            Status::internal("unexpected refusal")
         }
     }
 }

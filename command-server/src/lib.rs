@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shop_shared::config::{LogArgs, NatsArgs, SecurityArgs, TelemetryArgs};
-use shop_shared::grpc::{Health, RequestErrorLayer};
+use shop_shared::grpc::{Health, HealthService, RequestErrorLayer};
 use shop_shared::limits::ConnectionArgs;
 use shop_shared::metrics::{serve_until_stopped, MetricsListenError, ServerMetrics};
 use shop_shared::pb::command_service_server::CommandServiceServer;
@@ -43,7 +43,7 @@ use tokio::sync::watch;
 
 use crate::log::{Durability, EventLog, LogError};
 use crate::relay::{Relay, RelayConfig, RelayError, RelayStatus};
-use crate::writer::{Writer, WriterConfig};
+use crate::writer::{Writer, WriterConfig, WriterThreads, WriterWatch};
 
 /// Health service name that reflects the relay (NATS reachable, stream verified). The
 /// server as a whole (`""`) and `shop.v1.CommandService` stay SERVING while NATS is away,
@@ -170,56 +170,10 @@ pub async fn run(
         &config.security,
         listener.local_addr().unwrap_or(config.listen),
     )?;
-
-    let dir = config.data_dir.clone();
-    let (durability, cache_bytes) = (config.durability, config.cache_mb.saturating_mul(1 << 20));
-    let log = tokio::task::spawn_blocking(move || EventLog::open(&dir, durability, cache_bytes))
-        .await?
-        .map_err(|source| ServerError::Log {
-            dir: config.data_dir.clone(),
-            source,
-        })?;
-    let log = Arc::new(log);
-    let (writer, writer_watch, writer_threads) = Writer::start(
-        log.clone(),
-        WriterConfig {
-            queue_capacity: config.queue_capacity,
-            batch_commands_max: config.batch_commands_max,
-            queue_wait_max: (config.queue_wait_max_ms > 0)
-                .then(|| Duration::from_millis(config.queue_wait_max_ms)),
-        },
-    )
-    .map_err(|source| ServerError::Log {
-        dir: config.data_dir.clone(),
-        source,
-    })?;
-    tracing::info!(
-        dir = %config.data_dir.display(),
-        log_position = *writer_watch.durable_position.borrow(),
-        durability = durability.as_str(),
-        "event log open"
-    );
+    let (log, writer, writer_watch, writer_threads) = open_log(&config).await?;
 
     let client = shop_shared::nats::connect(&config.nats, "command-server").await?;
-    let relay_status = Arc::new(RelayStatus::new(client.clone()));
-    let relay = Relay::new(
-        log.clone(),
-        writer_watch.tail.clone(),
-        client.clone(),
-        config.nats.stream.clone(),
-        writer_watch.durable_position.clone(),
-        relay_status.clone(),
-        RelayConfig {
-            window: usize::try_from(config.relay_window).unwrap_or(2048),
-            read_chunk: 1024,
-        },
-    );
-    verify_stream_at_startup(
-        &relay,
-        &client,
-        Duration::from_millis(config.nats_startup_wait_ms),
-    )
-    .await?;
+    let (relay, relay_status) = relay(&config, &log, &writer_watch, &client).await?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let relay_task = tokio::spawn(relay.run(stop_rx.clone()));
@@ -239,7 +193,158 @@ pub async fn run(
         relay_status.clone(),
         serving_rx,
     ));
+    let on_shutdown = {
+        let health = health.clone();
+        async move {
+            shutdown.await;
+            let _ = serving_tx.send(false);
+            health.set("", false).await;
+            health.set(SERVICE_NAME, false).await;
+            tracing::info!("shutting down: no new requests; finishing in-flight commands");
+        }
+    };
+    let services = Services {
+        log: log.clone(),
+        writer,
+        watch: writer_watch,
+        relay: relay_status,
+        health,
+        health_service,
+        security,
+    };
+    let served = serve(&config, listener, services, stop_rx, on_shutdown).await;
 
+    let _ = stop_tx.send(true);
+    health_task.abort();
+    let background = Background {
+        policy: policy_task,
+        writer: writer_threads,
+        relay: relay_task,
+    };
+    background.finish(&log).await?;
+    client.flush().await.ok();
+    tracing::info!("command server stopped");
+    served
+}
+
+/// The tasks and threads that outlive the gRPC server, until they have finished.
+struct Background {
+    policy: Option<tokio::task::JoinHandle<()>>,
+    writer: WriterThreads,
+    relay: tokio::task::JoinHandle<Result<(), RelayError>>,
+}
+
+impl Background {
+    /// In-flight commands are answered (the server is done) and `stop` is set: stops
+    /// the producers of commands, then the writer, then lets the relay publish the rest.
+    async fn finish(self, log: &Arc<EventLog>) -> Result<(), ServerError> {
+        if let Some(task) = self.policy {
+            let _ = task.await;
+        }
+        // Every Writer handle is gone now: the writer drains, the flusher syncs and answers.
+        let writer = self.writer;
+        tokio::task::spawn_blocking(move || writer.join()).await?;
+        match tokio::time::timeout(RELAY_DRAIN_TIMEOUT, self.relay).await {
+            Ok(Ok(Err(error))) => tracing::warn!(%error, "relay had stopped with an error"),
+            Ok(_) => {}
+            Err(_) => tracing::warn!(
+                "relay did not finish publishing in time; the rest is published after restart"
+            ),
+        }
+        let final_sync = log.clone();
+        if let Err(error) = tokio::task::spawn_blocking(move || final_sync.sync()).await? {
+            tracing::error!(%error, "final sync failed");
+        }
+        Ok(())
+    }
+}
+
+/// The relay over the log, its stream checked against the log (see
+/// [`verify_stream_at_startup`]).
+async fn relay(
+    config: &Config,
+    log: &Arc<EventLog>,
+    writer: &WriterWatch,
+    client: &async_nats::Client,
+) -> Result<(Relay, Arc<RelayStatus>), ServerError> {
+    let status = Arc::new(RelayStatus::new(client.clone()));
+    let relay = Relay::new(
+        log.clone(),
+        writer.tail.clone(),
+        client.clone(),
+        config.nats.stream.clone(),
+        writer.durable_position.clone(),
+        status.clone(),
+        RelayConfig {
+            window: usize::try_from(config.relay_window).unwrap_or(2048),
+            read_chunk: 1024,
+        },
+    );
+    let startup_wait = Duration::from_millis(config.nats_startup_wait_ms);
+    verify_stream_at_startup(&relay, client, startup_wait).await?;
+    Ok((relay, status))
+}
+
+/// Opens the event log and starts the writer over it (after its recovery).
+async fn open_log(
+    config: &Config,
+) -> Result<(Arc<EventLog>, Writer, WriterWatch, WriterThreads), ServerError> {
+    let dir = config.data_dir.clone();
+    let (durability, cache_bytes) = (config.durability, config.cache_mb.saturating_mul(1 << 20));
+    let log_error = |source| ServerError::Log {
+        dir: config.data_dir.clone(),
+        source,
+    };
+    let log = tokio::task::spawn_blocking(move || EventLog::open(&dir, durability, cache_bytes))
+        .await?
+        .map_err(log_error)?;
+    let log = Arc::new(log);
+    let writer_config = WriterConfig {
+        queue_capacity: config.queue_capacity,
+        batch_commands_max: config.batch_commands_max,
+        queue_wait_max: (config.queue_wait_max_ms > 0)
+            .then(|| Duration::from_millis(config.queue_wait_max_ms)),
+    };
+    let (writer, watch, threads) = Writer::start(log.clone(), writer_config).map_err(log_error)?;
+    tracing::info!(
+        dir = %config.data_dir.display(),
+        log_position = *watch.durable_position.borrow(),
+        durability = durability.as_str(),
+        "event log open"
+    );
+    Ok((log, writer, watch, threads))
+}
+
+/// What the gRPC server serves.
+struct Services {
+    log: Arc<EventLog>,
+    /// The last handle but the policy's: dropped once the server is built, so that the
+    /// writer ends when the server and the policy are done.
+    writer: Writer,
+    watch: WriterWatch,
+    relay: Arc<RelayStatus>,
+    health: Health,
+    health_service: HealthService,
+    security: Security,
+}
+
+/// Serves gRPC (and metrics) until `on_shutdown` completes and in-flight requests end.
+async fn serve(
+    config: &Config,
+    listener: TcpListener,
+    services: Services,
+    stop: watch::Receiver<bool>,
+    on_shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let Services {
+        log,
+        writer,
+        watch,
+        relay,
+        health,
+        health_service,
+        security,
+    } = services;
     let ServerMetrics {
         mut registry,
         grpc: grpc_metrics,
@@ -253,44 +358,32 @@ pub async fn run(
             .shed_limits(config.requests_per_connection_max),
         &health,
     );
-    let command_metrics = metrics::register(&mut registry, &writer_watch, &relay_status, shed);
-    serve_until_stopped(config.telemetry.metrics_listen, registry, stop_rx.clone()).await?;
+    let command_metrics = metrics::register(&mut registry, &watch, &relay, shed);
+    serve_until_stopped(config.telemetry.metrics_listen, registry, stop).await?;
 
     let (reflection_v1, reflection_v1alpha) =
         shop_shared::grpc::reflection(&[SERVICE_NAME, LOG_SERVICE_NAME])?;
     let commands = CommandServiceServer::new(grpc::Commands {
-        writer: writer.clone(),
+        writer,
         metrics: command_metrics,
     })
     .max_decoding_message_size(config.request_bytes_max);
     let reader = LogServiceServer::new(grpc::LogReader {
-        log: log.clone(),
-        watch: writer_watch.clone(),
-        relay: relay_status.clone(),
+        log,
+        watch,
+        relay,
         stream: config.nats.stream.clone(),
     })
     .max_decoding_message_size(config.request_bytes_max);
-    drop(writer);
-
     let incoming = shop_shared::limits::incoming(
         listener,
         config.connections.connections_max,
         connection_metrics,
     );
-    let on_shutdown = {
-        let health = health.clone();
-        async move {
-            shutdown.await;
-            let _ = serving_tx.send(false);
-            health.set("", false).await;
-            health.set(SERVICE_NAME, false).await;
-            tracing::info!("shutting down: no new requests; finishing in-flight commands");
-        }
-    };
     tracing::info!("command server ready");
     // Outermost first: the span covers everything; metrics see refused (unauthenticated,
     // shed) requests and the corrected codes of undecodable ones.
-    let served = config
+    config
         .connections
         .apply(security.server_builder()?)
         .layer(TraceLayer)
@@ -304,30 +397,7 @@ pub async fn run(
         .add_service(commands)
         .add_service(reader)
         .serve_with_incoming_shutdown(incoming, on_shutdown)
-        .await;
-
-    // In-flight commands are answered. Stop the producers of commands, then the writer.
-    let _ = stop_tx.send(true);
-    if let Some(task) = policy_task {
-        let _ = task.await;
-    }
-    // Every Writer handle is gone now: the writer drains, the flusher syncs and answers.
-    tokio::task::spawn_blocking(move || writer_threads.join()).await?;
-    match tokio::time::timeout(RELAY_DRAIN_TIMEOUT, relay_task).await {
-        Ok(Ok(Err(error))) => tracing::warn!(%error, "relay had stopped with an error"),
-        Ok(_) => {}
-        Err(_) => tracing::warn!(
-            "relay did not finish publishing in time; the rest is published after restart"
-        ),
-    }
-    health_task.abort();
-    let final_sync = log.clone();
-    if let Err(error) = tokio::task::spawn_blocking(move || final_sync.sync()).await? {
-        tracing::error!(%error, "final sync failed");
-    }
-    client.flush().await.ok();
-    tracing::info!("command server stopped");
-    served?;
+        .await?;
     Ok(())
 }
 

@@ -283,33 +283,13 @@ impl Consumer {
         let store = self.store.clone();
         let (checkpoint, checkpoint_event) =
             blocking("consumer", move || store.checkpoint()).await??;
-        if checkpoint > 0 {
-            if info.state.last_sequence < checkpoint {
-                return Err(ConsumerError::Nats(format!(
-                    "stream {} ends at sequence {} but the views are at {checkpoint}; waiting for the relay to republish",
-                    self.stream_name, info.state.last_sequence
-                )));
-            }
-            match stream.get_raw_message(checkpoint).await {
-                Ok(message) => {
-                    let id = message
-                        .headers
-                        .get(HEADER_EVENT_ID)
-                        .map(|v| v.as_str().to_string())
-                        .unwrap_or_default();
-                    if id != checkpoint_event {
-                        return Err(ConsumerError::Conflict(format!(
-                            "the event at sequence {checkpoint} of stream {} is {id:?}, but the views were built with {checkpoint_event:?}: \
-                             these views come from another stream. Rebuild them (query-server rebuild) or use another --data-dir.",
-                            self.stream_name
-                        )));
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, checkpoint, "cannot read the checkpoint's event to verify the stream; continuing")
-                }
-            }
-        }
+        self.verify(
+            &mut stream,
+            info.state.last_sequence,
+            checkpoint,
+            &checkpoint_event,
+        )
+        .await?;
 
         let consumer = stream
             .create_consumer(pull::OrderedConfig {
@@ -343,6 +323,46 @@ impl Consumer {
             None => Ok(()),
         };
         result.and(drained)
+    }
+
+    /// Checks that the stream is the one the views were built from: it reaches the
+    /// checkpoint, and the event there is the one applied last.
+    async fn verify(
+        &self,
+        stream: &mut jetstream::stream::Stream,
+        stream_last: u64,
+        checkpoint: u64,
+        checkpoint_event: &str,
+    ) -> Result<(), ConsumerError> {
+        if checkpoint == 0 {
+            return Ok(());
+        }
+        if stream_last < checkpoint {
+            return Err(ConsumerError::Nats(format!(
+                "stream {} ends at sequence {} but the views are at {checkpoint}; waiting for the relay to republish",
+                self.stream_name, stream_last
+            )));
+        }
+        match stream.get_raw_message(checkpoint).await {
+            Ok(message) => {
+                let id = message
+                    .headers
+                    .get(HEADER_EVENT_ID)
+                    .map(|v| v.as_str().to_string())
+                    .unwrap_or_default();
+                if id != checkpoint_event {
+                    return Err(ConsumerError::Conflict(format!(
+                        "the event at sequence {checkpoint} of stream {} is {id:?}, but the views were built with {checkpoint_event:?}: \
+                         these views come from another stream. Rebuild them (query-server rebuild) or use another --data-dir.",
+                        self.stream_name
+                    )));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, checkpoint, "cannot read the checkpoint's event to verify the stream; continuing")
+            }
+        }
+        Ok(())
     }
 
     /// Applies batches as they come. Batching adapts to load: while one batch is being
@@ -393,32 +413,7 @@ impl Consumer {
                     }
                 }
                 next = messages.next(), if want_more => {
-                    let mut next = next;
-                    loop {
-                        match next {
-                            Some(Ok(message)) => {
-                                let info = message
-                                    .info()
-                                    .map_err(|e| ConsumerError::Nats(format!("message metadata: {e}")))?;
-                                self.status.saw_stream_last(info.stream_sequence + info.pending);
-                                received = received.max(info.stream_sequence);
-                                pending.push(Incoming {
-                                    sequence: info.stream_sequence,
-                                    payload: message.payload.clone(),
-                                    span: apply_span(&message, info.stream_sequence),
-                                });
-                            }
-                            Some(Err(e)) => return Err(ConsumerError::Nats(format!("consumer: {e}"))),
-                            None => return Err(ConsumerError::Nats("consumer ended".into())),
-                        }
-                        if pending.len() >= max {
-                            break;
-                        }
-                        match messages.next().now_or_never() {
-                            Some(n) => next = n,
-                            None => break,
-                        }
-                    }
+                    received = received.max(self.gather(next, messages, &mut pending, max)?);
                 }
                 _ = stop.changed() => return Ok(()),
                 _ = flush_tick.tick() => {
@@ -433,6 +428,43 @@ impl Consumer {
                         self.status.saw_stream_last(info.state.last_sequence);
                     }
                 }
+            }
+        }
+    }
+
+    /// Takes `next` and every message already arrived after it (up to `max` pending):
+    /// the last sequence taken.
+    fn gather(
+        &self,
+        mut next: Option<Result<jetstream::Message, pull::OrderedError>>,
+        messages: &mut pull::Ordered,
+        pending: &mut Vec<Incoming>,
+        max: usize,
+    ) -> Result<u64, ConsumerError> {
+        let mut last = 0;
+        loop {
+            let message = match next {
+                Some(Ok(message)) => message,
+                Some(Err(e)) => return Err(ConsumerError::Nats(format!("consumer: {e}"))),
+                None => return Err(ConsumerError::Nats("consumer ended".into())),
+            };
+            let info = message
+                .info()
+                .map_err(|e| ConsumerError::Nats(format!("message metadata: {e}")))?;
+            self.status
+                .saw_stream_last(info.stream_sequence + info.pending);
+            last = last.max(info.stream_sequence);
+            pending.push(Incoming {
+                sequence: info.stream_sequence,
+                payload: message.payload.clone(),
+                span: apply_span(&message, info.stream_sequence),
+            });
+            if pending.len() >= max {
+                return Ok(last);
+            }
+            match messages.next().now_or_never() {
+                Some(n) => next = n,
+                None => return Ok(last),
             }
         }
     }

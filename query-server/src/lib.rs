@@ -34,7 +34,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shop_shared::config::{LogArgs, NatsArgs, SecurityArgs, TelemetryArgs};
-use shop_shared::grpc::{Health, RequestErrorLayer};
+use shop_shared::grpc::{Health, HealthService, RequestErrorLayer};
 use shop_shared::limits::ConnectionArgs;
 use shop_shared::metrics::{serve_until_stopped, MetricsListenError, ServerMetrics};
 use shop_shared::pb::query_service_server::QueryServiceServer;
@@ -206,6 +206,65 @@ pub async fn run(
         serving_rx,
     ));
 
+    let on_shutdown = {
+        let health = health.clone();
+        let watchers = watchers.clone();
+        async move {
+            shutdown.await;
+            let _ = serving_tx.send(false);
+            health.set("", false).await;
+            health.set(SERVICE_NAME, false).await;
+            // Open watches would keep their connections (and shutdown) waiting forever.
+            watchers.close_all();
+            tracing::info!("shutting down: no new requests; finishing in-flight reads");
+        }
+    };
+    let services = Services {
+        store,
+        status: status.clone(),
+        watchers,
+        health,
+        health_service,
+        security,
+    };
+    let served = serve(&config, listener, services, stop_rx, on_shutdown).await;
+
+    let _ = stop_tx.send(true);
+    match consumer_task.await? {
+        Ok(()) => {}
+        Err(error) => tracing::warn!(%error, "consumer had stopped with an error"),
+    }
+    health_task.abort();
+    tracing::info!(applied = status.applied(), "query server stopped");
+    served
+}
+
+/// What the gRPC server serves.
+struct Services {
+    store: Arc<Store>,
+    status: Arc<ConsumerStatus>,
+    watchers: Arc<Watchers>,
+    health: Health,
+    health_service: HealthService,
+    security: Security,
+}
+
+/// Serves gRPC (and metrics) until `on_shutdown` completes and in-flight requests end.
+async fn serve(
+    config: &Config,
+    listener: TcpListener,
+    services: Services,
+    stop: watch::Receiver<bool>,
+    on_shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let Services {
+        store,
+        status,
+        watchers,
+        health,
+        health_service,
+        security,
+    } = services;
     let ServerMetrics {
         mut registry,
         grpc: grpc_metrics,
@@ -220,51 +279,35 @@ pub async fn run(
         &health,
     );
     metrics::register(&mut registry, &status, &watchers);
-    serve_until_stopped(config.telemetry.metrics_listen, registry, stop_rx.clone()).await?;
+    serve_until_stopped(config.telemetry.metrics_listen, registry, stop).await?;
 
     let descriptors = prost_reflect::DescriptorPool::decode(shop_shared::FILE_DESCRIPTOR_SET)?;
     let (reflection_v1, reflection_v1alpha) = shop_shared::grpc::reflection(&[SERVICE_NAME])?;
     let queries = QueryServiceServer::new(grpc::Queries {
-        store: store.clone(),
+        store,
         status: status.clone(),
-        watchers: watchers.clone(),
+        watchers,
         descriptors,
         stream: config.nats.stream.clone(),
         shed,
     })
     .max_decoding_message_size(config.request_bytes_max);
-
     let incoming = shop_shared::limits::incoming(
         listener,
         config.connections.connections_max,
         connection_metrics,
     );
-    let on_shutdown = {
-        let health = health.clone();
-        let watchers = watchers.clone();
-        async move {
-            shutdown.await;
-            let _ = serving_tx.send(false);
-            health.set("", false).await;
-            health.set(SERVICE_NAME, false).await;
-            // Open watches would keep their connections (and shutdown) waiting forever.
-            watchers.close_all();
-            tracing::info!("shutting down: no new requests; finishing in-flight reads");
-        }
-    };
     tracing::info!("query server ready");
     // Outermost first: the span covers everything; metrics see refused (unauthenticated,
     // shed) requests and the corrected codes of undecodable ones; every answer to an
     // authenticated caller, refusals included, gets its freshness headers.
-    let served = config
+    config
         .connections
         .apply(security.server_builder()?)
         .layer(TraceLayer)
         .layer(grpc_metrics.layer())
         .layer(security.auth_layer())
-        .layer(FreshnessLayer {
-            status: status.clone(),
-        })
+        .layer(FreshnessLayer { status })
         .layer(shed_layer)
         .layer(RequestErrorLayer)
         .add_service(health_service)
@@ -272,16 +315,7 @@ pub async fn run(
         .add_optional_service(security.reflection.then_some(reflection_v1alpha))
         .add_service(queries)
         .serve_with_incoming_shutdown(incoming, on_shutdown)
-        .await;
-
-    let _ = stop_tx.send(true);
-    match consumer_task.await? {
-        Ok(()) => {}
-        Err(error) => tracing::warn!(%error, "consumer had stopped with an error"),
-    }
-    health_task.abort();
-    tracing::info!(applied = status.applied(), "query server stopped");
-    served?;
+        .await?;
     Ok(())
 }
 

@@ -34,16 +34,20 @@ struct ServiceLabel {
     service: String,
 }
 
+/// The `grpc.health.v1.Health` service a [`Health`] reports to.
+pub type HealthService =
+    tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>;
+
 impl Health {
     /// The reporter and the `grpc.health.v1.Health` service to serve. Everything starts
     /// NOT_SERVING: tonic-health reports the server (`""`) as SERVING from the start, so
     /// that is overridden here, before anything is served (a client must never see
     /// SERVING before the server has checked its store and NATS).
-    pub async fn new() -> (
-        Self,
-        tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
-    ) {
-        let (reporter, service) = tonic_health::server::health_reporter();
+    pub async fn new() -> (Self, HealthService) {
+        let reporter = tonic_health::server::HealthReporter::new();
+        let service = tonic_health::pb::health_server::HealthServer::new(
+            tonic_health::server::HealthService::from_health_reporter(reporter.clone()),
+        );
         reporter
             .set_service_status("", ServingStatus::NotServing)
             .await;

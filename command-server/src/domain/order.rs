@@ -7,7 +7,7 @@ use shop_shared::ids::StreamId;
 use shop_shared::pb;
 use shop_shared::pb::OrderStatus;
 
-use super::{customer, product, Command, DomainError, Event, State, OPEN_ORDERS};
+use super::{customer, product, Command, DomainError, Event, LineRequest, State, OPEN_ORDERS};
 use crate::log::{IndexChange, IndexEntry};
 
 /// Current state of one order.
@@ -47,49 +47,7 @@ pub(super) fn decide(command: &Command, state: &impl State) -> Result<Vec<Event>
             order_id,
             customer_id,
             lines,
-        } => {
-            if state.order(order_id).is_some() {
-                return Err(DomainError::OrderExists(order_id.clone()));
-            }
-            customer::live(state, customer_id)?;
-            let mut placed_lines = Vec::with_capacity(lines.len());
-            let mut reservations = Vec::with_capacity(lines.len());
-            let mut total_cents: i64 = 0;
-            for line in lines {
-                let product = product::existing(state, &line.sku)?;
-                if product.available() < line.quantity {
-                    return Err(DomainError::InsufficientStock {
-                        sku: line.sku.clone(),
-                        requested: line.quantity,
-                        available: product.available(),
-                    });
-                }
-                // Bounded by validation (price, quantity and line limits), so this never
-                // saturates; saturating keeps it panic-free regardless.
-                total_cents =
-                    total_cents.saturating_add(product.price_cents.saturating_mul(line.quantity));
-                placed_lines.push(pb::OrderLine {
-                    sku: line.sku.clone(),
-                    quantity: line.quantity,
-                    unit_price_cents: product.price_cents,
-                    product_name: product.name.clone(),
-                });
-                reservations.push(Event::StockReserved(pb::StockReserved {
-                    sku: line.sku.clone(),
-                    order_id: order_id.clone(),
-                    quantity: line.quantity,
-                }));
-            }
-            let mut events = Vec::with_capacity(1 + reservations.len());
-            events.push(Event::OrderPlaced(pb::OrderPlaced {
-                order_id: order_id.clone(),
-                customer_id: customer_id.clone(),
-                lines: placed_lines,
-                total_cents,
-            }));
-            events.extend(reservations);
-            Ok(events)
-        }
+        } => place_order(state, order_id, customer_id, lines),
         Command::PayOrder {
             order_id,
             amount_cents,
@@ -112,42 +70,113 @@ pub(super) fn decide(command: &Command, state: &impl State) -> Result<Vec<Event>
         Command::ShipOrder { order_id, tracking } => {
             let order = existing(state, order_id)?;
             require(order_id, order, &[OrderStatus::Paid], "ship")?;
-            let mut events = vec![Event::OrderShipped(pb::OrderShipped {
+            let shipped = Event::OrderShipped(pb::OrderShipped {
                 order_id: order_id.clone(),
                 tracking: tracking.trim().to_string(),
-            })];
-            events.extend(order.lines.iter().map(|l| {
-                Event::StockCommitted(pb::StockCommitted {
-                    sku: l.sku.clone(),
-                    order_id: order_id.clone(),
-                    quantity: l.quantity,
-                })
-            }));
-            Ok(events)
+            });
+            Ok(with_lines(
+                shipped,
+                order_id,
+                order,
+                |sku, order_id, quantity| {
+                    Event::StockCommitted(pb::StockCommitted {
+                        sku,
+                        order_id,
+                        quantity,
+                    })
+                },
+            ))
         }
         Command::CancelOrder { order_id, reason } => {
             let order = existing(state, order_id)?;
-            require(
-                order_id,
-                order,
-                &[OrderStatus::Placed, OrderStatus::Paid],
-                "cancel",
-            )?;
-            let mut events = vec![Event::OrderCancelled(pb::OrderCancelled {
+            let open = [OrderStatus::Placed, OrderStatus::Paid];
+            require(order_id, order, &open, "cancel")?;
+            let cancelled = Event::OrderCancelled(pb::OrderCancelled {
                 order_id: order_id.clone(),
                 reason: reason.trim().to_string(),
-            })];
-            events.extend(order.lines.iter().map(|l| {
-                Event::StockReleased(pb::StockReleased {
-                    sku: l.sku.clone(),
-                    order_id: order_id.clone(),
-                    quantity: l.quantity,
-                })
-            }));
-            Ok(events)
+            });
+            Ok(with_lines(
+                cancelled,
+                order_id,
+                order,
+                |sku, order_id, quantity| {
+                    Event::StockReleased(pb::StockReleased {
+                        sku,
+                        order_id,
+                        quantity,
+                    })
+                },
+            ))
         }
         other => unreachable!("not an order command: {}", other.name()),
     }
+}
+
+/// PlaceOrder: every line reserved, or none.
+fn place_order(
+    state: &impl State,
+    order_id: &str,
+    customer_id: &str,
+    lines: &[LineRequest],
+) -> Result<Vec<Event>, DomainError> {
+    if state.order(order_id).is_some() {
+        return Err(DomainError::OrderExists(order_id.to_string()));
+    }
+    customer::live(state, customer_id)?;
+    let mut placed_lines = Vec::with_capacity(lines.len());
+    let mut reservations = Vec::with_capacity(lines.len());
+    let mut total_cents: i64 = 0;
+    for line in lines {
+        let product = product::existing(state, &line.sku)?;
+        if product.available() < line.quantity {
+            return Err(DomainError::InsufficientStock {
+                sku: line.sku.clone(),
+                requested: line.quantity,
+                available: product.available(),
+            });
+        }
+        // Bounded by validation (price, quantity and line limits), so this never
+        // saturates; saturating keeps it panic-free regardless.
+        total_cents = total_cents.saturating_add(product.price_cents.saturating_mul(line.quantity));
+        placed_lines.push(pb::OrderLine {
+            sku: line.sku.clone(),
+            quantity: line.quantity,
+            unit_price_cents: product.price_cents,
+            product_name: product.name.clone(),
+        });
+        reservations.push(Event::StockReserved(pb::StockReserved {
+            sku: line.sku.clone(),
+            order_id: order_id.to_string(),
+            quantity: line.quantity,
+        }));
+    }
+    let mut events = Vec::with_capacity(1 + reservations.len());
+    events.push(Event::OrderPlaced(pb::OrderPlaced {
+        order_id: order_id.to_string(),
+        customer_id: customer_id.to_string(),
+        lines: placed_lines,
+        total_cents,
+    }));
+    events.extend(reservations);
+    Ok(events)
+}
+
+/// `first`, then one event per line of `order` (its stock committed or released).
+fn with_lines(
+    first: Event,
+    order_id: &str,
+    order: &Order,
+    line_event: fn(String, String, i64) -> Event,
+) -> Vec<Event> {
+    let mut events = Vec::with_capacity(1 + order.lines.len());
+    events.push(first);
+    events.extend(
+        order
+            .lines
+            .iter()
+            .map(|l| line_event(l.sku.clone(), order_id.to_string(), l.quantity)),
+    );
+    events
 }
 
 fn existing<'s>(state: &'s impl State, order_id: &str) -> Result<&'s Order, DomainError> {
