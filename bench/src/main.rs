@@ -23,23 +23,23 @@
 #![allow(clippy::print_stdout)]
 
 mod ceilings;
-mod observability;
-mod overload;
 mod report;
+mod stages;
 mod stats;
 mod system;
 mod workload;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use shop_tests::{Kind, Nats, Server};
+use shop_tests::{Nats, Server, ServerKind};
 
-use crate::report::{CommandPoint, Drain, GrowthPoint, HalfLoad, QueryPoint, Results, Target};
+use crate::report::{Results, Target};
+use crate::stages::Stack;
 use crate::stats::Latency;
 use crate::workload::{Catalog, Load, QueryKind, Visibility};
 
@@ -277,10 +277,10 @@ async fn run(args: Args, bin_dir: PathBuf) -> anyhow::Result<()> {
         command_line: std::env::args().collect::<Vec<_>>().join(" "),
         ..Default::default()
     };
-    let mut nats = Nats::start();
+    let nats = Nats::start();
     let nats_bin = shop_tests::nats_server_bin();
-    let command = Server::start(Kind::Command, &nats, &[]).await;
-    let mut query = Server::start(Kind::Query, &nats, &[]).await;
+    let command = Server::start(ServerKind::Command, &nats, &[]).await;
+    let query = Server::start(ServerKind::Query, &nats, &[]).await;
     results.machine = system::machine(&command.data_dir, &nats_bin);
     say(format!(
         "stack up (binaries from {}); {} cores",
@@ -310,317 +310,51 @@ async fn run(args: Args, bin_dir: PathBuf) -> anyhow::Result<()> {
     let (envelope_bytes, _) = envelope_size(command_channel.clone()).await?;
 
     let stage = |name: &str| args.stages.iter().any(|s| s == name);
-    // Commands, with their echo and sled ceilings, at each concurrency.
-    let mut orders: Vec<String> = Vec::new();
+    let mut stack = Stack {
+        nats,
+        command,
+        query,
+        command_channel,
+        query_channel,
+        catalog,
+        envelope_bytes,
+    };
     let sweep: &[usize] = if stage("commands") || stage("queries") {
         &args.clients
     } else {
         &[]
     };
-    for (run_index, &clients) in sweep.iter().enumerate() {
-        let l = load(clients, &args);
-        let echo_run = workload::run_echo(&echo.1.clone().into(), false, &l).await?;
-        let before = workload::log_position(command_channel.clone()).await?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let monitor = tokio::spawn(workload::monitor_lag(
-            command_channel.clone(),
-            query_channel.clone(),
-            Duration::from_millis(200),
-            stop.clone(),
-        ));
-        let visibility = Visibility {
-            query: shop_shared::pb::query_service_client::QueryServiceClient::new(
-                query_channel.clone(),
-            ),
-            every: 20,
-            latency: workload::shared_histogram(),
-        };
-        let profile = (args.perf && clients == args.reference_clients).then(|| perf_start(&args));
-        let meter = system::CpuMeter::start(&[
-            ("command-server", command.pid()),
-            ("query-server", query.pid()),
-            ("nats-server", nats.pid()),
-            ("bench", Some(std::process::id())),
-        ]);
-        let run = workload::run_commands(
-            &command.endpoint().into(),
-            &format!("c{run_index}"),
-            catalog,
-            &l,
-            Some(visibility.clone()),
-        )
-        .await?;
-        let cpu = meter.stop();
-        if let Some(Some(p)) = profile {
-            perf_finish(p, &args.out);
-        }
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let lag = monitor.await?;
-        let after = workload::log_position(command_channel.clone()).await?;
-        let drain = workload::wait_applied(query_channel.clone(), after, Duration::from_secs(60))
-            .await
-            .unwrap_or(Duration::from_secs(60));
-        let events_per_command = (after - before) as f64 / run.summary.ok.max(1) as f64;
-        let sled_dir = tempfile::tempdir()?;
-        let record = (envelope_bytes * events_per_command) as usize;
-        let sled = tokio::task::spawn_blocking({
-            let dir = sled_dir.path().to_path_buf();
-            let d = l.duration;
-            move || ceilings::sled_group_commit(&dir, record, clients, d)
-        })
-        .await??;
-        let vis = visibility
-            .latency
-            .lock()
-            .map(|h| Latency::of(&h))
-            .unwrap_or_default();
-        say(format!(
-            "commands x{clients}: {:.0}/s (echo {:.0}/s, sled ceiling {:.0}/s), p99 {:.2} ms, visible p99 {:.2} ms, drained in {:.2}s",
-            run.summary.per_second, echo_run.per_second, sled.per_second, run.summary.latency.p99_ms, vis.p99_ms, drain.as_secs_f64()
-        ));
-        orders.extend(run.orders.iter().cloned());
-        results.commands.push(CommandPoint {
-            ratio_to_echo: run.summary.per_second / echo_run.per_second.max(1e-9),
-            max_query_lag: lag.iter().map(|s| s.query_lag()).max().unwrap_or(0),
-            max_relay_lag: lag
-                .iter()
-                .map(|s| s.log_position.saturating_sub(s.published))
-                .max()
-                .unwrap_or(0),
-            commands: run.summary,
-            kinds: run.kinds,
-            events_per_command,
-            echo: echo_run,
-            sled_ceiling: sled,
-            visibility: vis,
-            drain_s: drain.as_secs_f64(),
-            cpu,
-            syncs: workload::syncs(command_channel.clone()).await,
-            lag,
-        });
-    }
-
-    // Half load: paced at half the best throughput.
+    let orders = stages::commands::run(&stack, &args, sweep, &echo.1, &mut results).await?;
     let best = results
         .commands
         .iter()
         .map(|p| p.commands.per_second)
         .fold(0.0, f64::max);
-    if stage("half") && best > 0.0 {
-        let mut l = load(args.reference_clients, &args);
-        l.rate = Some(best / 2.0);
-        let stop = Arc::new(AtomicBool::new(false));
-        let monitor = tokio::spawn(workload::monitor_lag(
-            command_channel.clone(),
-            query_channel.clone(),
-            Duration::from_millis(200),
-            stop.clone(),
-        ));
-        let visibility = Visibility {
-            query: shop_shared::pb::query_service_client::QueryServiceClient::new(
-                query_channel.clone(),
-            ),
-            every: 10,
-            latency: workload::shared_histogram(),
-        };
-        let run = workload::run_commands(
-            &command.endpoint().into(),
-            "half",
-            catalog,
-            &l,
-            Some(visibility.clone()),
-        )
-        .await?;
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let lag = monitor.await?;
-        let vis = visibility
-            .latency
-            .lock()
-            .map(|h| Latency::of(&h))
-            .unwrap_or_default();
-        say(format!(
-            "half load {:.0}/s: achieved {:.0}/s, p99 {:.2} ms, visible p99 {:.2} ms",
-            best / 2.0,
-            run.summary.per_second,
-            run.summary.latency.p99_ms,
-            vis.p99_ms
-        ));
-        results.half_load = Some(HalfLoad {
-            target_rate: best / 2.0,
-            syncs: workload::syncs(command_channel.clone()).await,
-            commands: run.summary,
-            visibility: vis,
-            max_query_lag: lag.iter().map(|s| s.query_lag()).max().unwrap_or(0),
-        });
+    if stage("half") {
+        stages::half_load::run(&stack, &args, &mut results).await?;
     }
-
-    // Idle watchers: the same paced load without and with 1,000 watches open.
     if stage("watchers") {
-        results.watchers = Some(
-            watchers_stage(
-                &command,
-                &query,
-                &command_channel,
-                &query_channel,
-                catalog,
-                &args,
-                best,
-            )
-            .await?,
-        );
+        results.watchers = Some(stages::watchers::run(&stack, &args, best).await?);
     }
-
-    // Queries.
-    let orders = Arc::new(if orders.is_empty() {
-        vec!["none".to_string()]
-    } else {
-        orders
-    });
-    let query_sweep: &[usize] = if stage("queries") { &args.clients } else { &[] };
-    for &clients in query_sweep {
-        let l = load(clients, &args);
-        let echo_run = workload::run_echo(&echo.1.clone().into(), true, &l).await?;
-        let get = workload::run_queries(
-            &query.endpoint().into(),
-            QueryKind::GetOrder,
-            orders.clone(),
-            catalog,
-            &l,
-        )
-        .await?;
-        let list = workload::run_queries(
-            &query.endpoint().into(),
-            QueryKind::ListOrders,
-            orders.clone(),
-            catalog,
-            &l,
-        )
-        .await?;
-        say(format!(
-            "queries x{clients}: GetOrder {:.0}/s (echo {:.0}/s), ListOrders {:.0}/s",
-            get.per_second, echo_run.per_second, list.per_second
-        ));
-        results.queries.push(QueryPoint {
-            ratio_to_echo: get.per_second / echo_run.per_second.max(1e-9),
-            get_order: get,
-            list_orders: list,
-            echo: echo_run,
-        });
+    if stage("queries") {
+        stages::queries::run(&stack, &args, &args.clients, &echo.1, orders, &mut results).await?;
     }
     drop(echo);
-
-    // Pipeline: the relay and the consumer draining a backlog, and the raw ceilings.
     if stage("pipeline") {
-        query.terminate();
-        nats.stop();
-        let l = load(args.reference_clients, &args);
-        workload::run_commands(&command.endpoint().into(), "backlog", catalog, &l, None).await?;
-        let log_end = workload::log_position(command_channel.clone()).await?;
-        let published =
-            shop_shared::pb::log_service_client::LogServiceClient::new(command_channel.clone())
-                .get_log_status(shop_shared::pb::GetLogStatusRequest {})
-                .await?
-                .into_inner()
-                .published_position;
-        nats.restart();
-        let log =
-            shop_shared::pb::log_service_client::LogServiceClient::new(command_channel.clone());
-        let relay = drain(published, log_end, || {
-            let mut log = log.clone();
-            async move {
-                log.get_log_status(shop_shared::pb::GetLogStatusRequest {})
-                    .await
-                    .map(|s| s.into_inner().published_position)
-                    .ok()
-            }
-        })
-        .await?;
-        say(format!(
-            "relay published a {}-event backlog at {:.0} events/s",
-            relay.events, relay.per_second
-        ));
-        results.relay_drain = Some(relay);
-
-        let applied_before = {
-            query.spawn_until_listening();
-            query.wait_serving().await;
-            let q = workload::channels(&query.endpoint().into(), 1)
-                .await?
-                .remove(0);
-            let s = shop_shared::pb::query_service_client::QueryServiceClient::new(q.clone())
-                .get_status(shop_shared::pb::GetStatusRequest {})
-                .await?
-                .into_inner();
-            (s.applied_position, q)
-        };
-        let q = shop_shared::pb::query_service_client::QueryServiceClient::new(
-            applied_before.1.clone(),
-        );
-        let consumer = drain(applied_before.0, log_end, || {
-            let mut q = q.clone();
-            async move {
-                q.get_status(shop_shared::pb::GetStatusRequest {})
-                    .await
-                    .map(|s| s.into_inner().applied_position)
-                    .ok()
-            }
-        })
-        .await?;
-        say(format!(
-            "query server applied a {}-event backlog at {:.0} events/s",
-            consumer.events, consumer.per_second
-        ));
-        results.consumer_drain = Some(consumer);
+        stages::pipeline::run(&mut stack, &args, &mut results).await?;
     }
     if stage("pipeline") || stage("rebuild") {
-        results.jetstream_publish = Some(
-            ceilings::jetstream_publish(
-                &nats.url(),
-                envelope_bytes as usize,
-                Duration::from_secs(args.seconds.max(2)),
-                2048,
-            )
-            .await?,
-        );
-        results.ordered_read =
-            Some(ceilings::ordered_consumer_read(&nats.url(), "SHOP_EVENTS").await?);
-        say(format!(
-            "ceilings: JetStream publish {:.0}/s, ordered read {:.0}/s",
-            results
-                .jetstream_publish
-                .as_ref()
-                .map_or(0.0, |c| c.per_second),
-            results.ordered_read.as_ref().map_or(0.0, |c| c.per_second)
-        ));
+        stages::pipeline::ceilings(&stack, &args, &mut results).await?;
     }
-    // Rebuild.
     if stage("rebuild") {
-        query.terminate();
-        let events = workload::log_position(command_channel.clone()).await?;
-        let t = Instant::now();
-        let out = std::process::Command::new(bin_dir.join("query-server"))
-            .arg("rebuild")
-            .arg("--data-dir")
-            .arg(&query.data_dir)
-            .arg("--nats-url")
-            .arg(nats.url())
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "rebuild failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let seconds = t.elapsed().as_secs_f64();
-        results.rebuild = Some(Drain {
-            events,
-            seconds,
-            per_second: events as f64 / seconds.max(1e-9),
-        });
-        say(format!(
-            "rebuild: {events} events in {seconds:.2}s = {:.0} events/s (process start included)",
-            events as f64 / seconds
-        ));
+        stages::rebuild::run(&mut stack, &bin_dir, &mut results).await?;
     }
+    let Stack {
+        nats,
+        command,
+        query,
+        ..
+    } = stack;
     save_logs(
         &args.out,
         &[
@@ -638,7 +372,7 @@ async fn run(args: Args, bin_dir: PathBuf) -> anyhow::Result<()> {
     let plan = |baseline_bin_dir: Option<PathBuf>, configs: &[String]| {
         let mut paced = load(args.reference_clients, &args);
         paced.rate = args.observability_rate;
-        observability::Plan {
+        stages::observability::Plan {
             load: paced,
             rounds: args.rounds.max(1),
             catalog,
@@ -649,23 +383,24 @@ async fn run(args: Args, bin_dir: PathBuf) -> anyhow::Result<()> {
     if stage("observability") {
         let plan = plan(args.baseline_bin_dir.clone(), &args.observability_configs);
         results.observability =
-            observability::run(&plan, observability::Stage::Observability).await?;
+            stages::observability::run(&plan, stages::observability::Stage::Observability).await?;
         results.layer_costs =
-            tokio::task::spawn_blocking(|| observability::layer_costs(200_000)).await?;
+            tokio::task::spawn_blocking(|| stages::observability::layer_costs(200_000)).await?;
     }
 
     // TLS, tokens, mTLS, JWT next to plaintext.
     if stage("security") {
         let plan = plan(None, &args.security_configs);
-        results.security = observability::run(&plan, observability::Stage::Security).await?;
+        results.security =
+            stages::observability::run(&plan, stages::observability::Stage::Security).await?;
         if results.layer_costs.bare_ns == 0.0 {
             results.layer_costs =
-                tokio::task::spawn_blocking(|| observability::layer_costs(200_000)).await?;
+                tokio::task::spawn_blocking(|| stages::observability::layer_costs(200_000)).await?;
         }
     }
     // Open-loop load far beyond capacity, alone and with idle watches and connections.
     if stage("overload") {
-        let plan = overload::Plan {
+        let plan = stages::overload::Plan {
             duration: Duration::from_secs(args.seconds),
             multiples: args.overload_multiples.clone(),
             capacity_clients: args.reference_clients,
@@ -673,12 +408,12 @@ async fn run(args: Args, bin_dir: PathBuf) -> anyhow::Result<()> {
             watches: args.overload_watches,
             idle_connections: args.overload_idle_connections,
         };
-        results.overload = Some(overload::run(&plan).await?);
+        results.overload = Some(stages::overload::run(&plan).await?);
     }
 
     // Growth, on a fresh stack.
     if stage("growth") {
-        results.growth = growth(&args, catalog).await?;
+        results.growth = stages::growth::run(&args, catalog).await?;
     }
 
     results.targets = targets(&results, &args);
@@ -690,131 +425,6 @@ async fn run(args: Args, bin_dir: PathBuf) -> anyhow::Result<()> {
         args.out.display()
     ));
     Ok(())
-}
-
-/// Paced commands without, then with, `WATCHERS` idle watches open on the query server.
-async fn watchers_stage(
-    command: &Server,
-    query: &Server,
-    command_channel: &workload::Conn,
-    query_channel: &workload::Conn,
-    catalog: Catalog,
-    args: &Args,
-    best: f64,
-) -> anyhow::Result<report::Watchers> {
-    const WATCHERS: usize = 1_000;
-    // Customers nobody orders for: their watches stay idle.
-    let mut c =
-        shop_shared::pb::command_service_client::CommandServiceClient::new(command_channel.clone());
-    for i in 0..WATCHERS {
-        let id = format!("idle{i}");
-        let _ = c
-            .register_customer(shop_shared::pb::RegisterCustomerRequest {
-                customer_id: id.clone(),
-                name: format!("Idle {i}"),
-                email: format!("{id}@bench.example"),
-                ..Default::default()
-            })
-            .await;
-    }
-    let position = workload::log_position(command_channel.clone()).await?;
-    workload::wait_applied(query_channel.clone(), position, Duration::from_secs(60)).await;
-    let rate = if best > 0.0 { best / 2.0 } else { 1_000.0 };
-    let mut runs = Vec::new();
-    let mut open = Vec::new();
-    for with in [false, true] {
-        if with {
-            let clients = workload::channels(&query.endpoint().into(), 10).await?;
-            for i in 0..WATCHERS {
-                let mut q = shop_shared::pb::query_service_client::QueryServiceClient::new(
-                    clients[i % clients.len()].clone(),
-                );
-                let stream = q
-                    .watch_customer(shop_shared::pb::WatchCustomerRequest {
-                        customer_id: format!("idle{i}"),
-                        min_position: position,
-                    })
-                    .await?
-                    .into_inner();
-                open.push(stream);
-            }
-        }
-        let mut l = load(args.reference_clients, args);
-        l.rate = Some(rate);
-        let visibility = Visibility {
-            query: shop_shared::pb::query_service_client::QueryServiceClient::new(
-                query_channel.clone(),
-            ),
-            every: 10,
-            latency: workload::shared_histogram(),
-        };
-        let before = workload::log_position(command_channel.clone()).await?;
-        let meter = system::CpuMeter::start(&[("query-server", query.pid())]);
-        let tag = format!("watch{}", u8::from(with));
-        workload::run_commands(
-            &command.endpoint().into(),
-            &tag,
-            catalog,
-            &l,
-            Some(visibility.clone()),
-        )
-        .await?;
-        let after = workload::log_position(command_channel.clone()).await?;
-        workload::wait_applied(query_channel.clone(), after, Duration::from_secs(60)).await;
-        let cores = meter.stop().first().map_or(0.0, |(_, c)| *c);
-        let seconds = l.duration.as_secs_f64();
-        let events = (after - before) as f64;
-        runs.push(report::WatcherRun {
-            events_per_second: events / seconds,
-            query_cpu_ms_per_1k_events: cores * seconds * 1000.0 / (events / 1000.0).max(1e-9),
-            visibility: visibility
-                .latency
-                .lock()
-                .map(|h| Latency::of(&h))
-                .unwrap_or_default(),
-        });
-    }
-    drop(open);
-    let with = runs.pop().ok_or_else(|| anyhow::anyhow!("no run"))?;
-    let without = runs.pop().ok_or_else(|| anyhow::anyhow!("no run"))?;
-    say(format!(
-        "watchers: {:.2} -> {:.2} query-server core-ms per 1k events, visible p99 {:.2} -> {:.2} ms with {WATCHERS} idle watches",
-        without.query_cpu_ms_per_1k_events, with.query_cpu_ms_per_1k_events, without.visibility.p99_ms, with.visibility.p99_ms
-    ));
-    Ok(report::Watchers {
-        watchers: WATCHERS,
-        rate,
-        without,
-        with,
-    })
-}
-
-/// How fast a position moves from `from` to `to`, timed from its first move (so that
-/// reconnecting and start-up are not counted).
-async fn drain<F, Fut>(from: u64, to: u64, mut position: F) -> anyhow::Result<Drain>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<u64>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(600);
-    let (mut first, mut at_first) = (None, from);
-    loop {
-        let now = position().await.unwrap_or(from);
-        if first.is_none() && now > from {
-            first = Some(Instant::now());
-            at_first = now;
-        }
-        if now >= to {
-            let seconds = first.map_or(0.0, |t: Instant| t.elapsed().as_secs_f64());
-            return Ok(Drain {
-                events: to - from,
-                seconds,
-                per_second: (to - at_first) as f64 / seconds.max(1e-9),
-            });
-        }
-        anyhow::ensure!(Instant::now() < deadline, "no progress from {from} to {to}");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
 }
 
 /// Average envelope size of the log's first events, and how many were sampled.
@@ -830,82 +440,6 @@ async fn envelope_size(command: workload::Conn) -> anyhow::Result<(f64, usize)> 
         .events;
     let total: usize = events.iter().map(Message::encoded_len).sum();
     Ok((total as f64 / events.len().max(1) as f64, events.len()))
-}
-
-async fn growth(args: &Args, catalog: Catalog) -> anyhow::Result<Vec<GrowthPoint>> {
-    let nats = Nats::start();
-    let mut command = Server::start(Kind::Command, &nats, &[]).await;
-    let mut query = Server::start(Kind::Query, &nats, &[]).await;
-    workload::setup(&command.endpoint().into(), catalog).await?;
-    let channel = workload::channels(&command.endpoint().into(), 1)
-        .await?
-        .remove(0);
-    let mut sizes = vec![0u64];
-    sizes.extend(args.growth.iter().copied());
-    let mut points: Vec<GrowthPoint> = Vec::new();
-    let l = load(args.reference_clients, args);
-    for (i, size) in sizes.into_iter().enumerate() {
-        let mut chunk = 0;
-        while workload::log_position(channel.clone()).await? < size {
-            let mut fill = l.clone();
-            fill.duration = Duration::from_secs(5);
-            workload::run_commands(
-                &command.endpoint().into(),
-                &format!("fill{i}-{chunk}"),
-                catalog,
-                &fill,
-                None,
-            )
-            .await?;
-            chunk += 1;
-            say(format!(
-                "growth: filling the log: {} / {size} events",
-                workload::log_position(channel.clone()).await?
-            ));
-        }
-        let in_log = workload::log_position(channel.clone()).await?;
-        let q = workload::channels(&query.endpoint().into(), 1)
-            .await?
-            .remove(0);
-        workload::wait_applied(q, in_log, Duration::from_secs(600)).await;
-        let run = workload::run_commands(
-            &command.endpoint().into(),
-            &format!("growth{i}"),
-            catalog,
-            &l,
-            None,
-        )
-        .await?;
-        let command_rss = command.pid().map_or(0.0, system::rss_mb);
-        let query_rss = query.pid().map_or(0.0, system::rss_mb);
-        // The first start scans what sled wrote since its last open (sled 0.34 writes its
-        // page-table snapshot only when it opens a store); the second shows the cost after.
-        let command_start = restart_time(&mut command).await;
-        let command_restart = restart_time(&mut command).await;
-        let query_start = restart_time(&mut query).await;
-        let query_restart = restart_time(&mut query).await;
-        let empty = points
-            .first()
-            .map_or(run.summary.per_second, |p| p.commands_per_second);
-        say(format!(
-            "growth: {in_log} events: {:.0} commands/s, RSS {command_rss:.0}/{query_rss:.0} MB, start {command_start:.2}/{query_start:.2} s (again {command_restart:.2}/{query_restart:.2} s)",
-            run.summary.per_second
-        ));
-        points.push(GrowthPoint {
-            events_in_log: in_log,
-            commands_per_second: run.summary.per_second,
-            ratio_to_empty: run.summary.per_second / empty.max(1e-9),
-            command_server_rss_mb: command_rss,
-            query_server_rss_mb: query_rss,
-            command_server_start_s: command_start,
-            query_server_start_s: query_start,
-            command_server_restart_s: command_restart,
-            query_server_restart_s: query_restart,
-            command_data_mb: system::dir_mb(&command.data_dir),
-            query_data_mb: system::dir_mb(&query.data_dir),
-        });
-    }
-    Ok(points)
 }
 
 /// The `load` subcommand: the command workload (and GetOrder) against a running stack.
@@ -985,15 +519,6 @@ fn save_logs(out: &std::path::Path, logs: &[(&str, String)]) {
             let _ = std::fs::write(dir.join(format!("{name}.log")), log);
         }
     }
-}
-
-/// Graceful stop, then the time from spawn to health SERVING.
-async fn restart_time(server: &mut Server) -> f64 {
-    server.terminate();
-    let t = Instant::now();
-    server.spawn_until_listening();
-    server.wait_serving().await;
-    t.elapsed().as_secs_f64()
 }
 
 /// A perf recording of every CPU, if perf is available.
@@ -1181,12 +706,12 @@ fn targets(r: &Results, args: &Args) -> Vec<Target> {
 
 /// Whether the query lag stayed bounded: the lag in the last third of the run is not
 /// well above the lag in the middle third.
-fn lag_bounded(lag: &[workload::LagSample]) -> bool {
+fn lag_bounded(lag: &[crate::report::LagSample]) -> bool {
     if lag.len() < 6 {
         return true;
     }
     let third = lag.len() / 3;
-    let mean = |s: &[workload::LagSample]| {
+    let mean = |s: &[crate::report::LagSample]| {
         s.iter().map(|x| x.query_lag() as f64).sum::<f64>() / s.len().max(1) as f64
     };
     let middle = mean(&lag[third..2 * third]);

@@ -8,7 +8,21 @@ use serde::Serialize;
 
 use crate::ceilings::Ceiling;
 use crate::stats::{Latency, RunSummary};
-use crate::workload::LagSample;
+
+/// One sample of the pipeline's progress.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct LagSample {
+    pub t_s: f64,
+    pub log_position: u64,
+    pub published: u64,
+    pub applied: u64,
+}
+
+impl LagSample {
+    pub fn query_lag(&self) -> u64 {
+        self.log_position.saturating_sub(self.applied)
+    }
+}
 
 /// The machine and the versions of what ran.
 #[derive(Debug, Clone, Serialize, Default)]
@@ -144,12 +158,12 @@ pub struct Results {
     pub ordered_read: Option<Ceiling>,
     pub rebuild: Option<Drain>,
     pub growth: Vec<GrowthPoint>,
-    pub observability: Vec<crate::observability::ObservabilityPoint>,
-    pub layer_costs: crate::observability::LayerCost,
+    pub observability: Vec<crate::stages::observability::ObservabilityPoint>,
+    pub layer_costs: crate::stages::observability::LayerCost,
     /// Stage `security`: plaintext vs TLS, tokens, mTLS, JWT.
-    pub security: Vec<crate::observability::ObservabilityPoint>,
+    pub security: Vec<crate::stages::observability::ObservabilityPoint>,
     /// Stage `overload`: open-loop load at a multiple of capacity.
-    pub overload: Option<crate::overload::Overload>,
+    pub overload: Option<crate::stages::overload::Overload>,
     pub targets: Vec<Target>,
 }
 
@@ -399,20 +413,20 @@ impl Results {
             }
             md.push('\n');
         }
-        md.push_str(&crate::observability::markdown(
-            crate::observability::Stage::Observability,
+        md.push_str(&crate::stages::observability::markdown(
+            crate::stages::observability::Stage::Observability,
             &self.observability,
             &self.layer_costs,
             self.observability.first().and_then(|p| p.paced_rate),
         ));
-        md.push_str(&crate::observability::markdown(
-            crate::observability::Stage::Security,
+        md.push_str(&crate::stages::observability::markdown(
+            crate::stages::observability::Stage::Security,
             &self.security,
             &self.layer_costs,
             self.security.first().and_then(|p| p.paced_rate),
         ));
         if let Some(o) = &self.overload {
-            md.push_str(&crate::overload::markdown(o));
+            md.push_str(&crate::stages::overload::markdown(o));
         }
         md
     }

@@ -15,6 +15,7 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, ClientTlsConfig};
 
+use crate::report::{LagSample, Syncs};
 use crate::stats::{histogram, Recorder, RunSummary, Timeline};
 use pb::command_service_client::CommandServiceClient;
 use pb::log_service_client::LogServiceClient;
@@ -556,21 +557,6 @@ pub async fn run_echo(endpoint: &Target, query: bool, load: &Load) -> anyhow::Re
     ))
 }
 
-/// One sample of the pipeline's progress.
-#[derive(Debug, Clone, Copy, serde::Serialize)]
-pub struct LagSample {
-    pub t_s: f64,
-    pub log_position: u64,
-    pub published: u64,
-    pub applied: u64,
-}
-
-impl LagSample {
-    pub fn query_lag(&self) -> u64 {
-        self.log_position.saturating_sub(self.applied)
-    }
-}
-
 /// Samples log, relay and query positions every `every` until `stop` is set.
 pub async fn monitor_lag(
     command: Conn,
@@ -630,20 +616,20 @@ pub fn shared_histogram() -> Arc<Mutex<Histogram<u64>>> {
 }
 
 /// The command server's recent group commits.
-pub async fn syncs(command: Conn) -> crate::report::Syncs {
+pub async fn syncs(command: Conn) -> Syncs {
     match LogServiceClient::new(command)
         .get_log_status(pb::GetLogStatusRequest {})
         .await
     {
         Ok(s) => {
             let s = s.into_inner();
-            crate::report::Syncs {
+            Syncs {
                 p50_ms: s.sync_p50_us as f64 / 1000.0,
                 p99_ms: s.sync_p99_us as f64 / 1000.0,
                 max_ms: s.sync_max_us as f64 / 1000.0,
                 commands_per_sync: s.commands_per_sync,
             }
         }
-        Err(_) => crate::report::Syncs::default(),
+        Err(_) => Syncs::default(),
     }
 }

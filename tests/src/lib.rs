@@ -300,23 +300,23 @@ pub fn signal(pid: u32, name: &str) {
 
 /// Which server binary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub enum ServerKind {
     Command,
     Query,
 }
 
-impl Kind {
+impl ServerKind {
     pub fn binary(self) -> &'static str {
         match self {
-            Kind::Command => "command-server",
-            Kind::Query => "query-server",
+            ServerKind::Command => "command-server",
+            ServerKind::Query => "query-server",
         }
     }
 }
 
 /// A server process.
 pub struct Server {
-    pub kind: Kind,
+    pub kind: ServerKind,
     pub port: u16,
     nats_url: String,
     pub data_dir: PathBuf,
@@ -333,14 +333,14 @@ pub struct Server {
 
 impl Server {
     /// Starts a server with its own temp data dir and waits for SERVING.
-    pub async fn start(kind: Kind, nats: &Nats, extra_args: &[&str]) -> Server {
+    pub async fn start(kind: ServerKind, nats: &Nats, extra_args: &[&str]) -> Server {
         Server::start_tls(kind, nats, extra_args, None).await
     }
 
     /// [`Server::start`] for a server that serves TLS (`extra_args` has `--tls-cert`...):
     /// the harness connects with `tls`.
     pub async fn start_tls(
-        kind: Kind,
+        kind: ServerKind,
         nats: &Nats,
         extra_args: &[&str],
         tls: Option<ClientTlsConfig>,
@@ -361,7 +361,7 @@ impl Server {
 
     /// A server on a given data dir (not started).
     pub fn new(
-        kind: Kind,
+        kind: ServerKind,
         nats_url: &str,
         data_dir: PathBuf,
         log_dir: PathBuf,
@@ -626,8 +626,8 @@ pub struct Stack {
 impl Stack {
     pub async fn start() -> Stack {
         let nats = Nats::start();
-        let command = Server::start(Kind::Command, &nats, &[]).await;
-        let query = Server::start(Kind::Query, &nats, &[]).await;
+        let command = Server::start(ServerKind::Command, &nats, &[]).await;
+        let query = Server::start(ServerKind::Query, &nats, &[]).await;
         Stack {
             nats,
             command,

@@ -9,7 +9,7 @@ use std::time::Duration;
 use rand::{Rng, SeedableRng};
 use shop_tests::{
     assert_stream_mirrors_log, eventually, log_position, pb, read_stream, read_whole_log, req,
-    stream_last_sequence, Kind, Nats, Server,
+    stream_last_sequence, Nats, Server, ServerKind,
 };
 use tonic_health::pb::health_check_response::ServingStatus;
 
@@ -80,7 +80,7 @@ async fn assert_mirrored(nats: &Nats, server: &Server) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_burst_sequence_n_is_position_n() {
     let nats = Nats::start();
-    let server = Server::start(Kind::Command, &nats, &[]).await;
+    let server = Server::start(ServerKind::Command, &nats, &[]).await;
     seed(&server, 3, 2).await;
     burst(&server, "b", 400, 8).await;
     assert_mirrored(&nats, &server).await;
@@ -89,7 +89,7 @@ async fn after_a_burst_sequence_n_is_position_n() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_keep_succeeding_while_nats_is_down_and_the_stream_catches_up() {
     let mut nats = Nats::start();
-    let server = Server::start(Kind::Command, &nats, &[]).await;
+    let server = Server::start(ServerKind::Command, &nats, &[]).await;
     seed(&server, 3, 2).await;
     burst(&server, "before", 50, 4).await;
     assert_mirrored(&nats, &server).await;
@@ -128,7 +128,7 @@ async fn commands_keep_succeeding_while_nats_is_down_and_the_stream_catches_up()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_while_publishing_leaves_no_gap_and_no_duplicate() {
     let mut nats = Nats::start();
-    let mut server = Server::start(Kind::Command, &nats, &[]).await;
+    let mut server = Server::start(ServerKind::Command, &nats, &[]).await;
     seed(&server, 3, 2).await;
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     for round in 0..5 {
@@ -149,7 +149,7 @@ async fn kill_9_while_publishing_leaves_no_gap_and_no_duplicate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_stream_is_rebuilt_from_the_log_while_running_or_after_restart() {
     let nats = Nats::start();
-    let mut server = Server::start(Kind::Command, &nats, &[]).await;
+    let mut server = Server::start(ServerKind::Command, &nats, &[]).await;
     seed(&server, 3, 2).await;
     burst(&server, "a", 200, 4).await;
     assert_mirrored(&nats, &server).await;
@@ -171,7 +171,7 @@ async fn a_deleted_stream_is_rebuilt_from_the_log_while_running_or_after_restart
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_purged_stream_is_recreated_and_republished() {
     let nats = Nats::start();
-    let server = Server::start(Kind::Command, &nats, &[]).await;
+    let server = Server::start(ServerKind::Command, &nats, &[]).await;
     seed(&server, 3, 2).await;
     burst(&server, "a", 100, 4).await;
     assert_mirrored(&nats, &server).await;
@@ -199,7 +199,7 @@ async fn a_purged_stream_is_recreated_and_republished() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_that_is_not_this_logs_mirror_is_refused_at_start() {
     let nats = Nats::start();
-    let mut a = Server::start(Kind::Command, &nats, &[]).await;
+    let mut a = Server::start(ServerKind::Command, &nats, &[]).await;
     seed(&a, 2, 2).await;
     let a_position = log_position(&mut a.log_reader().await).await;
     eventually(Duration::from_secs(10), "published", || async {
@@ -211,7 +211,7 @@ async fn a_stream_that_is_not_this_logs_mirror_is_refused_at_start() {
     // A fresh log against a stream that holds more than it: refused.
     let dir = tempfile::tempdir().expect("tempdir");
     let mut b = Server::new(
-        Kind::Command,
+        ServerKind::Command,
         &nats.url(),
         dir.path().join("b"),
         dir.path().to_path_buf(),
@@ -226,12 +226,12 @@ async fn a_stream_that_is_not_this_logs_mirror_is_refused_at_start() {
 
     // A log as long as the stream but with other events: refused too.
     let other_nats = Nats::start();
-    let mut c = Server::start(Kind::Command, &other_nats, &[]).await;
+    let mut c = Server::start(ServerKind::Command, &other_nats, &[]).await;
     seed(&c, 2, 2).await;
     assert_eq!(log_position(&mut c.log_reader().await).await, a_position);
     c.terminate();
     let mut c = Server::new(
-        Kind::Command,
+        ServerKind::Command,
         &nats.url(),
         c.data_dir.clone(),
         dir.path().to_path_buf(),
@@ -262,7 +262,7 @@ async fn a_stream_with_a_conflicting_configuration_is_refused_at_start() {
     .expect("create conflicting stream");
     let dir = tempfile::tempdir().expect("tempdir");
     let mut server = Server::new(
-        Kind::Command,
+        ServerKind::Command,
         &nats.url(),
         dir.path().join("d"),
         dir.path().to_path_buf(),
@@ -297,7 +297,7 @@ fn cancellations(events: &[pb::EventEnvelope]) -> (HashMap<String, usize>, HashM
 
 async fn policy_scenario(kill_after_delete: bool) {
     let nats = Nats::start();
-    let mut server = Server::start(Kind::Command, &nats, &[]).await;
+    let mut server = Server::start(ServerKind::Command, &nats, &[]).await;
     let mut c = server.commands().await;
     c.register_customer(req::register("doomed", "doomed@example.com"))
         .await

@@ -4,13 +4,13 @@
 use std::time::Duration;
 
 use shop_tests::{
-    bad_fields, code, error_metadata, log_position, pb, reason, req, Kind, Nats, Server,
+    bad_fields, code, error_metadata, log_position, pb, reason, req, Nats, Server, ServerKind,
 };
 use tonic::Code;
 
 async fn start() -> (Nats, Server) {
     let nats = Nats::start();
-    let server = Server::start(Kind::Command, &nats, &[]).await;
+    let server = Server::start(ServerKind::Command, &nats, &[]).await;
     (nats, server)
 }
 
@@ -712,7 +712,7 @@ async fn malformed_and_oversized_input_is_refused_and_writes_nothing() {
 async fn a_full_queue_answers_resource_exhausted_and_loses_nothing() {
     let nats = Nats::start();
     let server = Server::start(
-        Kind::Command,
+        ServerKind::Command,
         &nats,
         &["--queue-capacity", "1", "--batch-commands-max", "1"],
     )

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
-use shop_tests::{pb, read_whole_log, req, Kind, Nats, Server};
+use shop_tests::{pb, read_whole_log, req, Nats, Server, ServerKind};
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -314,7 +314,7 @@ fn verify(events: &[pb::EventEnvelope], acked: &HashMap<String, pb::CommandResul
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_moments_loses_no_acknowledged_command() {
     let nats = Nats::start();
-    let mut server = Server::start(Kind::Command, &nats, &[]).await;
+    let mut server = Server::start(ServerKind::Command, &nats, &[]).await;
     {
         let mut c = server.commands().await;
         for i in 0..CUSTOMERS {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use prost::Message;
 use shop_tests::grpc_fuzz::{self, Target};
 use shop_tests::security::{bearer, write_tokens};
-use shop_tests::{eventually, pb, req, Kind, Nats, Server};
+use shop_tests::{eventually, pb, req, Nats, Server, ServerKind};
 use tonic_health::pb::health_check_response::ServingStatus;
 
 const ADMIN: &str = "fuzz-admin-token";
@@ -225,8 +225,8 @@ async fn fuzzed_requests_never_harm_and_refused_ones_write_nothing() {
     write_tokens(&tokens, &[("admin", ADMIN, "fuzzer")], &[]);
     let auth = ["--auth-tokens", tokens.to_str().expect("utf-8 path")];
     let nats = Nats::start();
-    let mut command = Server::start(Kind::Command, &nats, &auth).await;
-    let mut query = Server::start(Kind::Query, &nats, &auth).await;
+    let mut command = Server::start(ServerKind::Command, &nats, &auth).await;
+    let mut query = Server::start(ServerKind::Query, &nats, &auth).await;
 
     // Some state for mutated requests to find.
     let mut commands = command.commands().await;

@@ -6,7 +6,8 @@ use std::time::Duration;
 use shop_shared::pb;
 use shop_tests::observability::{metrics_addr, Scrape};
 use shop_tests::{
-    error_metadata, eventually, parked_reads, read_whole_log_with, reason, req, Kind, Nats, Server,
+    error_metadata, eventually, parked_reads, read_whole_log_with, reason, req, Nats, Server,
+    ServerKind,
 };
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
@@ -22,7 +23,7 @@ fn query_server(nats: &Nats, dir: &tempfile::TempDir, extra: &[&str]) -> Server 
     let mut args = vec!["--metrics-listen", "127.0.0.1:0"];
     args.extend_from_slice(extra);
     let mut query = Server::new(
-        Kind::Query,
+        ServerKind::Query,
         &nats.url(),
         dir.path().join("q"),
         dir.path().to_path_buf(),
@@ -169,7 +170,7 @@ async fn commands_that_waited_too_long_are_shed_and_wrote_nothing() {
     // The server-wide in-flight limit raised above the burst: the queue's admission alone
     // sheds here.
     let flags = ["--queue-wait-max-ms", "2", "--requests-max", "10000"];
-    let command = Server::start(Kind::Command, &nats, &flags).await;
+    let command = Server::start(ServerKind::Command, &nats, &flags).await;
     let mut channels = Vec::new();
     for _ in 0..6 {
         channels.push(command.channel().await);

@@ -9,7 +9,7 @@ use std::time::Duration;
 use shop_tests::observability::{
     http_get, metrics_addr, try_http_get, ReceivedSpan, Scrape, SpanReceiver,
 };
-use shop_tests::{code, eventually, log_position, parked_reads, pb, req, Kind, Nats, Server};
+use shop_tests::{code, eventually, log_position, parked_reads, pb, req, Nats, Server, ServerKind};
 use tonic::Code;
 
 const METRICS: [&str; 2] = ["--metrics-listen", "127.0.0.1:0"];
@@ -31,8 +31,8 @@ fn handled<'a>(method: &'a str, code: &'a str) -> [(&'static str, &'a str); 2] {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move_with_calls_and_agree_with_the_status_rpcs() {
     let nats = Nats::start();
-    let command = Server::start(Kind::Command, &nats, &METRICS).await;
-    let query = Server::start(Kind::Query, &nats, &METRICS).await;
+    let command = Server::start(ServerKind::Command, &nats, &METRICS).await;
+    let query = Server::start(ServerKind::Query, &nats, &METRICS).await;
     let (cm, qm) = (metrics_addr(&command).await, metrics_addr(&query).await);
 
     // Every metric SPEC section 7 names is there from the start, with its type.
@@ -259,7 +259,7 @@ async fn every_shed_request_is_counted_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     // No stream: nothing is ever applied, so requests for a position wait to their deadline.
     let mut query = Server::new(
-        Kind::Query,
+        ServerKind::Query,
         &nats.url(),
         dir.path().join("q"),
         dir.path().to_path_buf(),
@@ -444,8 +444,8 @@ async fn one_trace_from_the_command_across_nats_to_the_view_and_the_policy() {
     let receiver = SpanReceiver::start().await;
     let otlp = ["--otlp-endpoint", receiver.endpoint.as_str()];
     let nats = Nats::start();
-    let command = Server::start(Kind::Command, &nats, &otlp).await;
-    let query = Server::start(Kind::Query, &nats, &otlp).await;
+    let command = Server::start(ServerKind::Command, &nats, &otlp).await;
+    let query = Server::start(ServerKind::Query, &nats, &otlp).await;
     let mut c = command.commands().await;
 
     // The caller's trace: the server span is its child; each event's apply span is the
@@ -561,7 +561,7 @@ async fn one_trace_from_the_command_across_nats_to_the_view_and_the_policy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_log_lines_carry_the_trace_of_their_request_without_an_exporter() {
     let nats = Nats::start();
-    let command = Server::start(Kind::Command, &nats, &["--log-format", "json"]).await;
+    let command = Server::start(ServerKind::Command, &nats, &["--log-format", "json"]).await;
     let mut c = command.commands().await;
     c.register_customer(req::register("j1", "j1@example.com"))
         .await
@@ -610,8 +610,8 @@ async fn dashboard_and_alert_rules_parse_and_use_only_served_metrics() {
     promtool(&["check", "config", "monitoring/prometheus.yml"], "");
 
     let nats = Nats::start();
-    let command = Server::start(Kind::Command, &nats, &METRICS).await;
-    let query = Server::start(Kind::Query, &nats, &METRICS).await;
+    let command = Server::start(ServerKind::Command, &nats, &METRICS).await;
+    let query = Server::start(ServerKind::Query, &nats, &METRICS).await;
     let mut served = BTreeSet::new();
     for server in [&command, &query] {
         let addr = metrics_addr(server).await;
@@ -670,8 +670,8 @@ async fn a_sample_ratio_of_zero_exports_only_traces_the_caller_sampled() {
         "0",
     ];
     let nats = Nats::start();
-    let command = Server::start(Kind::Command, &nats, &args).await;
-    let _query = Server::start(Kind::Query, &nats, &args).await;
+    let command = Server::start(ServerKind::Command, &nats, &args).await;
+    let _query = Server::start(ServerKind::Query, &nats, &args).await;
     let mut c = command.commands().await;
     c.create_product(req::product("zp", 100, 10))
         .await

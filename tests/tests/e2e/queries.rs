@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
 use shop_tests::{
-    bad_fields, eventually, log_position, parked_reads, pb, read_whole_log, req, Kind, Nats,
-    Server, Stack,
+    bad_fields, eventually, log_position, parked_reads, pb, read_whole_log, req, Nats, Server,
+    ServerKind, Stack,
 };
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
@@ -943,7 +943,7 @@ async fn rebuild_and_side_by_side_servers_converge_to_identical_views() {
         random_command(&mut c, &mut rng).await;
     }
     // A second query server, started late, catches up from sequence 1.
-    let second = Server::start(Kind::Query, &stack.nats, &[]).await;
+    let second = Server::start(ServerKind::Query, &stack.nats, &[]).await;
     for _ in 0..100 {
         random_command(&mut c, &mut rng).await;
     }
@@ -1019,7 +1019,7 @@ async fn a_gap_in_the_stream_stops_the_consumer_before_it() {
 
     let dir = tempfile::tempdir().expect("tempdir");
     let mut query = Server::new(
-        Kind::Query,
+        ServerKind::Query,
         &nats.url(),
         dir.path().join("q"),
         dir.path().to_path_buf(),
@@ -1072,7 +1072,7 @@ async fn requests_beyond_the_per_connection_limit_are_shed_with_resource_exhaust
     let dir = tempfile::tempdir().expect("tempdir");
     // No stream yet: the server answers (NOT_SERVING), and nothing will ever be applied.
     let mut query = Server::new(
-        Kind::Query,
+        ServerKind::Query,
         &nats.url(),
         dir.path().join("q"),
         dir.path().to_path_buf(),

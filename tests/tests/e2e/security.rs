@@ -9,7 +9,7 @@ use std::time::Duration;
 use shop_tests::security::{
     bearer, nats_user_permissions, nats_users_config, write_tokens, JwtKeys, NatsOperator, Pki,
 };
-use shop_tests::{code, eventually, pb, reason, req, Kind, Nats, Server};
+use shop_tests::{code, eventually, pb, reason, req, Nats, Server, ServerKind};
 use tonic::transport::Channel;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -111,7 +111,7 @@ async fn tls_refuses_plaintext_and_untrusted_clients() {
     let nats = Nats::start();
     let tls_args = pki.server_args(false);
     let command = Server::start_tls(
-        Kind::Command,
+        ServerKind::Command,
         &nats,
         &args(&tls_args),
         Some(pki.client_tls(None)),
@@ -120,7 +120,7 @@ async fn tls_refuses_plaintext_and_untrusted_clients() {
     let mut query_args = tls_args.clone();
     query_args.extend(["--requests-per-connection-max".into(), "4".into()]);
     let query = Server::start_tls(
-        Kind::Query,
+        ServerKind::Query,
         &nats,
         &args(&query_args),
         Some(pki.client_tls(None)),
@@ -189,7 +189,7 @@ async fn mtls_requires_a_client_certificate_and_its_subject_is_the_actor() {
     let mut server_args = pki.server_args(true);
     server_args.extend(["--auth-tokens".into(), tokens.display().to_string()]);
     let command = Server::start_tls(
-        Kind::Command,
+        ServerKind::Command,
         &nats,
         &args(&server_args),
         Some(pki.client_tls(Some(pki.client_identity("harness")))),
@@ -259,10 +259,10 @@ async fn roles_are_enforced_on_every_service_in_both_directions() {
     let tokens = tokens_file(dir.path(), &[]);
     let auth = ["--auth-tokens".to_string(), tokens.display().to_string()];
     let nats = Nats::start();
-    let command = Server::start(Kind::Command, &nats, &args(&auth)).await;
+    let command = Server::start(ServerKind::Command, &nats, &args(&auth)).await;
     let mut query_args = auth.to_vec();
     query_args.extend(["--reflection".into(), "off".into()]);
-    let query = Server::start(Kind::Query, &nats, &args(&query_args)).await;
+    let query = Server::start(ServerKind::Query, &nats, &args(&query_args)).await;
     let commands = command.channel().await;
     let queries = query.channel().await;
 
@@ -356,8 +356,8 @@ async fn actor_of_every_event_is_in_the_history() {
     let jwt = JwtKeys::ed25519();
     let auth = tokens_and_jwt_args(dir.path(), &jwt);
     let nats = Nats::start();
-    let command = Server::start(Kind::Command, &nats, &args(&auth)).await;
-    let query = Server::start(Kind::Query, &nats, &args(&auth)).await;
+    let command = Server::start(ServerKind::Command, &nats, &args(&auth)).await;
+    let query = Server::start(ServerKind::Query, &nats, &args(&auth)).await;
     let mut commands = command.commands().await;
 
     commands
@@ -468,7 +468,7 @@ async fn bad_credentials_are_unauthenticated_and_write_nothing() {
     let jwt = JwtKeys::rsa();
     let auth = tokens_and_jwt_args(dir.path(), &jwt);
     let nats = Nats::start();
-    let mut command = Server::start(Kind::Command, &nats, &args(&auth)).await;
+    let mut command = Server::start(ServerKind::Command, &nats, &args(&auth)).await;
     let channel = command.channel().await;
 
     let valid = jwt.sign(&JwtKeys::claims("carol", &["writer"], 300));
@@ -604,7 +604,7 @@ async fn sighup_reloads_the_tokens_file_without_a_restart() {
     write_tokens(&path, &[("writer", "first", "first-svc")], &[]);
     let auth = ["--auth-tokens".to_string(), path.display().to_string()];
     let nats = Nats::start();
-    let mut command = Server::start(Kind::Command, &nats, &args(&auth)).await;
+    let mut command = Server::start(ServerKind::Command, &nats, &args(&auth)).await;
     let pid = command.pid().expect("pid");
     let channel = command.channel().await;
     register(&channel, Some("first"), "a")
@@ -663,12 +663,17 @@ async fn nats_users_and_tls_confine_the_query_server_to_reading() {
         ]
     };
     let command = Server::start(
-        Kind::Command,
+        ServerKind::Command,
         &nats,
         &args(&nats_args("command", "command-pw")),
     )
     .await;
-    let query = Server::start(Kind::Query, &nats, &args(&nats_args("query", "query-pw"))).await;
+    let query = Server::start(
+        ServerKind::Query,
+        &nats,
+        &args(&nats_args("query", "query-pw")),
+    )
+    .await;
     command
         .wait_health("shop.v1.Relay", ServingStatus::Serving, WAIT)
         .await;
@@ -721,9 +726,9 @@ async fn unusable_security_files_stop_the_server_at_start() {
     let bad_creds = dir.path().join("bad.creds");
     std::fs::write(&bad_creds, "no jwt here\n").expect("write");
     let nats = Nats::start();
-    let cases: Vec<(Kind, Vec<String>, String)> = vec![
+    let cases: Vec<(ServerKind, Vec<String>, String)> = vec![
         (
-            Kind::Command,
+            ServerKind::Command,
             vec![
                 "--tls-cert".into(),
                 missing.clone(),
@@ -733,22 +738,22 @@ async fn unusable_security_files_stop_the_server_at_start() {
             missing.clone(),
         ),
         (
-            Kind::Query,
+            ServerKind::Query,
             vec!["--auth-tokens".into(), bad_tokens.display().to_string()],
             format!("{} line 1", bad_tokens.display()),
         ),
         (
-            Kind::Command,
+            ServerKind::Command,
             vec!["--auth-jwt-key".into(), not_a_key.display().to_string()],
             not_a_key.display().to_string(),
         ),
         (
-            Kind::Command,
+            ServerKind::Command,
             vec!["--nats-creds".into(), missing.clone()],
             missing.clone(),
         ),
         (
-            Kind::Query,
+            ServerKind::Query,
             vec!["--nats-creds".into(), bad_creds.display().to_string()],
             bad_creds.display().to_string(),
         ),
@@ -886,8 +891,8 @@ async fn nats_credentials_files_authenticate_each_server_as_its_own_user() {
     let (command_creds, query_creds) = (creds("command"), creds("query"));
     let flag =
         |path: &std::path::Path| vec!["--nats-creds".to_string(), path.display().to_string()];
-    let command = Server::start(Kind::Command, &nats, &args(&flag(&command_creds))).await;
-    let query = Server::start(Kind::Query, &nats, &args(&flag(&query_creds))).await;
+    let command = Server::start(ServerKind::Command, &nats, &args(&flag(&command_creds))).await;
+    let query = Server::start(ServerKind::Query, &nats, &args(&flag(&query_creds))).await;
     command
         .wait_health("shop.v1.Relay", ServingStatus::Serving, WAIT)
         .await;

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use shop_tests::{Kind, Nats, Server, Stack};
+use shop_tests::{Nats, Server, ServerKind, Stack};
 use tonic_health::pb::health_check_response::ServingStatus;
 
 /// Service names a server lists over reflection v1 and v1alpha.
@@ -148,7 +148,7 @@ async fn servers_started_before_nats_wait_for_it_without_crashing() {
     nats.kill();
     let dir = tempfile::tempdir().expect("tempdir");
     let mut query = Server::new(
-        Kind::Query,
+        ServerKind::Query,
         &url,
         dir.path().join("q"),
         dir.path().to_path_buf(),
@@ -156,7 +156,7 @@ async fn servers_started_before_nats_wait_for_it_without_crashing() {
     );
     query.spawn_until_listening();
     let mut command = Server::new(
-        Kind::Command,
+        ServerKind::Command,
         &url,
         dir.path().join("c"),
         dir.path().to_path_buf(),

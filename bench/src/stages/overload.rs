@@ -22,7 +22,7 @@ use futures::StreamExt;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use shop_shared::pb;
-use shop_tests::{Kind, Nats, Server};
+use shop_tests::{Nats, Server, ServerKind};
 use tokio::sync::Semaphore;
 
 use crate::stats::{self, Latency};
@@ -439,8 +439,8 @@ async fn idle_watches(
 /// Runs the stage on a fresh stack.
 pub async fn run(plan: &Plan) -> anyhow::Result<Overload> {
     let nats = Nats::start();
-    let command = Server::start(Kind::Command, &nats, &[]).await;
-    let query = Server::start(Kind::Query, &nats, &[]).await;
+    let command = Server::start(ServerKind::Command, &nats, &[]).await;
+    let query = Server::start(ServerKind::Query, &nats, &[]).await;
     let catalog = Catalog {
         customers: 1000,
         skus: 200,

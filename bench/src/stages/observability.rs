@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use shop_tests::observability::{http_get, metrics_addr, SpanReceiver};
 use shop_tests::security::{write_tokens, JwtKeys, Pki};
-use shop_tests::{Kind, Nats, Server};
+use shop_tests::{Nats, Server, ServerKind};
 
 use crate::stats::RunSummary;
 use crate::system::CpuMeter;
@@ -382,7 +382,7 @@ pub async fn run(plan: &Plan, stage: Stage) -> anyhow::Result<Vec<ObservabilityP
 }
 
 async fn start(
-    kind: Kind,
+    kind: ServerKind,
     nats: &Nats,
     args: &[&str],
     dir: &Path,
@@ -439,7 +439,7 @@ async fn run_one(
             .client_tls(Some(credentials.pki.client_identity("harness")))
     });
     let command = start(
-        Kind::Command,
+        ServerKind::Command,
         &nats,
         &args,
         dir.path(),
@@ -447,7 +447,15 @@ async fn run_one(
         harness_tls.clone(),
     )
     .await;
-    let query = start(Kind::Query, &nats, &args, dir.path(), bin_dir, harness_tls).await;
+    let query = start(
+        ServerKind::Query,
+        &nats,
+        &args,
+        dir.path(),
+        bin_dir,
+        harness_tls,
+    )
+    .await;
     let target = credentials.target(config, &command);
     workload::setup(&target, plan.catalog).await?;
 
