@@ -96,6 +96,8 @@ echo_commands!(
     pay_order(pb::PayOrderRequest),
     ship_order(pb::ShipOrderRequest),
     cancel_order(pb::CancelOrderRequest),
+    create_shipment(pb::CreateShipmentRequest),
+    record_shipment_event(pb::RecordShipmentEventRequest),
 );
 
 type Never<T> = std::pin::Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send>>;
@@ -136,6 +138,12 @@ impl pb::query_service_server::QueryService for Echo {
         &self,
         _r: Request<pb::ListOrdersRequest>,
     ) -> Result<Response<pb::ListOrdersResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+    async fn get_shipment(
+        &self,
+        _r: Request<pb::GetShipmentRequest>,
+    ) -> Result<Response<pb::Shipment>, Status> {
         Err(Status::unimplemented("echo"))
     }
     async fn get_history(

@@ -157,6 +157,23 @@ command_request!(pb::CancelOrderRequest, "CancelOrder", |r| {
         reason: r.reason.clone(),
     }
 });
+command_request!(pb::CreateShipmentRequest, "CreateShipment", |r| {
+    Command::CreateShipment {
+        shipment_id: or_generated(&r.shipment_id),
+        order_id: r.order_id.clone(),
+        carrier: r.carrier.clone(),
+        tracking_code: r.tracking_code.clone(),
+    }
+});
+command_request!(pb::RecordShipmentEventRequest, "RecordShipmentEvent", |r| {
+    Command::RecordShipmentEvent {
+        shipment_id: r.shipment_id.clone(),
+        // An unknown value is refused by validation, naming `status`.
+        status: pb::ShipmentStatus::try_from(r.status).unwrap_or_default(),
+        location: r.location.clone(),
+        note: r.note.clone(),
+    }
+});
 
 impl Commands {
     /// Runs one command and counts its outcome.
@@ -249,7 +266,7 @@ fn admit<R: CommandRequest>(request: &R) -> Result<Command, Status> {
 }
 
 /// The command RPCs, in the order [`admit_encoded`] numbers them.
-pub const COMMAND_RPCS: [&str; 11] = [
+pub const COMMAND_RPCS: [&str; 13] = [
     "RegisterCustomer",
     "RenameCustomer",
     "ChangeCustomerAddress",
@@ -261,6 +278,8 @@ pub const COMMAND_RPCS: [&str; 11] = [
     "PayOrder",
     "ShipOrder",
     "CancelOrder",
+    "CreateShipment",
+    "RecordShipmentEvent",
 ];
 
 /// Decodes `body` as the request of RPC number `rpc` of [`COMMAND_RPCS`] and admits it as
@@ -284,7 +303,9 @@ pub fn admit_encoded(rpc: usize, body: &[u8]) -> Result<Command, Status> {
         7 => decoded::<pb::PlaceOrderRequest>(body),
         8 => decoded::<pb::PayOrderRequest>(body),
         9 => decoded::<pb::ShipOrderRequest>(body),
-        _ => decoded::<pb::CancelOrderRequest>(body),
+        10 => decoded::<pb::CancelOrderRequest>(body),
+        11 => decoded::<pb::CreateShipmentRequest>(body),
+        _ => decoded::<pb::RecordShipmentEventRequest>(body),
     }
 }
 
@@ -393,6 +414,27 @@ fn domain_status(error: &DomainError, message: String) -> Status {
         DomainError::ProductExists(sku) => {
             reason(AlreadyExists, "PRODUCT_EXISTS", &[("sku", sku.clone())])
         }
+        DomainError::ShipmentNotFound(id) => reason(
+            NotFound,
+            "SHIPMENT_NOT_FOUND",
+            &[("shipment_id", id.clone())],
+        ),
+        DomainError::ShipmentExists(id) => reason(
+            AlreadyExists,
+            "SHIPMENT_EXISTS",
+            &[("shipment_id", id.clone())],
+        ),
+        DomainError::OrderHasShipment {
+            order_id,
+            shipment_id,
+        } => reason(
+            AlreadyExists,
+            "ORDER_HAS_SHIPMENT",
+            &[
+                ("order_id", order_id.clone()),
+                ("shipment_id", shipment_id.clone()),
+            ],
+        ),
         DomainError::OrderExists(id) => {
             reason(AlreadyExists, "ORDER_EXISTS", &[("order_id", id.clone())])
         }
@@ -449,6 +491,10 @@ fn precondition_status(error: &DomainError, message: String) -> Status {
             ],
         ),
         DomainError::StockLimit { sku, .. } => reason("STOCK_LIMIT", &[("sku", sku.clone())]),
+        DomainError::ShipmentDelivered(id) => {
+            reason("SHIPMENT_DELIVERED", &[("shipment_id", id.clone())])
+        }
+        DomainError::TrackingLimit(id) => reason("TRACKING_LIMIT", &[("shipment_id", id.clone())]),
         other => {
             debug_assert!(false, "not a precondition: {other:?}");
             Status::internal("unexpected refusal")
@@ -531,6 +577,20 @@ impl CommandService for Commands {
     async fn cancel_order(
         &self,
         request: Request<pb::CancelOrderRequest>,
+    ) -> Result<Response<pb::CommandResult>, Status> {
+        self.execute(request).await
+    }
+
+    async fn create_shipment(
+        &self,
+        request: Request<pb::CreateShipmentRequest>,
+    ) -> Result<Response<pb::CommandResult>, Status> {
+        self.execute(request).await
+    }
+
+    async fn record_shipment_event(
+        &self,
+        request: Request<pb::RecordShipmentEventRequest>,
     ) -> Result<Response<pb::CommandResult>, Status> {
         self.execute(request).await
     }

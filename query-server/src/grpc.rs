@@ -374,6 +374,20 @@ impl QueryService for Queries {
         self.watch(&metadata, &r.customer_id, r.min_position).await
     }
 
+    async fn get_shipment(
+        &self,
+        request: Request<pb::GetShipmentRequest>,
+    ) -> Result<Response<pb::Shipment>, Status> {
+        let (metadata, _, r) = request.into_parts();
+        let get = GetRequest {
+            id: &r.shipment_id,
+            min_position: r.min_position,
+            as_of_position: r.as_of_position,
+            as_of_time: r.as_of_time.as_ref(),
+        };
+        self.get(&metadata, get).await
+    }
+
     async fn get_status(
         &self,
         _request: Request<pb::GetStatusRequest>,

@@ -20,6 +20,8 @@ pub fn event_type(kind: &Kind) -> &'static str {
         Kind::OrderPaid(_) => "OrderPaid",
         Kind::OrderShipped(_) => "OrderShipped",
         Kind::OrderCancelled(_) => "OrderCancelled",
+        Kind::ShipmentCreated(_) => "ShipmentCreated",
+        Kind::ShipmentTracked(_) => "ShipmentTracked",
     }
 }
 
@@ -40,6 +42,8 @@ pub fn stream_of(kind: &Kind) -> StreamId {
         Kind::OrderPaid(e) => StreamId::order(&e.order_id),
         Kind::OrderShipped(e) => StreamId::order(&e.order_id),
         Kind::OrderCancelled(e) => StreamId::order(&e.order_id),
+        Kind::ShipmentCreated(e) => StreamId::shipment(&e.shipment_id),
+        Kind::ShipmentTracked(e) => StreamId::shipment(&e.shipment_id),
     }
 }
 

@@ -41,21 +41,32 @@ pub fn generate_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }
 
-/// The three aggregate kinds; each has its own stream prefix and subject token.
+/// The aggregate kinds; each has its own stream prefix and subject token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum StreamKind {
     Customer,
     Product,
     Order,
+    Shipment,
 }
 
 impl StreamKind {
-    /// The prefix of the stream id and the subject token: `customer`, `product`, `order`.
+    /// Every kind.
+    pub const ALL: [StreamKind; 4] = [
+        StreamKind::Customer,
+        StreamKind::Product,
+        StreamKind::Order,
+        StreamKind::Shipment,
+    ];
+
+    /// The prefix of the stream id and the subject token: `customer`, `product`,
+    /// `order`, `shipment`.
     pub fn as_str(self) -> &'static str {
         match self {
             StreamKind::Customer => "customer",
             StreamKind::Product => "product",
             StreamKind::Order => "order",
+            StreamKind::Shipment => "shipment",
         }
     }
 }
@@ -89,15 +100,20 @@ impl StreamId {
         }
     }
 
-    /// Parses `customer-<id>`, `product-<sku>` or `order-<id>`.
+    pub fn shipment(id: impl Into<String>) -> Self {
+        StreamId {
+            kind: StreamKind::Shipment,
+            id: id.into(),
+        }
+    }
+
+    /// Parses `<kind>-<id>`: `customer-<id>`, `product-<sku>`, `order-<id>`, ...
     pub fn parse(s: &str) -> Result<Self, StreamIdError> {
         let (prefix, id) = s.split_once('-').ok_or(StreamIdError::NoPrefix)?;
-        let kind = match prefix {
-            "customer" => StreamKind::Customer,
-            "product" => StreamKind::Product,
-            "order" => StreamKind::Order,
-            _ => return Err(StreamIdError::NoPrefix),
-        };
+        let kind = StreamKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == prefix)
+            .ok_or(StreamIdError::NoPrefix)?;
         validate_id(id).map_err(StreamIdError::BadId)?;
         Ok(StreamId {
             kind,
@@ -115,7 +131,7 @@ impl fmt::Display for StreamId {
 /// Why a string is not a stream id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum StreamIdError {
-    #[error("must start with 'customer-', 'product-' or 'order-'")]
+    #[error("must start with 'customer-', 'product-', 'order-' or 'shipment-'")]
     NoPrefix,
     #[error("id part {0}")]
     BadId(IdError),

@@ -58,6 +58,29 @@ pub fn ship(order_id: &str) -> pb::ShipOrderRequest {
     }
 }
 
+pub fn shipment(shipment_id: &str, order_id: &str) -> pb::CreateShipmentRequest {
+    pb::CreateShipmentRequest {
+        shipment_id: shipment_id.into(),
+        order_id: order_id.into(),
+        carrier: "DHL".into(),
+        tracking_code: format!("JD-{order_id}"),
+        ..Default::default()
+    }
+}
+
+pub fn scan(
+    shipment_id: &str,
+    status: pb::ShipmentStatus,
+    location: &str,
+) -> pb::RecordShipmentEventRequest {
+    pb::RecordShipmentEventRequest {
+        shipment_id: shipment_id.into(),
+        status: status as i32,
+        location: location.into(),
+        ..Default::default()
+    }
+}
+
 pub fn cancel(order_id: &str, reason: &str) -> pb::CancelOrderRequest {
     pb::CancelOrderRequest {
         order_id: order_id.into(),

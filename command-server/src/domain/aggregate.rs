@@ -11,7 +11,9 @@
 use prost::Message;
 use shop_shared::ids::{StreamId, StreamKind};
 
-use super::{customer, order, product, Command, Customer, Event, Order, Product, State};
+use super::{
+    customer, order, product, shipment, Command, Customer, Event, Order, Product, Shipment, State,
+};
 use crate::log::{IndexChange, IndexName};
 
 /// Email key ([`super::email_key`]) → id of the live customer holding it: emails are
@@ -20,6 +22,8 @@ pub const EMAILS: IndexName = IndexName::new(b'E', "emails");
 /// customer_id NUL order_id → empty, for every open (PLACED or PAID) order: what the
 /// policy cancels when a customer is deleted.
 pub const OPEN_ORDERS: IndexName = IndexName::new(b'O', "open_orders");
+/// order_id → id of its shipment: an order has at most one.
+pub const SHIPMENTS_BY_ORDER: IndexName = IndexName::new(b'H', "shipments_by_order");
 
 /// The state of one aggregate, whatever its kind.
 #[derive(Debug, Clone, PartialEq)]
@@ -27,6 +31,7 @@ pub enum Aggregate {
     Customer(Customer),
     Product(Product),
     Order(Order),
+    Shipment(Shipment),
 }
 
 /// Something `decide` reads, which the pipeline loads before calling it.
@@ -45,6 +50,7 @@ impl Aggregate {
             Aggregate::Customer(c) => c.version,
             Aggregate::Product(p) => p.version,
             Aggregate::Order(o) => o.version,
+            Aggregate::Shipment(s) => s.version,
         }
     }
 
@@ -54,6 +60,7 @@ impl Aggregate {
             Aggregate::Customer(c) => c.encode_to_vec(),
             Aggregate::Product(p) => p.encode_to_vec(),
             Aggregate::Order(o) => o.encode_to_vec(),
+            Aggregate::Shipment(s) => s.encode_to_vec(),
         }
     }
 
@@ -63,6 +70,7 @@ impl Aggregate {
             StreamKind::Customer => Aggregate::Customer(Customer::decode(bytes)?),
             StreamKind::Product => Aggregate::Product(Product::decode(bytes)?),
             StreamKind::Order => Aggregate::Order(Order::decode(bytes)?),
+            StreamKind::Shipment => Aggregate::Shipment(Shipment::decode(bytes)?),
         })
     }
 
@@ -83,6 +91,9 @@ impl Aggregate {
             StreamKind::Order => {
                 Aggregate::Order(order::evolve(before.and_then(Self::order), event))
             }
+            StreamKind::Shipment => {
+                Aggregate::Shipment(shipment::evolve(before.and_then(Self::shipment), event))
+            }
         }
     }
 
@@ -100,6 +111,10 @@ impl Aggregate {
             Aggregate::Order(after) => {
                 let before = before.and_then(Self::as_order);
                 order::index_changes(&stream.id, before, after)
+            }
+            Aggregate::Shipment(after) => {
+                let before = before.and_then(Self::as_shipment);
+                shipment::index_changes(&stream.id, before, after)
             }
             Aggregate::Product(_) => Vec::new(),
         }
@@ -122,6 +137,20 @@ impl Aggregate {
     fn order(self) -> Option<Order> {
         match self {
             Aggregate::Order(o) => Some(o),
+            _ => None,
+        }
+    }
+
+    fn shipment(self) -> Option<Shipment> {
+        match self {
+            Aggregate::Shipment(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub(super) fn as_shipment(&self) -> Option<&Shipment> {
+        match self {
+            Aggregate::Shipment(s) => Some(s),
             _ => None,
         }
     }
@@ -162,8 +191,17 @@ impl Command {
             .into_iter()
             .map(ReadKey::Stream)
             .collect();
-        if let Command::RegisterCustomer { email, .. } = self {
-            keys.push(ReadKey::Index(EMAILS, super::email_key(email).into_bytes()));
+        match self {
+            Command::RegisterCustomer { email, .. } => {
+                keys.push(ReadKey::Index(EMAILS, super::email_key(email).into_bytes()));
+            }
+            Command::CreateShipment { order_id, .. } => {
+                keys.push(ReadKey::Index(
+                    SHIPMENTS_BY_ORDER,
+                    order_id.as_bytes().to_vec(),
+                ));
+            }
+            _ => {}
         }
         let own = self.stream();
         if let Some(o) = state.aggregate(&own).and_then(Aggregate::as_order) {

@@ -15,6 +15,7 @@ mod aggregate;
 pub mod customer;
 pub mod order;
 pub mod product;
+pub mod shipment;
 
 #[cfg(test)]
 mod model_tests;
@@ -25,10 +26,11 @@ use shop_shared::pb;
 
 use crate::log::IndexName;
 
-pub use aggregate::{Aggregate, ReadKey, EMAILS, OPEN_ORDERS, READ_ROUNDS_MAX};
+pub use aggregate::{Aggregate, ReadKey, EMAILS, OPEN_ORDERS, READ_ROUNDS_MAX, SHIPMENTS_BY_ORDER};
 pub use customer::Customer;
 pub use order::Order;
 pub use product::Product;
+pub use shipment::Shipment;
 
 /// A domain event: one of the payloads of `shop.v1.Event`.
 pub type Event = pb::event::Kind;
@@ -107,6 +109,18 @@ pub enum Command {
         order_id: String,
         reason: String,
     },
+    CreateShipment {
+        shipment_id: String,
+        order_id: String,
+        carrier: String,
+        tracking_code: String,
+    },
+    RecordShipmentEvent {
+        shipment_id: String,
+        status: pb::ShipmentStatus,
+        location: String,
+        note: String,
+    },
 }
 
 /// One requested order line.
@@ -137,6 +151,11 @@ pub trait State {
     fn order(&self, order_id: &str) -> Option<&Order> {
         self.aggregate(&StreamId::order(order_id))
             .and_then(Aggregate::as_order)
+    }
+
+    fn shipment(&self, shipment_id: &str) -> Option<&Shipment> {
+        self.aggregate(&StreamId::shipment(shipment_id))
+            .and_then(Aggregate::as_shipment)
     }
 
     /// The live (not deleted) customer holding this email, by [`email_key`].
@@ -196,6 +215,24 @@ pub enum DomainError {
         "payment of {amount_cents} cents does not match the order total of {total_cents} cents"
     )]
     AmountMismatch { amount_cents: i64, total_cents: i64 },
+    /// NOT_FOUND.
+    #[error("shipment {0:?} does not exist")]
+    ShipmentNotFound(String),
+    /// ALREADY_EXISTS.
+    #[error("shipment {0:?} already exists")]
+    ShipmentExists(String),
+    /// ALREADY_EXISTS, reason ORDER_HAS_SHIPMENT.
+    #[error("order {order_id:?} already has shipment {shipment_id:?}")]
+    OrderHasShipment {
+        order_id: String,
+        shipment_id: String,
+    },
+    /// FAILED_PRECONDITION, reason SHIPMENT_DELIVERED.
+    #[error("shipment {0:?} is delivered; it takes no further event")]
+    ShipmentDelivered(String),
+    /// FAILED_PRECONDITION, reason TRACKING_LIMIT.
+    #[error("shipment {0:?} has {max} events, the most one shipment keeps", max = shipment::TRACKING_EVENTS_MAX)]
+    TrackingLimit(String),
     /// FAILED_PRECONDITION, reason STOCK_LIMIT.
     #[error("restocking {sku:?} by {quantity} would exceed the stock limit of {ON_HAND_MAX}")]
     StockLimit { sku: String, quantity: i64 },
@@ -217,6 +254,8 @@ impl Command {
             | Command::PayOrder { order_id, .. }
             | Command::ShipOrder { order_id, .. }
             | Command::CancelOrder { order_id, .. } => StreamId::order(order_id),
+            Command::CreateShipment { shipment_id, .. }
+            | Command::RecordShipmentEvent { shipment_id, .. } => StreamId::shipment(shipment_id),
         }
     }
 
@@ -231,6 +270,9 @@ impl Command {
         {
             streams.push(StreamId::customer(customer_id));
             streams.extend(lines.iter().map(|l| StreamId::product(&l.sku)));
+        }
+        if let Command::CreateShipment { order_id, .. } = self {
+            streams.push(StreamId::order(order_id));
         }
         streams
     }
@@ -249,6 +291,8 @@ impl Command {
             Command::PayOrder { .. } => "PayOrder",
             Command::ShipOrder { .. } => "ShipOrder",
             Command::CancelOrder { .. } => "CancelOrder",
+            Command::CreateShipment { .. } => "CreateShipment",
+            Command::RecordShipmentEvent { .. } => "RecordShipmentEvent",
         }
     }
 
@@ -358,6 +402,33 @@ impl Command {
                 v.id("order_id", order_id);
                 v.text("reason", reason);
             }
+            Command::CreateShipment {
+                shipment_id,
+                order_id,
+                carrier,
+                tracking_code,
+            } => {
+                v.id("shipment_id", shipment_id);
+                v.id("order_id", order_id);
+                v.name("carrier", carrier);
+                v.name("tracking_code", tracking_code);
+            }
+            Command::RecordShipmentEvent {
+                shipment_id,
+                status,
+                location,
+                note,
+            } => {
+                v.id("shipment_id", shipment_id);
+                if !shipment::SCANNED.contains(status) {
+                    v.add(
+                        "status",
+                        "must be IN_TRANSIT, OUT_FOR_DELIVERY, DELIVERED or EXCEPTION",
+                    );
+                }
+                v.text("location", location);
+                v.text("note", note);
+            }
         }
         v.into_result()
     }
@@ -382,6 +453,9 @@ pub fn decide(command: &Command, state: &impl State) -> Result<Vec<Event>, Domai
         | Command::PayOrder { .. }
         | Command::ShipOrder { .. }
         | Command::CancelOrder { .. } => order::decide(command, state),
+        Command::CreateShipment { .. } | Command::RecordShipmentEvent { .. } => {
+            shipment::decide(command, state)
+        }
     }
 }
 
@@ -555,6 +629,13 @@ pub mod testing {
             self.aggregates
                 .iter()
                 .filter_map(|(s, a)| Some((s.id.as_str(), a.as_product()?)))
+                .collect()
+        }
+
+        pub fn shipments(&self) -> BTreeMap<&str, &Shipment> {
+            self.aggregates
+                .iter()
+                .filter_map(|(s, a)| Some((s.id.as_str(), a.as_shipment()?)))
                 .collect()
         }
 

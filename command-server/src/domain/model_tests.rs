@@ -4,10 +4,12 @@
 use std::collections::{HashMap, HashSet};
 
 use proptest::prelude::*;
-use shop_shared::pb::OrderStatus;
+use shop_shared::pb::{OrderStatus, ShipmentStatus};
 
 use super::testing::Memory;
-use super::{email_key, order, Command, LineRequest, EMAILS, OPEN_ORDERS};
+use super::{
+    email_key, order, shipment, Command, LineRequest, EMAILS, OPEN_ORDERS, SHIPMENTS_BY_ORDER,
+};
 
 /// Small id universes so that commands collide on the same aggregates often.
 fn customer_id() -> impl Strategy<Value = String> {
@@ -20,6 +22,10 @@ fn sku() -> impl Strategy<Value = String> {
 
 fn order_id() -> impl Strategy<Value = String> {
     (0..6u8).prop_map(|i| format!("o{i}"))
+}
+
+fn shipment_id() -> impl Strategy<Value = String> {
+    (0..4u8).prop_map(|i| format!("s{i}"))
 }
 
 fn email() -> impl Strategy<Value = String> {
@@ -89,6 +95,20 @@ fn command() -> impl Strategy<Value = Command> {
             order_id,
             reason: "x".into()
         }),
+        (shipment_id(), order_id()).prop_map(|(shipment_id, order_id)| Command::CreateShipment {
+            shipment_id,
+            order_id,
+            carrier: "C".into(),
+            tracking_code: "T".into(),
+        }),
+        (shipment_id(), 0..shipment::SCANNED.len()).prop_map(|(shipment_id, i)| {
+            Command::RecordShipmentEvent {
+                shipment_id,
+                status: shipment::SCANNED[i],
+                location: String::new(),
+                note: String::new(),
+            }
+        }),
     ]
 }
 
@@ -124,6 +144,12 @@ proptest! {
             }
             let before: HashMap<String, OrderStatus> =
                 m.orders().iter().map(|(k, o)| (k.to_string(), o.status())).collect();
+            let delivered_before: HashMap<String, u64> = m
+                .shipments()
+                .iter()
+                .filter(|(_, s)| s.status() == ShipmentStatus::Delivered)
+                .map(|(k, s)| (k.to_string(), s.version))
+                .collect();
             let snapshot = m.clone();
             let result = m.when(cmd);
             if result.is_err() {
@@ -131,6 +157,7 @@ proptest! {
                 prop_assert_eq!(&m.products(), &snapshot.products());
                 prop_assert_eq!(&m.orders(), &snapshot.orders());
                 prop_assert_eq!(&m.customers(), &snapshot.customers());
+                prop_assert_eq!(&m.shipments(), &snapshot.shipments());
                 prop_assert_eq!(&m.indexes, &snapshot.indexes);
             }
 
@@ -168,6 +195,14 @@ proptest! {
                 let mut key = order::open_orders_prefix(&o.customer_id);
                 key.extend_from_slice(id.as_bytes());
                 expected.insert((OPEN_ORDERS, key, Vec::new()));
+            }
+            for (id, s) in m.shipments().iter() {
+                expected.insert((SHIPMENTS_BY_ORDER, s.order_id.as_bytes().to_vec(), id.as_bytes().to_vec()));
+                // Shipments exist only for shipped orders, and a delivered one never moves.
+                prop_assert_eq!(m.orders().get(s.order_id.as_str()).map(|o| o.status()), Some(OrderStatus::Shipped));
+                if let Some(version) = delivered_before.get(*id) {
+                    prop_assert_eq!(s.version, *version);
+                }
             }
             let actual: HashSet<_> = m.indexes.iter().map(|((i, k), v)| (*i, k.clone(), v.clone())).collect();
             prop_assert_eq!(actual, expected);

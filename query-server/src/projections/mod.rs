@@ -8,6 +8,7 @@
 pub mod customers;
 pub mod orders;
 pub mod products;
+pub mod shipments;
 mod view;
 
 use shop_shared::pb;
@@ -60,6 +61,12 @@ pub fn apply<S: Views>(views: &mut S, envelope: &pb::EventEnvelope) -> Vec<Chang
             }
             views.put(after);
             changed
+        }
+        Kind::ShipmentCreated(_) | Kind::ShipmentTracked(_) => {
+            let id = shipments::id_of(kind);
+            let before = views.get::<pb::Shipment>(id);
+            views.put(shipments::apply(before, envelope, kind));
+            vec![Changed::of::<pb::Shipment>(id)]
         }
     }
 }

@@ -101,6 +101,14 @@ fn command_targets() -> Vec<Target> {
             "/shop.v1.CommandService/CancelOrder",
             vec![req::cancel("o2", "changed my mind").encode_to_vec()],
         ),
+        target(
+            "/shop.v1.CommandService/CreateShipment",
+            vec![req::shipment("fs", "o1").encode_to_vec()],
+        ),
+        target(
+            "/shop.v1.CommandService/RecordShipmentEvent",
+            vec![req::scan("fs", pb::ShipmentStatus::InTransit, "Leipzig").encode_to_vec()],
+        ),
         target("/shop.v1.LogService/GetLogStatus", vec![Vec::new()]),
         target(
             "/shop.v1.LogService/ReadLog",
@@ -187,6 +195,14 @@ fn query_targets() -> Vec<Target> {
             .encode_to_vec()],
         ),
         target("/shop.v1.QueryService/GetStatus", vec![Vec::new()]),
+        target(
+            "/shop.v1.QueryService/GetShipment",
+            vec![pb::GetShipmentRequest {
+                shipment_id: c("fs"),
+                ..Default::default()
+            }
+            .encode_to_vec()],
+        ),
         target("/grpc.health.v1.Health/Check", vec![Vec::new()]),
     ];
     for (path, seed) in [

@@ -11,4 +11,5 @@ mod observability;
 pub mod queries;
 mod query_crash;
 mod security;
+mod shipments;
 mod skeleton;

@@ -15,6 +15,7 @@ pub struct Views {
     pub customers: BTreeMap<String, pb::Customer>,
     pub products: BTreeMap<String, pb::Product>,
     pub orders: BTreeMap<String, pb::Order>,
+    pub shipments: BTreeMap<String, pb::Shipment>,
 }
 
 impl Views {
@@ -147,6 +148,38 @@ impl Views {
                         }
                     });
                 }
+            }
+            Kind::ShipmentCreated(x) => {
+                let shipment = pb::Shipment {
+                    shipment_id: x.shipment_id.clone(),
+                    order_id: x.order_id.clone(),
+                    carrier: x.carrier.clone(),
+                    tracking_code: x.tracking_code.clone(),
+                    status: pb::ShipmentStatus::Created as i32,
+                    created_at: at,
+                    version: e.stream_version,
+                    position: e.position,
+                    ..Default::default()
+                };
+                self.shipments.insert(x.shipment_id.clone(), shipment);
+            }
+            Kind::ShipmentTracked(x) => {
+                let s = self
+                    .shipments
+                    .get_mut(&x.shipment_id)
+                    .expect("event on an unknown shipment");
+                s.status = x.status;
+                if x.status == pb::ShipmentStatus::Delivered as i32 {
+                    s.delivered_at = at;
+                }
+                s.tracking.push(pb::TrackingEntry {
+                    status: x.status,
+                    location: x.location.clone(),
+                    note: x.note.clone(),
+                    at,
+                });
+                s.version = e.stream_version;
+                s.position = e.position;
             }
         }
     }
@@ -325,4 +358,27 @@ pub fn assert_views_equal(actual: &Views, expected: &Views, context: &str) {
     for (id, o) in &orders {
         assert_eq!(actual.orders.get(id), Some(o), "{context}: order {id}");
     }
+    assert_eq!(actual.shipments, expected.shipments, "{context}: shipments");
+}
+
+/// The query server's shipments with these ids (there is no list of shipments).
+pub async fn fetch_shipments(
+    q: &mut QueryServiceClient<Channel>,
+    ids: impl IntoIterator<Item = &String>,
+    min_position: u64,
+) -> BTreeMap<String, pb::Shipment> {
+    let mut out = BTreeMap::new();
+    for id in ids {
+        let shipment = q
+            .get_shipment(pb::GetShipmentRequest {
+                shipment_id: id.clone(),
+                min_position,
+                ..Default::default()
+            })
+            .await
+            .expect("get shipment")
+            .into_inner();
+        out.insert(id.clone(), shipment);
+    }
+    out
 }
