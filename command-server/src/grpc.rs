@@ -341,7 +341,7 @@ fn correlation_id(metadata: &tonic::metadata::MetadataMap) -> Option<String> {
         .map(str::to_string)
 }
 
-/// The one place that decides which gRPC status a refusal becomes (SPEC §4). The
+/// The one place that decides which gRPC status a refusal becomes (the codes: README, The API). The
 /// ErrorInfo reason and metadata carry what a program needs; the message is for people.
 pub fn status_of(error: &WriteError) -> Status {
     use Code::*;

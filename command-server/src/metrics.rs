@@ -1,4 +1,4 @@
-//! The command server's own Prometheus metrics (SPEC section 7). Positions and the relay
+//! The command server's own Prometheus metrics (README: Observability). Positions and the relay
 //! lag are read at scrape time through [`positions`], the function `GetLogStatus` reads
 //! them with, so the two never disagree; the group-commit histograms are fed by the
 //! flusher ([`crate::writer::SyncStats`]); commands are counted by outcome in the gRPC

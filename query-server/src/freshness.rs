@@ -1,4 +1,4 @@
-//! Freshness on every answer (SPEC section 7): each `QueryService` response, refusals and
+//! Freshness on every answer (README: Observability): each `QueryService` response, refusals and
 //! streams included, carries `shop-applied-position` (the position the views reflect) and
 //! `shop-lag-events` (the stream's end, as last seen, minus that), so a client sees how
 //! fresh an answer is without a second call. Read after the handler has read, the

@@ -1,4 +1,4 @@
-//! The query server's own Prometheus metrics (SPEC section 7), read at scrape time from
+//! The query server's own Prometheus metrics (README: Observability), read at scrape time from
 //! the state `GetStatus` reads ([`ConsumerStatus::freshness`], the watcher registry), so a
 //! scrape and `GetStatus` never disagree.
 

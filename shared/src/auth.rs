@@ -1,4 +1,4 @@
-//! Authentication and roles (SPEC section 6), one tower layer both servers put in front
+//! Authentication and roles (README: Running securely), one tower layer both servers put in front
 //! of every service. Who may call what is decided by the RPC path alone ([`access_of`]);
 //! who the caller is comes from, in this order: an `authorization: Bearer` token (a JWT
 //! when `--auth-jwt-key` is set and the token has JWT shape, else a static token from
@@ -31,7 +31,7 @@ const JWT_LEEWAY_S: u64 = 5;
 /// for one signature check, not one per request; the cache is emptied when full.
 const JWT_CACHE_ENTRIES_MAX: usize = 4096;
 
-/// A role of SPEC section 6.
+/// A role: what a principal may call (README: Running securely).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     /// May call `CommandService`.

@@ -55,7 +55,7 @@ pub struct NatsArgs {
     pub nats_tls_ca: Option<PathBuf>,
 }
 
-/// TLS, authentication and reflection of the gRPC server (SPEC section 6). Everything off
+/// TLS, authentication and reflection of the gRPC server (README: Running securely). Everything off
 /// by default: plaintext, no credentials asked.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct SecurityArgs {
@@ -110,7 +110,7 @@ pub struct LogArgs {
     pub log_filter: String,
 }
 
-/// Metrics and traces (SPEC section 7); both off by default.
+/// Metrics and traces (README: Observability); both off by default.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct TelemetryArgs {
     /// Serve Prometheus metrics (text format) at http://ADDR/metrics; off when unset.

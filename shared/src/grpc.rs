@@ -247,7 +247,7 @@ pub fn storage_unavailable(what: &str) -> Status {
 }
 
 /// Tower layer that corrects the codes tonic gives to requests it cannot decode, so that
-/// bad input is the client's error, as SPEC §2.8 promises:
+/// bad input is the client's error, as the "bad input never harms" guarantee promises (README: Guarantees):
 /// - a message over the size limit (tonic: `OUT_OF_RANGE`) becomes `RESOURCE_EXHAUSTED`;
 /// - a message that is not valid protobuf, or has a string that is not UTF-8 (tonic:
 ///   `INTERNAL`, "failed to decode Protobuf message: <Message>.<field>: ...") becomes

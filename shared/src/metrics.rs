@@ -1,4 +1,4 @@
-//! Prometheus metrics both servers serve at `--metrics-listen` (SPEC section 7).
+//! Prometheus metrics both servers serve at `--metrics-listen` (README: Observability).
 //!
 //! - [`GrpcMetricsLayer`]: `grpc_server_started_total`, `grpc_server_handled_total` and the
 //!   `grpc_server_handling_seconds` histogram, named and labelled as the widely used gRPC

@@ -1,4 +1,4 @@
-//! The security of a gRPC server, loaded once at start-up (SPEC section 6): TLS and mTLS
+//! The security of a gRPC server, loaded once at start-up (README: Running securely): TLS and mTLS
 //! (rustls through tonic's `tls-ring` feature), the authentication layer, whether
 //! reflection is served. Every file is read here, so a bad one stops the server before it
 //! serves anything rather than failing every handshake or request.

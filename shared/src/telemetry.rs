@@ -1,4 +1,4 @@
-//! Logs and traces shared by both binaries (SPEC section 7).
+//! Logs and traces shared by both binaries (README: Observability).
 //!
 //! - Logs: `tracing` lines on stderr, text or JSON. Inside a request, a line carries the
 //!   request span's `trace_id` and `span_id` (JSON: under `span`).

@@ -1,4 +1,4 @@
-//! A black-box fuzzer over gRPC (SPEC section 9): random and mutated protobuf bytes sent to
+//! A black-box fuzzer over gRPC (RELIABILITY.md): random and mutated protobuf bytes sent to
 //! every RPC of a server, with valid, mutated or missing bearer tokens, through a
 //! pass-through codec (the bytes reach the server as they are). What it checks is left to
 //! the caller: the server stays up, and nothing is written by a refused request (every

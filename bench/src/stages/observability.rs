@@ -11,7 +11,7 @@
 //! - `metrics+traces 100%`: every trace exported;
 //! - `baseline` (with `--baseline-bin-dir`): older server binaries, for a before/after.
 //!
-//! Stage `security` runs the same way over what SPEC section 6 adds to each request:
+//! Stage `security` runs the same way over what security (README: Running securely) adds to each request:
 //! `plaintext` (the default), `tls`, `tls+tokens` (a bearer token from the tokens file),
 //! `mtls+tokens` (and a client certificate), `tls+jwt` (an EdDSA JWT verified per request).
 

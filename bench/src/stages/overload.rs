@@ -1,4 +1,4 @@
-//! Stage `overload` (SPEC §9): commands offered far beyond capacity, open loop.
+//! Stage `overload` (RELIABILITY.md: Overload): commands offered far beyond capacity, open loop.
 //!
 //! On a fresh stack, the capacity for PlaceOrder (two lines) is measured first with
 //! closed-loop clients. Then PlaceOrder is offered at `multiple` × that rate on a fixed

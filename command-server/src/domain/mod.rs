@@ -55,7 +55,7 @@ pub const INITIAL_STOCK_MAX: i64 = 1_000_000_000;
 /// Largest stock a product may reach through restocks.
 pub const ON_HAND_MAX: i64 = 1_000_000_000_000;
 
-/// The commands of SPEC §3, with ids already filled in (the adapter generates missing
+/// The commands of the shop (`proto/shop/v1/commands.proto`), with ids already filled in (the adapter generates missing
 /// ones).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {

@@ -1,5 +1,7 @@
 //! Properties of the domain over arbitrary command sequences: whatever clients send, and
-//! whether `decide` accepts or refuses it, the invariants of SPEC §3 hold.
+//! whether `decide` accepts or refuses it, the domain's invariants
+//! hold: stock never below zero and reserved = what open orders hold, status moves only
+//! along its edges, an email held by one live customer, indexes equal to the states.
 
 use std::collections::{HashMap, HashSet};
 

@@ -1,4 +1,4 @@
-//! The bus (SPEC §2.3, §3 Policy): the stream mirrors the log (sequence N == position N,
+//! The bus (README, Guarantees: the bus mirrors the log; the policy): the stream mirrors the log (sequence N == position N,
 //! same bytes), through NATS outages, command-server crashes while publishing, and a
 //! stream deleted or purged behind the relay's back; a conflicting stream is refused; and
 //! deleting a customer cancels their open orders exactly once.

@@ -1,4 +1,5 @@
-//! Crash test of the command side (SPEC §2.1, §2.2, §2.6): several clients send commands
+//! Crash test of the command side (README, Guarantees: acknowledged = durable, one total
+//! order, idempotent commands): several clients send commands
 //! while the command server is `kill -9`ed at random moments. After each restart, every
 //! acknowledged command is in the log with all its events, positions and stream versions
 //! are gapless, no command is half-applied, stock invariants hold, and commands retried

@@ -1,6 +1,6 @@
 //! A reference model of the query views, written independently of the query server's
 //! projections: it folds the command server's log (the accepted events) into the views
-//! SPEC §4 describes, and fetches everything the query server holds for comparison.
+//! `proto/shop/v1/queries.proto` describes, and fetches everything the query server holds for comparison.
 
 use std::collections::BTreeMap;
 

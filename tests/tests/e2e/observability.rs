@@ -1,4 +1,4 @@
-//! Observability (SPEC section 7), black-box: Prometheus metrics scraped from both
+//! Observability (README: Observability), black-box: Prometheus metrics scraped from both
 //! servers move with the calls and agree with the status RPCs; freshness metadata on
 //! every query answer; one trace from a command's server span across NATS to the query
 //! server's apply span, received by a real OTLP/gRPC receiver.
@@ -35,7 +35,7 @@ async fn metrics_move_with_calls_and_agree_with_the_status_rpcs() {
     let query = Server::start(ServerKind::Query, &nats, &METRICS).await;
     let (cm, qm) = (metrics_addr(&command).await, metrics_addr(&query).await);
 
-    // Every metric SPEC section 7 names is there from the start, with its type.
+    // Every metric README lists is there from the start, with its type.
     let first = Scrape::from(cm).await;
     for (name, kind) in [
         ("grpc_server_handled_total", "counter"),

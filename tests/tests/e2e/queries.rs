@@ -1,4 +1,4 @@
-//! The query side (SPEC §2.4, §2.5, §4): views equal a reference fold of the accepted
+//! The query side (README, Guarantees: exactly-once on views, read your writes; the API): views equal a reference fold of the accepted
 //! events (model check), read-your-writes, as-of reads, history, watches, pagination,
 //! rebuild and side-by-side convergence, gap detection, argument validation.
 

@@ -1,4 +1,4 @@
-//! Crash test of the query side (SPEC §2.4): the query server is `kill -9`ed at random
+//! Crash test of the query side (exactly-once effect on views: README, Guarantees): the query server is `kill -9`ed at random
 //! moments while events flow. Right after each restart (cut off from NATS, so it cannot
 //! move on) its views equal the fold of events 1..checkpoint; once caught up they equal
 //! the fold of the whole log. Counters such as order_count are never double-counted.

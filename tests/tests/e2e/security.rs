@@ -1,4 +1,4 @@
-//! Security (SPEC section 6), black-box with real TLS: plaintext and untrusted clients
+//! Security (README: Running securely), black-box with real TLS: plaintext and untrusted clients
 //! refused, mTLS handshakes, every role boundary of both servers in both directions, the
 //! `actor` of every event (token name, JWT subject, certificate subject, policy), bad
 //! credentials that write nothing, the tokens file reloaded on SIGHUP, NATS users with
