@@ -257,7 +257,7 @@ impl Policy {
             order_id: order_id.to_string(),
             reason: CANCEL_REASON.to_string(),
         };
-        let mut attempt = 0usize;
+        let mut backoff = Backoff::new("policy cancel", RETRY_DELAY_MAX);
         loop {
             match self.writer.submit(command.clone(), meta.clone()).await {
                 Ok(accepted) => {
@@ -270,13 +270,7 @@ impl Policy {
                     // Shipped or cancelled since the list was read: nothing to do.
                     return true;
                 }
-                Err(e) if e.is_overload() => {
-                    attempt += 1;
-                    tokio::time::sleep(
-                        shop_shared::nats::reconnect_delay(attempt + 1).min(RETRY_DELAY_MAX),
-                    )
-                    .await;
-                }
+                Err(e) if e.is_overload() => tokio::time::sleep(backoff.failed(&e)).await,
                 Err(WriteError::ShuttingDown | WriteError::Storage(_)) => return false,
                 Err(other) => {
                     tracing::error!(error = %other, order_id, "policy could not cancel the order");
