@@ -6,8 +6,9 @@
 //! - Every Get/List first waits until the consumer has applied `min_position` (a watch
 //!   channel, no polling), bounded by the request deadline (5 s without one); otherwise
 //!   UNAVAILABLE saying how far behind the server is.
-//! - Every store read runs on the blocking pool, never on an async worker: a sled read
-//!   can wait for sled's global lock while the consumer applies a batch.
+//! - Lists, as-of folds, history and watches read on the blocking pool (a scan can wait
+//!   for sled's global lock while the consumer applies a batch); a point Get reads where
+//!   it is asked (see [`Queries::get`] for why).
 //! - Every response carries `shop-applied-position` and `shop-lag-events` metadata, added
 //!   by [`crate::freshness::FreshnessLayer`] once the handler has read.
 //! - Errors are [`QueryError`]s; `error.rs` decides their statuses.
@@ -113,13 +114,18 @@ impl Queries {
             _ => r.min_position,
         };
         self.wait_applied(metadata, wanted).await?;
-        let id = r.id.to_string();
-        let found = self
-            .blocking(move |s| match cut {
-                None => s.joined::<V>(&id),
-                Some(cut) => read_as_of::<V>(s, &id, cut),
-            })
-            .await?;
+        let found = match cut {
+            // A point read is one or two sled gets (a few µs), run where it is asked:
+            // handing it to the blocking pool cost more than the read itself (GetOrder at
+            // 64 clients: 14–20k/s instead of 22–35k/s, docs/benchmarks/architecture.md).
+            // The price: while the consumer applies a batch, sled's lock can hold this
+            // worker for as long (issue: reads that never wait behind writes).
+            None => self.store.joined::<V>(r.id).map_err(QueryError::from)?,
+            Some(cut) => {
+                let id = r.id.to_string();
+                self.blocking(move |s| read_as_of::<V>(s, &id, cut)).await?
+            }
+        };
         found
             .map(Response::new)
             .ok_or_else(|| QueryError::not_found::<V>(r.id, cut).into())
