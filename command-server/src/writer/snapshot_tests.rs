@@ -180,3 +180,80 @@ fn a_snapshot_is_written_in_slices_and_marks_derived_with_the_last() {
     assert_eq!(sequencer.log.derived_position().expect("derived"), 600);
     assert!(sequencer.log.command("c0").expect("read").is_some());
 }
+
+/// A submission whose request hash is that of `payload` (what a client sent).
+fn sent(command: Command, command_id: &str, payload: &[u8]) -> Submission {
+    let mut s = submission(command, command_id);
+    s.meta.request_hash = CommandMeta::hash_request("RestockProduct", payload);
+    s
+}
+
+/// Decides `submissions` as one batch and applies it; the replies.
+fn run_sent(
+    sequencer: &mut Sequencer,
+    submissions: Vec<Submission>,
+) -> Vec<Result<Accepted, WriteError>> {
+    let mut submissions = submissions;
+    let (replies, batch, _) = sequencer.decide_batch(&mut submissions).expect("decide");
+    sequencer.log.apply(batch).expect("apply");
+    sequencer.log.sync().expect("sync");
+    replies.into_iter().map(|(_, outcome)| outcome).collect()
+}
+
+/// A command id reused for another request is refused, and the same request is answered
+/// with the original result, wherever the idempotency record is: pending, in a snapshot
+/// being written, stored, and after a restart. Neither appends anything.
+#[test]
+fn a_reused_command_id_is_refused_and_a_retry_replayed_wherever_the_record_is() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let open = || Arc::new(crate::log::open_in_test(dir.path()));
+    let create = Command::CreateProduct {
+        sku: "p".into(),
+        name: "P".into(),
+        price_cents: 1,
+        initial_stock: 10,
+    };
+    let check = |sequencer: &mut Sequencer, place: &str| {
+        let replies = run_sent(
+            sequencer,
+            vec![
+                sent(restock("p", 5), "r", b"five"),
+                sent(restock("p", 1), "r", b"one"),
+            ],
+        );
+        assert!(
+            matches!(&replies[0], Err(WriteError::CommandIdReused(id)) if id == "r"),
+            "{place}: {:?}",
+            replies[0]
+        );
+        assert!(
+            matches!(&replies[1], Ok(a) if a.replayed && a.result.version == 2 && a.result.position == 2),
+            "{place}: {:?}",
+            replies[1]
+        );
+        sequencer.cache.load(&StreamId::product("p")).expect("load");
+        assert_eq!(
+            sequencer.cache.product("p").map(|p| (p.version, p.on_hand)),
+            Some((2, 11)),
+            "{place}: nothing appended"
+        );
+        assert_eq!(sequencer.log.last_position().expect("last"), 2, "{place}");
+        assert_eq!(sequencer.next_position, 3, "{place}");
+    };
+    let mut sequencer = sequencer(open());
+    assert!(run(&mut sequencer, vec![(create, "create")])[0].is_ok());
+    assert!(run_sent(&mut sequencer, vec![sent(restock("p", 1), "r", b"one")])[0].is_ok());
+    check(&mut sequencer, "pending");
+    sequencer.start_snapshot();
+    check(&mut sequencer, "in the snapshot being written");
+    let mut batch = WriteBatch::default();
+    sequencer.write_snapshot(&mut batch, true);
+    sequencer.log.apply(batch).expect("apply");
+    sequencer.log.sync().expect("sync");
+    assert!(!sequencer.snapshot_in_progress());
+    assert!(sequencer.log.command("r").expect("read").is_some());
+    check(&mut sequencer, "stored");
+    drop(sequencer);
+    let mut sequencer = self::sequencer(open());
+    check(&mut sequencer, "after a restart");
+}
