@@ -391,3 +391,96 @@ async fn deleting_a_customer_cancels_exactly_their_open_orders() {
 async fn the_policy_completes_when_the_server_dies_right_after_the_delete() {
     policy_scenario(true).await;
 }
+
+/// Another writer appends to the stream behind the relay's back (a second relay on the
+/// same stream, or an operator's publish). The relay's next publish expects the stream
+/// to end at the position before it (`Nats-Expected-Last-Sequence`), so the stream
+/// refuses it: the log's event never lands at another sequence, and the relay stops with
+/// the conflict instead of publishing around it. Commands are still accepted: the log is
+/// the source of truth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_racing_the_relay_is_refused_by_the_stream_never_interleaved() {
+    use prost::Message;
+    let nats = Nats::start();
+    let server = Server::start(ServerKind::Command, &nats, &[]).await;
+    seed(&server, 2, 2).await;
+    // (Compared by events only, not with the header checks of `assert_mirrored`: this
+    // test must fail by what lands in the stream if the relay's expectation is lost.)
+    let n = log_position(&mut server.log_reader().await).await;
+    eventually(
+        Duration::from_secs(30),
+        "the stream to catch up",
+        || async { (stream_last_sequence(&nats, STREAM).await == n).then_some(()) },
+    )
+    .await;
+
+    let intruder = pb::EventEnvelope {
+        event_id: "intruder-1".into(),
+        position: n + 1,
+        stream_id: "customer-intruder".into(),
+        stream_version: 1,
+        event_type: "CustomerRegistered".into(),
+        ..Default::default()
+    };
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Shop-Event-Id", "intruder-1");
+    let js = async_nats::jetstream::new(nats.client().await);
+    js.publish_with_headers(
+        "shop.events.customer.intruder",
+        headers,
+        intruder.encode_to_vec().into(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("stored");
+
+    let mut c = server.commands().await;
+    let late = c
+        .register_customer(req::register("late", "late@example.com"))
+        .await
+        .expect("accepted while the stream is not ours")
+        .into_inner();
+    assert_eq!(late.position, n + 1);
+    let log = server.log_reader().await;
+    let status = eventually(
+        Duration::from_secs(30),
+        "the relay to stop on the conflict",
+        || {
+            let mut log = log.clone();
+            async move {
+                let s = log
+                    .get_log_status(pb::GetLogStatusRequest {})
+                    .await
+                    .ok()?
+                    .into_inner();
+                s.relay_error
+                    .contains("was not written from this log")
+                    .then_some(s)
+            }
+        },
+    )
+    .await;
+    assert_eq!(status.published_position, n, "{status:?}");
+
+    // The stream holds the log's first n events at their positions, the intruder at
+    // n + 1, and nothing else: no event of the log anywhere but at its own position.
+    let messages = read_stream(&nats, STREAM).await;
+    let events = read_whole_log(&mut log.clone()).await;
+    let landed: Vec<(u64, &str)> = messages
+        .iter()
+        .map(|m| (m.sequence, m.envelope.event_id.as_str()))
+        .collect();
+    assert_eq!(messages.len() as u64, n + 1, "the stream holds {landed:?}");
+    let count = usize::try_from(n).expect("small");
+    for (m, e) in messages.iter().zip(&events[..count]) {
+        assert_eq!(
+            (m.sequence, &m.envelope.event_id),
+            (e.position, &e.event_id)
+        );
+    }
+    assert_eq!(messages[count].envelope.event_id, "intruder-1");
+    assert!(messages
+        .iter()
+        .all(|m| m.envelope.event_id != events[count].event_id));
+}
