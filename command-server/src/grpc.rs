@@ -379,6 +379,7 @@ pub fn status_of(error: &WriteError) -> Status {
             "OVERLOADED",
             &[("queue_wait_max_ms", ms.to_string())],
         ),
+        WriteError::Invariant(_) => reason(Internal, "INVARIANT_VIOLATED", &[]),
         WriteError::ShuttingDown => Status::unavailable(message),
         WriteError::Storage(detail) => {
             tracing::error!(%detail, "command refused: event log unusable");

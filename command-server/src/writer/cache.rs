@@ -6,6 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use shop_shared::events::stream_of;
 use shop_shared::ids::StreamId;
 
 use super::snapshot::SnapshotRow;
@@ -112,6 +113,23 @@ impl AggregateCache {
             .map_or(0, Aggregate::version)
     }
 
+    /// What `events` would make of the states they change, checked against the
+    /// domain's invariants ([`Aggregate::check`]), without changing anything.
+    pub(super) fn check(&self, events: &[Event]) -> Result<(), String> {
+        let mut after: HashMap<StreamId, Aggregate> = HashMap::new();
+        for event in events {
+            let stream = stream_of(event);
+            let before = match after.remove(&stream) {
+                Some(state) => Some(state),
+                None => self.states.get(&stream).cloned().flatten(),
+            };
+            let next = Aggregate::evolve(stream.kind, before, event);
+            next.check().map_err(|why| format!("{stream}: {why}"))?;
+            after.insert(stream, next);
+        }
+        Ok(())
+    }
+
     /// Folds an accepted event into its stream's state, adds the index changes to
     /// `batch`, and returns the stream's new version.
     pub(super) fn evolve(
@@ -159,5 +177,43 @@ impl domain::State for AggregateCache {
         self.indexes
             .get(&(index, key.to_vec()))
             .and_then(|v| v.as_deref())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use shop_shared::pb;
+
+    use super::*;
+
+    /// A product with 1 unit on hand, and events that would reserve 2 of it.
+    #[test]
+    fn events_breaking_an_invariant_are_caught_before_anything_changes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cache = AggregateCache::new(Arc::new(crate::log::open_in_test(dir.path())));
+        let created = Event::ProductCreated(pb::ProductCreated {
+            sku: "p".into(),
+            name: "P".into(),
+            price_cents: 1,
+            initial_stock: 1,
+        });
+        let mut batch = WriteBatch::default();
+        cache
+            .evolve(&StreamId::product("p"), &created, &mut batch)
+            .expect("evolve");
+        let reserve = |quantity| {
+            Event::StockReserved(pb::StockReserved {
+                sku: "p".into(),
+                order_id: "o".into(),
+                quantity,
+            })
+        };
+        assert_eq!(cache.check(&[reserve(1)]), Ok(()));
+        let refused = cache.check(&[reserve(1), reserve(1)]);
+        assert_eq!(
+            refused,
+            Err("product-p: stock would be 2 reserved of 1 on hand".to_string())
+        );
+        assert_eq!(cache.version(&StreamId::product("p")), 1, "nothing changed");
     }
 }

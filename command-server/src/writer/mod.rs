@@ -122,6 +122,10 @@ pub enum WriteError {
     },
     #[error("command_id {0:?} was already used for a different request")]
     CommandIdReused(String),
+    /// The events `decide` returned would break an invariant of the domain (a bug):
+    /// nothing was written.
+    #[error("the command would break an invariant ({0}); nothing was written")]
+    Invariant(String),
     #[error("the command queue is full ({0} commands waiting); retry with backoff")]
     Overloaded(usize),
     #[error("commands wait longer than {0} ms for the writer; retry with backoff")]

@@ -110,6 +110,10 @@ impl Sequencer {
             Ok(events) => events,
             Err(refused) => return Ok(Err(refused.into())),
         };
+        if let Err(why) = self.cache.check(&events) {
+            tracing::error!(command = command.name(), %why, "decide broke an invariant; the command is refused");
+            return Ok(Err(WriteError::Invariant(why)));
+        }
         let result = self.append(&own, events, meta, batch, records)?;
         if meta.idempotent {
             self.remember(meta, &result, records);
