@@ -8,7 +8,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::{oneshot, watch};
 
 use super::{Accepted, WriteError};
-use crate::log::EventLog;
+use crate::log::LogError;
 
 pub(super) type Reply = (
     oneshot::Sender<Result<Accepted, WriteError>>,
@@ -21,8 +21,10 @@ pub(super) struct FlushJob {
     pub(super) last_position: u64,
 }
 
+/// Runs until the writer is gone. `sync` makes everything applied so far durable
+/// (`EventLog::sync`; a test passes one it controls).
 pub(super) fn flusher_loop(
-    log: &EventLog,
+    mut sync: impl FnMut() -> Result<(), LogError>,
     jobs: std::sync::mpsc::Receiver<FlushJob>,
     durable: &watch::Sender<u64>,
     failure: &watch::Sender<Option<String>>,
@@ -35,7 +37,7 @@ pub(super) fn flusher_loop(
             pending.push(more);
         }
         let started = Instant::now();
-        let synced = log.sync();
+        let synced = sync();
         let commands: usize = pending.iter().map(|j| j.replies.len()).sum();
         syncs.record(started.elapsed(), commands as u64);
         if let Err(error) = synced {
@@ -148,5 +150,87 @@ impl SyncStats {
             commands_per_sync: commands as f64 / s.ring.len() as f64,
             total: s.total,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use super::*;
+
+    fn accepted(position: u64) -> (Reply, oneshot::Receiver<Result<Accepted, WriteError>>) {
+        let (reply, answer) = oneshot::channel();
+        let outcome = Ok(Accepted {
+            result: shop_shared::pb::CommandResult {
+                position,
+                ..Default::default()
+            },
+            replayed: false,
+        });
+        ((reply, outcome), answer)
+    }
+
+    /// Nothing is acknowledged, and the durable position (what the relay publishes and
+    /// LogService serves up to) does not move, until the sync covering the batch has
+    /// returned; a failed sync acknowledges nothing, ever.
+    #[test]
+    fn nothing_is_durable_or_answered_before_the_sync_returns() {
+        let (jobs_tx, jobs) = mpsc::sync_channel(8);
+        let (durable_tx, durable) = watch::channel(0u64);
+        let (failure_tx, failure) = watch::channel(None);
+        let (entered_tx, entered) = mpsc::channel();
+        let (release_tx, release) = mpsc::channel::<Result<(), LogError>>();
+        let flusher = std::thread::spawn(move || {
+            let sync = move || {
+                entered_tx.send(()).expect("test alive");
+                release.recv().expect("test alive")
+            };
+            flusher_loop(sync, jobs, &durable_tx, &failure_tx, &SyncStats::default());
+        });
+        let (reply, mut answer) = accepted(5);
+        jobs_tx
+            .send(FlushJob {
+                replies: vec![reply],
+                last_position: 5,
+            })
+            .expect("flusher alive");
+        // The sync is running (and held): whatever the flusher does before it, it did.
+        entered.recv().expect("sync started");
+        assert_eq!(*durable.borrow(), 0, "durable before the sync returned");
+        assert!(
+            answer.try_recv().is_err(),
+            "answered before the sync returned"
+        );
+        release_tx.send(Ok(())).expect("flusher alive");
+        let answered = loop {
+            match answer.try_recv() {
+                Ok(outcome) => break outcome,
+                Err(oneshot::error::TryRecvError::Empty) => std::thread::yield_now(),
+                Err(e) => panic!("no answer: {e}"),
+            }
+        };
+        assert!(matches!(answered, Ok(a) if a.result.position == 5));
+        assert_eq!(*durable.borrow(), 5, "durable once answered");
+
+        // A failed sync: nothing of its batch is acknowledged or made durable.
+        let (reply, answer) = accepted(9);
+        jobs_tx
+            .send(FlushJob {
+                replies: vec![reply],
+                last_position: 9,
+            })
+            .expect("flusher alive");
+        entered.recv().expect("sync started");
+        release_tx
+            .send(Err(LogError::Corrupt {
+                key: "test".into(),
+                reason: "disk gone".into(),
+            }))
+            .expect("flusher alive");
+        flusher.join().expect("the flusher stops");
+        assert_eq!(*durable.borrow(), 5);
+        assert!(failure.borrow().is_some());
+        assert!(answer.blocking_recv().is_err(), "the reply was dropped");
     }
 }

@@ -239,7 +239,7 @@ impl Writer {
             .name("shop-flusher".into())
             .spawn({
                 let syncs = syncs.clone();
-                move || flusher_loop(&log, flush_rx, &durable_tx, &failure_tx, &syncs)
+                move || flusher_loop(|| log.sync(), flush_rx, &durable_tx, &failure_tx, &syncs)
             })
             .map_err(|source| LogError::Io {
                 path: "flusher thread".into(),
