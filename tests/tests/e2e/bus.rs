@@ -484,3 +484,63 @@ async fn a_publish_racing_the_relay_is_refused_by_the_stream_never_interleaved()
         .iter()
         .all(|m| m.envelope.event_id != events[count].event_id));
 }
+
+/// The policy acknowledges a `CustomerDeleted` only once every cancel it caused is
+/// durable: the moment the stream shows the message acknowledged, the log already holds
+/// every cancel. (Acknowledged earlier, a crash in between would lose the cancels for
+/// good: the message would not be redelivered.) The customer has many open orders, so
+/// the cancels take long enough that an early acknowledgement is seen while they run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_policy_acknowledges_a_deletion_only_after_its_cancels_are_durable() {
+    const ORDERS: usize = 150;
+    let nats = Nats::start();
+    let server = Server::start(ServerKind::Command, &nats, &[]).await;
+    let mut c = server.commands().await;
+    c.register_customer(req::register("doomed", "doomed@example.com"))
+        .await
+        .expect("register");
+    c.create_product(req::product("pen", 100, 1_000))
+        .await
+        .expect("product");
+    for i in 0..ORDERS {
+        c.place_order(req::order(&format!("o{i}"), "doomed", &[("pen", 1)]))
+            .await
+            .expect("order");
+    }
+    let deleted = c
+        .delete_customer(pb::DeleteCustomerRequest {
+            customer_id: "doomed".into(),
+            reason: "closed".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("delete")
+        .into_inner();
+
+    let js = async_nats::jetstream::new(nats.client().await);
+    let acknowledged = eventually(
+        Duration::from_secs(60),
+        "the policy to acknowledge the deletion",
+        || {
+            let js = js.clone();
+            async move {
+                let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
+                    .get_consumer_from_stream(command_server::policy::CONSUMER_NAME, STREAM)
+                    .await
+                    .ok()?;
+                let info = consumer.info().await.ok()?;
+                (info.ack_floor.stream_sequence >= deleted.position).then_some(())
+            }
+        },
+    );
+    acknowledged.await;
+    // Read at once: what is durable now was durable when the acknowledgement landed.
+    let events = read_whole_log(&mut server.log_reader().await).await;
+    let (cancelled, _) = cancellations(&events);
+    assert_eq!(
+        cancelled.len(),
+        ORDERS,
+        "the deletion was acknowledged with only {} of {ORDERS} cancels durable",
+        cancelled.len()
+    );
+}
