@@ -59,14 +59,11 @@ fn run(
     sequencer: &mut Sequencer,
     commands: Vec<(Command, &str)>,
 ) -> Vec<Result<Accepted, WriteError>> {
-    let mut submissions = commands
+    let submissions = commands
         .into_iter()
         .map(|(c, id)| submission(c, id))
         .collect();
-    let (replies, batch, _) = sequencer.decide_batch(&mut submissions).expect("decide");
-    sequencer.log.apply(batch).expect("apply");
-    sequencer.log.sync().expect("sync");
-    replies.into_iter().map(|(_, outcome)| outcome).collect()
+    run_sent(sequencer, submissions)
 }
 
 /// A crash while a snapshot was written in slices leaves states (and index chunks,
