@@ -174,6 +174,42 @@ pub struct Visibility {
     pub latency: Arc<Mutex<Histogram<u64>>>,
 }
 
+impl Visibility {
+    /// Probes one command in `every` through `query`.
+    pub fn new(query: Conn, every: u64) -> Self {
+        Visibility {
+            query: QueryServiceClient::new(query),
+            every,
+            latency: shared_histogram(),
+        }
+    }
+}
+
+/// The pipeline's positions sampled every 200 ms in the background during a run.
+pub struct LagMonitor {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<LagSample>>,
+}
+
+impl LagMonitor {
+    pub fn start(command: Conn, query: Conn) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let task = tokio::spawn(monitor_lag(
+            command,
+            query,
+            Duration::from_millis(200),
+            stop.clone(),
+        ));
+        LagMonitor { stop, task }
+    }
+
+    /// Stops sampling; the samples.
+    pub async fn finish(self) -> Result<Vec<LagSample>, tokio::task::JoinError> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await
+    }
+}
+
 /// What a command run produced.
 pub struct CommandRun {
     pub summary: RunSummary,

@@ -2,14 +2,12 @@
 //! (a no-op tonic server, same request shapes and concurrency) and a raw sled
 //! group-commit ceiling; ack → visible latency of sampled commands; query lag.
 
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 use std::time::Duration;
 
 use super::Stack;
 use crate::report::{CommandPoint, Results};
 use crate::stats::Latency;
-use crate::workload::{self, Visibility};
+use crate::workload::{self, LagMonitor, Visibility};
 use crate::{ceilings, load, perf_finish, perf_start, say, system, Args};
 
 /// Runs the sweep; returns the ids of the orders placed (for the query stage).
@@ -34,20 +32,8 @@ pub async fn run(
         let l = load(clients, args);
         let echo_run = workload::run_echo(&echo.to_string().into(), false, &l).await?;
         let before = workload::log_position(command_channel.clone()).await?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let monitor = tokio::spawn(workload::monitor_lag(
-            command_channel.clone(),
-            query_channel.clone(),
-            Duration::from_millis(200),
-            stop.clone(),
-        ));
-        let visibility = Visibility {
-            query: shop_shared::pb::query_service_client::QueryServiceClient::new(
-                query_channel.clone(),
-            ),
-            every: 20,
-            latency: workload::shared_histogram(),
-        };
+        let monitor = LagMonitor::start(command_channel.clone(), query_channel.clone());
+        let visibility = Visibility::new(query_channel.clone(), 20);
         let profile = (args.perf && clients == args.reference_clients).then(|| perf_start(args));
         let meter = system::CpuMeter::start(&[
             ("command-server", command.pid()),
@@ -67,8 +53,7 @@ pub async fn run(
         if let Some(Some(p)) = profile {
             perf_finish(p, &args.out);
         }
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let lag = monitor.await?;
+        let lag = monitor.finish().await?;
         let after = workload::log_position(command_channel.clone()).await?;
         let drain = workload::wait_applied(query_channel.clone(), after, Duration::from_secs(60))
             .await

@@ -1,14 +1,10 @@
 //! Half load: the command workload paced at half the best throughput (p99, ack →
 //! visible, query lag).
 
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
-use std::time::Duration;
-
 use super::Stack;
 use crate::report::{HalfLoad, Results};
 use crate::stats::Latency;
-use crate::workload::{self, Visibility};
+use crate::workload::{self, LagMonitor, Visibility};
 use crate::{load, say, Args};
 
 pub async fn run(stack: &Stack, args: &Args, results: &mut Results) -> anyhow::Result<()> {
@@ -28,20 +24,8 @@ pub async fn run(stack: &Stack, args: &Args, results: &mut Results) -> anyhow::R
     if best > 0.0 {
         let mut l = load(args.reference_clients, args);
         l.rate = Some(best / 2.0);
-        let stop = Arc::new(AtomicBool::new(false));
-        let monitor = tokio::spawn(workload::monitor_lag(
-            command_channel.clone(),
-            query_channel.clone(),
-            Duration::from_millis(200),
-            stop.clone(),
-        ));
-        let visibility = Visibility {
-            query: shop_shared::pb::query_service_client::QueryServiceClient::new(
-                query_channel.clone(),
-            ),
-            every: 10,
-            latency: workload::shared_histogram(),
-        };
+        let monitor = LagMonitor::start(command_channel.clone(), query_channel.clone());
+        let visibility = Visibility::new(query_channel.clone(), 10);
         let run = workload::run_commands(
             &command.endpoint().into(),
             "half",
@@ -50,8 +34,7 @@ pub async fn run(stack: &Stack, args: &Args, results: &mut Results) -> anyhow::R
             Some(visibility.clone()),
         )
         .await?;
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let lag = monitor.await?;
+        let lag = monitor.finish().await?;
         let vis = visibility
             .latency
             .lock()
