@@ -218,3 +218,41 @@ impl Command {
         keys
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::*;
+    use super::*;
+
+    /// Shipping or cancelling reads the order and then every product on it (their
+    /// stock moves), known only once the order is loaded.
+    #[test]
+    fn an_orders_products_are_read_once_the_order_is_known() {
+        let mut m = Memory::default();
+        m.when(register("c1", "a@x.io")).unwrap();
+        m.when(create_product("a", 100, 5)).unwrap();
+        m.when(create_product("b", 100, 5)).unwrap();
+        m.when(place("o1", "c1", &[("a", 1), ("b", 2)])).unwrap();
+        let cancel = Command::CancelOrder {
+            order_id: "o1".into(),
+            reason: String::new(),
+        };
+        let streams = |keys: Vec<ReadKey>| -> Vec<String> {
+            keys.iter()
+                .filter_map(|k| match k {
+                    ReadKey::Stream(s) => Some(s.to_string()),
+                    ReadKey::Index(..) => None,
+                })
+                .collect()
+        };
+        assert_eq!(
+            streams(cancel.reads(&m)),
+            ["order-o1", "product-a", "product-b"]
+        );
+        assert_eq!(streams(cancel.reads(&Memory::default())), ["order-o1"]);
+        let register = register("c2", " B@X.io ");
+        assert!(register
+            .reads(&m)
+            .contains(&ReadKey::Index(EMAILS, b"b@x.io".to_vec())));
+    }
+}

@@ -327,6 +327,53 @@ mod tests {
         assert_eq!(stock(&m, "a"), (10, 3));
         assert_eq!(stock(&m, "b"), (2, 2));
         assert_eq!(m.orders()["o1"].status(), OrderStatus::Placed);
+        assert_eq!(m.orders()["o1"].version, 1);
+    }
+
+    #[test]
+    fn every_order_event_moves_the_version() {
+        let mut m = shop();
+        m.when(place("o1", "c1", &[("a", 1)])).unwrap();
+        m.when(pay("o1", 100)).unwrap();
+        m.when(ship("o1")).unwrap();
+        assert_eq!(m.orders()["o1"].version, 3);
+    }
+
+    /// A customer's open orders are found by prefix, and only theirs (`c1` is a prefix of
+    /// `c10` as a string, not as an index prefix).
+    #[test]
+    fn open_orders_are_indexed_per_customer() {
+        let open = Order {
+            customer_id: "c1".into(),
+            status: OrderStatus::Placed as i32,
+            ..Default::default()
+        };
+        let changes = index_changes("o1", None, &open);
+        assert_eq!(changes.len(), 1);
+        let key = &changes[0].key;
+        let prefix = open_orders_prefix("c1");
+        assert!(key.starts_with(&prefix) && !key.starts_with(&open_orders_prefix("c10")));
+        let other = open_order_key("c10", "o2");
+        assert!(!other.starts_with(&prefix));
+        assert_eq!(
+            open_order_ids(&prefix, vec![(key.clone(), Vec::new())]),
+            ["o1"]
+        );
+        let paid = Order {
+            status: OrderStatus::Paid as i32,
+            ..open.clone()
+        };
+        assert!(
+            index_changes("o1", Some(&open), &paid).is_empty(),
+            "still open"
+        );
+        let shipped = Order {
+            status: OrderStatus::Shipped as i32,
+            ..open.clone()
+        };
+        let closed = index_changes("o1", Some(&paid), &shipped);
+        assert_eq!((closed.len(), closed[0].value.is_none()), (1, true));
+        assert_eq!(&closed[0].key, key);
     }
 
     #[test]

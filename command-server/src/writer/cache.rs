@@ -115,19 +115,24 @@ impl AggregateCache {
 
     /// What `events` would make of the states they change, checked against the
     /// domain's invariants ([`Aggregate::check`]), without changing anything.
-    pub(super) fn check(&self, events: &[Event]) -> Result<(), String> {
+    pub(super) fn check(&mut self, events: &[Event]) -> Result<Result<(), String>, LogError> {
         let mut after: HashMap<StreamId, Aggregate> = HashMap::new();
         for event in events {
             let stream = stream_of(event);
+            // Loaded already when `decide` read it; an event on a stream it did not
+            // read is checked against the stored state too.
+            self.load(&stream)?;
             let before = match after.remove(&stream) {
                 Some(state) => Some(state),
                 None => self.states.get(&stream).cloned().flatten(),
             };
             let next = Aggregate::evolve(stream.kind, before, event);
-            next.check().map_err(|why| format!("{stream}: {why}"))?;
+            if let Err(why) = next.check() {
+                return Ok(Err(format!("{stream}: {why}")));
+            }
             after.insert(stream, next);
         }
-        Ok(())
+        Ok(Ok(()))
     }
 
     /// Folds an accepted event into its stream's state, adds the index changes to
@@ -208,8 +213,8 @@ mod tests {
                 quantity,
             })
         };
-        assert_eq!(cache.check(&[reserve(1)]), Ok(()));
-        let refused = cache.check(&[reserve(1), reserve(1)]);
+        assert_eq!(cache.check(&[reserve(1)]).expect("read"), Ok(()));
+        let refused = cache.check(&[reserve(1), reserve(1)]).expect("read");
         assert_eq!(
             refused,
             Err("product-p: stock would be 2 reserved of 1 on hand".to_string())

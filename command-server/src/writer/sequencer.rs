@@ -110,7 +110,7 @@ impl Sequencer {
             Ok(events) => events,
             Err(refused) => return Ok(Err(refused.into())),
         };
-        if let Err(why) = self.cache.check(&events) {
+        if let Err(why) = self.cache.check(&events)? {
             tracing::error!(command = command.name(), %why, "decide broke an invariant; the command is refused");
             return Ok(Err(WriteError::Invariant(why)));
         }
