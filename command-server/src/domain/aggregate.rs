@@ -250,6 +250,15 @@ mod tests {
             ["order-o1", "product-a", "product-b"]
         );
         assert_eq!(streams(cancel.reads(&Memory::default())), ["order-o1"]);
+        let shipment = Command::CreateShipment {
+            shipment_id: "s1".into(),
+            order_id: "o1".into(),
+            carrier: "C".into(),
+            tracking_code: "T".into(),
+        };
+        let keys = shipment.reads(&m);
+        assert!(keys.contains(&ReadKey::Index(SHIPMENTS_BY_ORDER, b"o1".to_vec())));
+        assert!(keys.contains(&ReadKey::Stream(StreamId::order("o1"))));
         let register = register("c2", " B@X.io ");
         assert!(register
             .reads(&m)

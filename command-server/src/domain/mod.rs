@@ -818,6 +818,62 @@ mod tests {
     }
 
     #[test]
+    fn names_are_the_rpc_names() {
+        assert_eq!(place("o", "c", &[("a", 1)]).name(), "PlaceOrder");
+        assert_eq!(register("c", "a@b.co").name(), "RegisterCustomer");
+    }
+
+    #[test]
+    fn text_email_and_range_limits_are_inclusive() {
+        let address = |n: usize| Command::ChangeCustomerAddress {
+            customer_id: "c".into(),
+            address: "x".repeat(n),
+        };
+        assert!(address(TEXT_LEN_MAX).validate().is_ok());
+        assert_eq!(
+            field_names(&address(TEXT_LEN_MAX + 1).validate().unwrap_err()),
+            ["address"]
+        );
+        let email = |domain_tail: usize| {
+            format!(
+                "{}@{}.{}.{}",
+                "a".repeat(64),
+                "b".repeat(63),
+                "c".repeat(63),
+                "d".repeat(domain_tail)
+            )
+        };
+        assert_eq!(email(61).len(), EMAIL_LEN_MAX);
+        assert_eq!(check_email(&email(61)), Ok(()));
+        assert!(check_email(&email(62)).is_err());
+        assert_eq!(
+            field_names(&register("c", "not-an-email").validate().unwrap_err()),
+            ["email"]
+        );
+        let restock = |quantity| Command::RestockProduct {
+            sku: "s".into(),
+            quantity,
+        };
+        assert!(restock(RESTOCK_QUANTITY_MAX).validate().is_ok());
+        let Err(DomainError::Invalid(v)) = Command::PayOrder {
+            order_id: "o".into(),
+            amount_cents: -1,
+            payment_ref: "r".into(),
+        }
+        .validate() else {
+            panic!("a negative amount is invalid")
+        };
+        assert_eq!(v[0].description, "must be at least 0, got -1");
+        let Err(DomainError::Invalid(v)) = restock(0).validate() else {
+            panic!("a zero restock is invalid")
+        };
+        assert_eq!(
+            v[0].description,
+            format!("must be between 1 and {RESTOCK_QUANTITY_MAX}, got 0")
+        );
+    }
+
+    #[test]
     fn streams_read_lists_everything_place_order_needs() {
         let cmd = place("o1", "c1", &[("a", 1), ("b", 2)]);
         let streams: Vec<String> = cmd.streams_read().iter().map(ToString::to_string).collect();

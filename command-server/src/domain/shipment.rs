@@ -233,6 +233,12 @@ mod tests {
             (s.version, s.scans, s.status()),
             (5, 4, ShipmentStatus::Delivered)
         );
+        assert_eq!(m.shipments().len(), 1);
+        // Only the creation sets the order's index entry; scans write none.
+        let before = s.clone();
+        let mut after = before.clone();
+        after.version += 1;
+        assert!(index_changes("s1", Some(&before), &after).is_empty());
     }
 
     #[test]
