@@ -66,7 +66,7 @@ fn write_seed_corpus() {
 mod seeds {
     use command_server::domain::testing::Memory;
     use command_server::domain::{Command, LineRequest};
-    use command_server::log::CommitRecord;
+    use command_server::log::{CommitRecord, IndexRow};
     use prost::Message;
     use query_server::paging::encode_token;
     use shop_fuzz_targets::chunk;
@@ -318,6 +318,16 @@ mod seeds {
             CommitRecord {
                 envelopes: envelopes.iter().map(|e| e.encode_to_vec().into()).collect(),
                 commands: Vec::new(),
+                index_rows: vec![
+                    IndexRow {
+                        key: b"Ea@shop.test".to_vec(),
+                        value: Some(b"c1".to_vec()),
+                    },
+                    IndexRow {
+                        key: b"Oc1\0o1".to_vec(),
+                        value: None,
+                    },
+                ],
             }
             .encode_to_vec(),
         );

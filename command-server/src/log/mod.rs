@@ -1,16 +1,17 @@
 //! The event log in sled: what is appended, how it is keyed, how it is made durable, and
 //! how it is read back.
 //!
-//! Everything lives in one sled tree so that one `sled::Batch` is one atomic write.
+//! Everything lives in one sled tree, written one row at a time (see Crash safety).
 //!
 //! Keys (first byte is the row kind; stream ids never contain NUL):
 //! - `B` first_position:u64be → [`CommitRecord`]: the encoded envelopes of consecutive
-//!   positions (the exact bytes published to JetStream), plus the idempotency entries of
-//!   the commands that ended in it. Records are capped at [`RECORD_BYTES_MAX`], so one
+//!   positions (the exact bytes published to JetStream), the idempotency entries of the
+//!   commands in it, and the index rows its events change. A record holds whole commands
+//!   only, and is closed at the first command boundary past [`RECORD_BYTES_MAX`], so one
 //!   batch of commands is a handful of rows, not one per event.
-//! - index rows: [`IndexName`]'s tag, then the domain's key → value (written with the
-//!   commit that changes them; the domain names its indexes and their key layouts,
-//!   see `domain/aggregate.rs`: `E` emails, `O` open orders)
+//! - index rows: [`IndexName`]'s tag, then the domain's key → value (written right after
+//!   the commit record that changes them; the domain names its indexes and their key
+//!   layouts, see `domain/aggregate.rs`: `E` emails, `O` open orders, `H` shipments)
 //! - Derived rows, written in snapshots (see below):
 //!   - `A` stream_id → current aggregate state
 //!   - `S` stream_id NUL first_version:u64be → [`PositionChunk`] (stream index)
@@ -18,22 +19,44 @@
 //! - `Z` name → metadata: `derived` (position up to which the derived rows are complete),
 //!   `relay_published`.
 //!
+//! **Crash safety without batches.** The command path never calls sled's `apply_batch`
+//! or a transaction: the first one in a process switches sled 0.34 into a global
+//! reader-writer lock mode for good (`concurrency_control.rs`), after which every batch
+//! waits for a running `flush` and excludes every read, so the writer could not write
+//! batch N+1 while the flusher syncs batch N. [`EventLog::write`] instead inserts a
+//! batch's rows one at a time, in order, from the one writer thread. What a crash
+//! leaves is then a prefix of those inserts: sled replays its log in LSN order and stops
+//! at the first torn or missing message (`pagecache/iterator.rs`, `LogIter::next` "found
+//! a tear" and `check_contiguity_in_unstable_tail`), and one thread's inserts take
+//! increasing LSNs. Every prefix is recoverable:
+//! - a commit record is one insert holding whole commands, so there is never half a
+//!   command; records are inserted in position order, so positions stay gapless;
+//! - the index rows a record changes follow it, and are also inside it: on start the
+//!   writer rewrites the index rows of every record after `derived`, in log order (they
+//!   are absolute values, so rewriting a row already written is harmless);
+//! - a snapshot's rows come before its `derived` mark: a present mark means the whole
+//!   snapshot is present (and so are the index rows of every record up to it).
+//!
+//! `writer::crash_tests` cuts the rows of a sequence of batches at every point and
+//! checks that recovery from each prefix yields exactly the commands of its records.
+//!
 //! **Snapshots.** Derived rows are kept in memory by the writer; every ~100 ms it takes
 //! a snapshot of them and writes it a slice at a time along with the next batches of
-//! commits (a few hundred rows each, so that no batch holds sled's lock for long), and
-//! `derived` with the last slice. A crash loses no information: on start the writer
-//! replays the commit records after `derived` to rebuild them. Rows of a snapshot cut
-//! short by the crash may be stored beyond `derived`: a state then already holds the
-//! replayed events up to its version (they are skipped), and index chunks and
+//! commits, and `derived` after the last slice. A crash loses no information: on start
+//! the writer replays the commit records after `derived` to rebuild them. Rows of a
+//! snapshot cut short by the crash may be stored beyond `derived`: a state then already
+//! holds the replayed events up to its version (they are skipped), and index chunks and
 //! idempotency rows are rewritten under the same keys. This keeps a command's
-//! synchronous write to its events plus rare index rows.
+//! synchronous write to its commit record plus rare index rows.
 //!
 //! **Durability.** `sync` calls sled's `flush` (writes its buffers, then
 //! `sync_file_range`: survives a process crash, not a power loss) and then, in `fsync`
 //! mode, `fdatasync`s sled's data file `<dir>/db`. That file holds everything as long
 //! as no node outgrows sled's blob threshold (a quarter of the segment size, blobs are
-//! separate files sled never fsyncs); records are capped and the segment size raised so
-//! that cannot happen.
+//! separate files sled never fsyncs); records are capped (at most `RECORD_BYTES_MAX`
+//! plus one command, whose size the domain's limits bound to tens of KiB) and the
+//! segment size raised so that cannot happen. A flush covers every insert that returned
+//! before it started, so inserts of later batches may run during it.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -110,7 +133,8 @@ impl IndexChange {
     }
 }
 
-/// A commit record is closed once it holds this many bytes of envelopes.
+/// A commit record is closed at the first command boundary once it holds this many bytes
+/// of envelopes.
 pub const RECORD_BYTES_MAX: usize = 4 * 1024;
 /// sled segment size: its blob threshold (segment / 4) stays far above any node of
 /// ours (a leaf holds at most 17 entries).
@@ -152,14 +176,37 @@ pub enum LogError {
     Corrupt { key: String, reason: String },
 }
 
-/// Consecutive events of the log, and the idempotency entries of the commands whose last
-/// event is among them.
+/// The events of whole commands at consecutive positions, their idempotency entries and
+/// the index rows they change: everything one insert must carry so that a crash never
+/// leaves part of a command (see Crash safety above).
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct CommitRecord {
     #[prost(bytes = "bytes", repeated, tag = "1")]
     pub envelopes: Vec<bytes::Bytes>,
     #[prost(message, repeated, tag = "2")]
     pub commands: Vec<CommandEntry>,
+    /// The index rows these events change, in order (absent in records written before
+    /// they were carried here, when index rows were written in the same sled batch).
+    #[prost(message, repeated, tag = "3")]
+    pub index_rows: Vec<IndexRow>,
+}
+
+/// One index row as written: its full key (tag included) and new value, `None` removed.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct IndexRow {
+    #[prost(bytes = "vec", tag = "1")]
+    pub key: Vec<u8>,
+    #[prost(bytes = "vec", optional, tag = "2")]
+    pub value: Option<Vec<u8>>,
+}
+
+impl From<&IndexChange> for IndexRow {
+    fn from(change: &IndexChange) -> Self {
+        IndexRow {
+            key: prefixed(change.index.tag, &change.key),
+            value: change.value.clone(),
+        }
+    }
 }
 
 /// The idempotency entry of one accepted command (with a client-chosen id).
@@ -231,9 +278,16 @@ impl EventLog {
         self.durability
     }
 
-    /// Applies one batch atomically (in memory; durable after the next [`Self::sync`]).
-    pub fn apply(&self, batch: WriteBatch) -> Result<(), LogError> {
-        self.db.apply_batch(batch.batch)?;
+    /// Writes the batch's rows one insert at a time, in order (in memory; durable after
+    /// the next [`Self::sync`]). Never a sled batch: see Crash safety above. A crash
+    /// keeps a prefix of the rows.
+    pub fn write(&self, batch: WriteBatch) -> Result<(), LogError> {
+        for (key, value) in batch.rows {
+            match value {
+                Some(value) => self.db.insert(key, value)?,
+                None => self.db.remove(key)?,
+            };
+        }
         Ok(())
     }
 
@@ -459,17 +513,19 @@ impl EventLog {
     }
 }
 
-/// Rows of one atomic write, in the log's key layout.
-#[derive(Default)]
+/// Rows to write in order, in the log's key layout (`None` removes the row).
+#[derive(Default, Clone)]
 pub struct WriteBatch {
-    batch: sled::Batch,
-    rows: usize,
+    rows: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
 impl WriteBatch {
-    /// A commit record starting at `first_position`.
+    /// A commit record starting at `first_position`, then the index rows it changes.
     pub fn record(&mut self, first_position: u64, record: &CommitRecord) {
         self.put(record_key(first_position).to_vec(), &record.encode_to_vec());
+        for row in &record.index_rows {
+            self.index_row(row);
+        }
     }
 
     /// Positions of `stream`'s versions from `first_version` on.
@@ -496,31 +552,34 @@ impl WriteBatch {
     }
 
     /// Sets or removes an index entry.
-    pub fn index(&mut self, change: &IndexChange) {
-        let key = prefixed(change.index.tag, &change.key);
-        match &change.value {
-            Some(value) => self.put(key, value),
-            None => self.remove(key),
-        }
+    pub fn index_row(&mut self, row: &IndexRow) {
+        self.rows.push((row.key.clone(), row.value.clone()));
     }
 
     pub fn is_empty(&self) -> bool {
-        self.rows == 0
+        self.rows.is_empty()
     }
 
     /// Rows in the batch.
     pub fn len(&self) -> usize {
-        self.rows
+        self.rows.len()
+    }
+
+    /// The first `rows` rows only: what a crash part-way through writing the batch
+    /// leaves (for the crash tests).
+    #[cfg(test)]
+    pub(crate) fn truncate(&mut self, rows: usize) {
+        self.rows.truncate(rows);
+    }
+
+    /// The batch followed by `other`.
+    #[cfg(test)]
+    pub(crate) fn extend(&mut self, other: WriteBatch) {
+        self.rows.extend(other.rows);
     }
 
     fn put(&mut self, key: Vec<u8>, value: &[u8]) {
-        self.batch.insert(key, value);
-        self.rows += 1;
-    }
-
-    fn remove(&mut self, key: Vec<u8>) {
-        self.batch.remove(key);
-        self.rows += 1;
+        self.rows.push((key, Some(value.to_vec())));
     }
 }
 
@@ -634,11 +693,11 @@ mod tests {
         for (first, n) in [(1u64, 3u64), (4, 2), (6, 1)] {
             let record = CommitRecord {
                 envelopes: (first..first + n).map(|p| envelope(p, &s, p)).collect(),
-                commands: vec![],
+                ..Default::default()
             };
             batch.record(first, &record);
         }
-        log.apply(batch).expect("apply");
+        log.write(batch).expect("apply");
         log.sync().expect("sync");
         assert_eq!(log.last_position().expect("last"), 6);
         let positions = |from, to, limit| -> Vec<u64> {
@@ -677,7 +736,7 @@ mod tests {
             1,
             &CommitRecord {
                 envelopes,
-                commands: vec![],
+                ..Default::default()
             },
         );
         // The index knows p's first two versions (positions 1, 3); position 5 is the tail.
@@ -697,7 +756,7 @@ mod tests {
             }
             .encode_to_vec(),
         );
-        log.apply(batch).expect("apply");
+        log.write(batch).expect("apply");
         let versions = |from, limit| -> Vec<u64> {
             log.read_stream(&p, from, limit)
                 .expect("stream")
@@ -734,11 +793,11 @@ mod tests {
     const OPEN: IndexName = IndexName::new(b'O', "open");
 
     fn set(batch: &mut WriteBatch, index: IndexName, key: &[u8], value: Option<&[u8]>) {
-        batch.index(&IndexChange {
+        batch.index_row(&IndexRow::from(&IndexChange {
             index,
             key: key.to_vec(),
             value: value.map(<[u8]>::to_vec),
-        });
+        }));
     }
 
     #[test]
@@ -758,10 +817,10 @@ mod tests {
                     result: None,
                 },
             );
-            log.apply(batch).expect("apply");
+            log.write(batch).expect("apply");
             let mut batch = WriteBatch::default();
             set(&mut batch, OPEN, b"c1\0o1", None);
-            log.apply(batch).expect("apply");
+            log.write(batch).expect("apply");
             log.sync().expect("sync");
         }
         let log = open(dir.path());

@@ -1,7 +1,7 @@
 //! The aggregate cache: states and index entries loaded from the log on first use,
 //! evolved in memory as commands are decided, kept across batches (bounded), so that
 //! deciding rarely reads sled. States reach sled with the snapshots; index entries with
-//! the commits that change them.
+//! the commit records that change them.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -11,7 +11,7 @@ use shop_shared::ids::StreamId;
 
 use super::snapshot::SnapshotRow;
 use crate::domain::{self, Aggregate, Command, Event, ReadKey, READ_ROUNDS_MAX};
-use crate::log::{EventLog, IndexName, LogError, WriteBatch};
+use crate::log::{EventLog, IndexChange, IndexName, LogError};
 
 /// Entries cached in memory beyond this many are dropped at a snapshot (they are all in
 /// sled by then).
@@ -45,6 +45,13 @@ impl AggregateCache {
         let dirty = &self.dirty;
         self.states.retain(|stream, _| dirty.contains(stream));
         // Index entries are written with the commits: always stored.
+        self.indexes.clear();
+    }
+
+    /// Forgets every cached index entry (they are read again from the log): after
+    /// recovery, whose replay skips events a partly written snapshot already holds and
+    /// so may have computed entries that later events, skipped, overwrote.
+    pub(super) fn forget_indexes(&mut self) {
         self.indexes.clear();
     }
 
@@ -136,30 +143,33 @@ impl AggregateCache {
     }
 
     /// Folds an accepted event into its stream's state, adds the index changes to
-    /// `batch`, and returns the stream's new version.
+    /// `changes`, and returns the stream's new version.
     pub(super) fn evolve(
         &mut self,
         stream: &StreamId,
         event: &Event,
-        batch: &mut WriteBatch,
+        changes: &mut Vec<IndexChange>,
     ) -> Result<u64, LogError> {
         self.load(stream)?;
         self.dirty.insert(stream.clone());
         let before = self.states.get_mut(stream).and_then(Option::take);
         let after = Aggregate::evolve(stream.kind, before.clone(), event);
         for change in Aggregate::index_changes(stream, before.as_ref(), &after) {
-            batch.index(&change);
             self.indexes
-                .insert((change.index, change.key), change.value);
+                .insert((change.index, change.key.clone()), change.value.clone());
+            changes.push(change);
         }
         let version = after.version();
         self.states.insert(stream.clone(), Some(after));
         Ok(version)
     }
 
-    /// The encoded states changed since the last snapshot, as snapshot rows.
+    /// The encoded states changed since the last snapshot, as snapshot rows, in stream
+    /// order (so that what a crash part-way through a snapshot leaves is reproducible).
     pub(super) fn snapshot_dirty(&mut self, rows: &mut Vec<SnapshotRow>) {
-        for stream in self.dirty.drain() {
+        let mut dirty: Vec<StreamId> = self.dirty.drain().collect();
+        dirty.sort_unstable_by_key(StreamId::to_string);
+        for stream in dirty {
             if let Some(state) = self.states.get(&stream).and_then(Option::as_ref) {
                 let bytes = state.encode();
                 rows.push(SnapshotRow::State(stream, bytes));
@@ -202,9 +212,8 @@ mod tests {
             price_cents: 1,
             initial_stock: 1,
         });
-        let mut batch = WriteBatch::default();
         cache
-            .evolve(&StreamId::product("p"), &created, &mut batch)
+            .evolve(&StreamId::product("p"), &created, &mut Vec::new())
             .expect("evolve");
         let reserve = |quantity| {
             Event::StockReserved(pb::StockReserved {

@@ -4,11 +4,13 @@
 //! - **Serialized**: one thread decides every command against the latest state (its own
 //!   earlier decisions included), so there are no lost updates and no interleavings that
 //!   could break an invariant, with no locks.
-//! - **Atomic**: each batch of commands is one `sled::Batch`; a command's rows are added
-//!   only after `decide` accepted it, so a refused command writes nothing.
-//! - **Group commit**: while the flusher syncs batch N, the writer decides and applies
-//!   batch N+1; one sync then covers every batch applied before it. Exactly one thread
-//!   ever flushes.
+//! - **Atomic**: a command's events, idempotency entry and index rows are one commit
+//!   record, one sled insert; its rows are added only after `decide` accepted it, so a
+//!   refused command writes nothing. Rows are written one insert at a time, never in a
+//!   sled batch, and a crash keeps a prefix of them (see `log/mod.rs`, Crash safety).
+//! - **Group commit**: while the flusher syncs batch N, the writer decides and writes
+//!   batch N+1 (no sled batch, so nothing waits for the running flush); one sync then
+//!   covers every batch written before it started. Exactly one thread ever flushes.
 //! - **Acknowledged = durable**: every reply (refusals and idempotent replays included,
 //!   since they may depend on state that is not yet durable) is sent by the flusher after
 //!   the sync that covers the state it was decided on.
@@ -20,7 +22,7 @@
 //! - **Derived rows in snapshots**: aggregate states, the stream index and idempotency
 //!   records are kept in memory; every `SNAPSHOT_INTERVAL` they are taken as a
 //!   snapshot (see `log/mod.rs`) whose rows are then written a slice at a time with the next
-//!   `SNAPSHOT_SLICES` batches (so that no batch holds sled's global lock for long), the
+//!   `SNAPSHOT_SLICES` batches (so that no batch delays its commands for long), the
 //!   last slice with the `derived` mark. On start, the records after
 //!   that mark are replayed to rebuild them (skipping what a partly written snapshot
 //!   already holds), so restarts never replay more than a few intervals.
@@ -35,6 +37,8 @@ use crate::domain::{Command, DomainError};
 use crate::log::{EventLog, LogError, LogTail, WriteBatch};
 
 mod cache;
+#[cfg(test)]
+mod crash_tests;
 mod flusher;
 mod queue;
 mod records;
@@ -141,7 +145,7 @@ pub enum WriteError {
 pub struct WriterConfig {
     /// Commands that may wait in the queue.
     pub queue_capacity: usize,
-    /// Commands decided into one atomic batch.
+    /// Commands decided into one batch (one group commit).
     pub batch_commands_max: usize,
     /// The longest a command may wait in the queue (`None`: as long as it takes).
     pub queue_wait_max: Option<Duration>,
@@ -328,7 +332,7 @@ fn writer_loop(
             }
         };
         if !batch.is_empty() {
-            if let Err(error) = sequencer.log.apply(batch) {
+            if let Err(error) = sequencer.log.write(batch) {
                 // Nothing of this batch was acknowledged; its replies are dropped, so
                 // their callers see the storage failure.
                 fail(failure, &error);
@@ -356,7 +360,7 @@ fn writer_loop(
     // Shutting down: a last snapshot, so the next start replays nothing.
     let mut batch = WriteBatch::default();
     sequencer.snapshot_whole(&mut batch);
-    match sequencer.log.apply(batch) {
+    match sequencer.log.write(batch) {
         Ok(()) => {
             let _ = flush.send(FlushJob {
                 replies: Vec::new(),

@@ -1,10 +1,11 @@
-//! Commit records: the envelopes of a batch, packed into records of at most
-//! `RECORD_BYTES_MAX` bytes, each command's idempotency entry in the record holding its
-//! last event (see `log/mod.rs` for the layout).
+//! Commit records: the envelopes of a batch, packed into records of whole commands,
+//! closed at the first command boundary past `RECORD_BYTES_MAX` bytes, each with its
+//! commands' idempotency entries and the index rows its events change (see `log/mod.rs`
+//! for the layout and why a record is the unit a crash cannot split).
 
-use crate::log::{CommandEntry, CommitRecord, WriteBatch, RECORD_BYTES_MAX};
+use crate::log::{CommandEntry, CommitRecord, IndexChange, IndexRow, WriteBatch, RECORD_BYTES_MAX};
 
-/// The commit records of one batch, closed at `RECORD_BYTES_MAX`.
+/// The commit records of one batch.
 pub(super) struct Records {
     first: u64,
     open: CommitRecord,
@@ -23,10 +24,7 @@ impl Records {
         }
     }
 
-    pub(super) fn push(&mut self, position: u64, envelope: bytes::Bytes, batch: &mut WriteBatch) {
-        if !self.open.envelopes.is_empty() && self.bytes + envelope.len() > RECORD_BYTES_MAX {
-            self.close(batch);
-        }
+    pub(super) fn push(&mut self, position: u64, envelope: bytes::Bytes) {
         if self.open.envelopes.is_empty() {
             self.first = position;
         }
@@ -35,9 +33,21 @@ impl Records {
         self.open.envelopes.push(envelope);
     }
 
-    /// Attaches a command's idempotency entry to the record holding its last event.
+    /// An index row the open record's events change.
+    pub(super) fn index(&mut self, change: &IndexChange) {
+        self.open.index_rows.push(IndexRow::from(change));
+    }
+
+    /// Attaches a command's idempotency entry to the record holding its events.
     pub(super) fn command(&mut self, entry: CommandEntry) {
         self.open.commands.push(entry);
+    }
+
+    /// Marks the end of a command's events: the record is closed if it is full.
+    pub(super) fn end_command(&mut self, batch: &mut WriteBatch) {
+        if self.bytes >= RECORD_BYTES_MAX {
+            self.close(batch);
+        }
     }
 
     pub(super) fn close(&mut self, batch: &mut WriteBatch) {

@@ -69,7 +69,8 @@ impl Sequencer {
         let mut records = Records::new(self.next_position);
         let mut replies = Vec::with_capacity(submissions.len());
         for s in submissions.drain(..) {
-            let outcome = self.decide_one(&s.command, &s.meta, &mut batch, &mut records)?;
+            let outcome = self.decide_one(&s.command, &s.meta, &mut records)?;
+            records.end_command(&mut batch);
             replies.push((s.reply, outcome));
         }
         records.close(&mut batch);
@@ -86,7 +87,6 @@ impl Sequencer {
         &mut self,
         command: &Command,
         meta: &CommandMeta,
-        batch: &mut WriteBatch,
         records: &mut Records,
     ) -> Result<Result<Accepted, WriteError>, LogError> {
         if meta.idempotent {
@@ -114,7 +114,7 @@ impl Sequencer {
             tracing::error!(command = command.name(), %why, "decide broke an invariant; the command is refused");
             return Ok(Err(WriteError::Invariant(why)));
         }
-        let result = self.append(&own, events, meta, batch, records)?;
+        let result = self.append(&own, events, meta, records)?;
         if meta.idempotent {
             self.remember(meta, &result, records);
         }
@@ -124,14 +124,13 @@ impl Sequencer {
         }))
     }
 
-    /// Gives `events` their positions and versions, folds them into the cache (and the
-    /// index changes into `batch`), and adds their envelopes to the commit records.
+    /// Gives `events` their positions and versions, folds them into the cache, and adds
+    /// their envelopes and index changes to the commit records.
     fn append(
         &mut self,
         own: &StreamId,
         events: Vec<Event>,
         meta: &CommandMeta,
-        batch: &mut WriteBatch,
         records: &mut Records,
     ) -> Result<pb::CommandResult, LogError> {
         let event_count = u32::try_from(events.len()).unwrap_or(u32::MAX);
@@ -140,11 +139,12 @@ impl Sequencer {
         let occurred_at = timestamp_from_micros(now);
         let mut own_version = self.cache.version(own);
         let mut position = 0;
+        let mut changes = Vec::new();
         for event in events {
             position = self.next_position;
             self.next_position += 1;
             let stream = stream_of(&event);
-            let version = self.cache.evolve(&stream, &event, batch)?;
+            let version = self.cache.evolve(&stream, &event, &mut changes)?;
             if stream == *own {
                 own_version = version;
             }
@@ -163,7 +163,10 @@ impl Sequencer {
                 traceparent: meta.traceparent.clone().unwrap_or_default(),
                 actor: meta.actor.clone(),
             };
-            records.push(position, envelope.encode_to_vec().into(), batch);
+            records.push(position, envelope.encode_to_vec().into());
+        }
+        for change in &changes {
+            records.index(change);
         }
         Ok(pb::CommandResult {
             stream_id: own.to_string(),

@@ -16,11 +16,11 @@ pub(super) const SNAPSHOT_INTERVAL: Duration = Duration::from_millis(100);
 /// snapshot still being written is then finished in one batch.
 pub(super) const SNAPSHOT_PENDING_MAX: usize = 50_000;
 /// A snapshot is written in this many slices (one per batch), of at least
-/// `SNAPSHOT_SLICE_ROWS_MIN` rows. A sled batch holds sled's global lock while it is
-/// applied (~10 µs a row here): a whole 100 ms snapshot at half load (~1,500 rows) held
-/// it for 11–19 ms and stalled every command queued behind it; a slice holds it ~1 ms.
-/// A fixed number of slices keeps a snapshot's duration in batches, not rows, so it
-/// keeps up at any load.
+/// `SNAPSHOT_SLICE_ROWS_MIN` rows. The writer writes a slice between two batches of
+/// commands, so a slice delays the commands queued behind it: a whole 100 ms snapshot
+/// at half load (~1,500 rows) once took 11–19 ms as one sled batch; a slice is a
+/// sixteenth of that. A fixed number of slices keeps a snapshot's duration in batches,
+/// not rows, so it keeps up at any load.
 pub(super) const SNAPSHOT_SLICES: usize = 16;
 pub(super) const SNAPSHOT_SLICE_ROWS_MIN: usize = 64;
 
@@ -81,7 +81,9 @@ impl Sequencer {
                 records.push((first, record));
                 true
             })?;
-        let mut scratch = WriteBatch::default();
+        // The index rows of these records, rewritten in log order: a crash may have kept
+        // a record but not the rows written after it.
+        let mut batch = WriteBatch::default();
         let mut replayed = 0u64;
         for (first, record) in records {
             for (i, bytes) in record.envelopes.iter().enumerate() {
@@ -101,7 +103,7 @@ impl Sequencer {
                 // before the crash: those events are in the state already.
                 self.cache.load(&stream)?;
                 if envelope.stream_version > self.cache.version(&stream) {
-                    let version = self.cache.evolve(&stream, &event, &mut scratch)?;
+                    let version = self.cache.evolve(&stream, &event, &mut Vec::new())?;
                     if version != envelope.stream_version {
                         return Err(LogError::Corrupt {
                             key: format!("event at position {position}"),
@@ -121,12 +123,13 @@ impl Sequencer {
                     self.pending.commands.insert(entry.command_id, r);
                 }
             }
+            for row in &record.index_rows {
+                batch.index_row(row);
+            }
         }
-        // The index rows were written with the commits; only the derived
-        // rows are new.
-        let mut batch = WriteBatch::default();
+        self.cache.forget_indexes();
         self.snapshot_whole(&mut batch);
-        self.log.apply(batch)?;
+        self.log.write(batch)?;
         self.log.sync()?;
         tracing::info!(
             from = derived + 1,

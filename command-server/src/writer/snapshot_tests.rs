@@ -22,13 +22,13 @@ fn stored_product(log: &EventLog, stream: &StreamId) -> Option<Product> {
 }
 
 /// A sequencer whose snapshots the test starts itself.
-fn sequencer(log: Arc<EventLog>) -> Sequencer {
+pub(super) fn sequencer(log: Arc<EventLog>) -> Sequencer {
     let mut sequencer = Sequencer::open(log).expect("sequencer");
     sequencer.last_snapshot = Instant::now() + Duration::from_secs(3600);
     sequencer
 }
 
-fn submission(command: Command, command_id: &str) -> Submission {
+pub(super) fn submission(command: Command, command_id: &str) -> Submission {
     let (reply, _) = oneshot::channel();
     Submission {
         meta: CommandMeta {
@@ -96,7 +96,7 @@ fn restart_after_a_partly_written_snapshot_counts_nothing_twice() {
         sequencer.snapshot.as_mut().expect("started").slice = 1;
         sequencer.write_snapshot(&mut batch, false);
         assert!(sequencer.snapshot_in_progress());
-        sequencer.log.apply(batch).expect("apply");
+        sequencer.log.write(batch).expect("apply");
         sequencer.log.sync().expect("sync");
         assert_eq!(
             stored_product(&sequencer.log, &product).map(|p| (p.version, p.on_hand)),
@@ -192,7 +192,7 @@ fn run_sent(
 ) -> Vec<Result<Accepted, WriteError>> {
     let mut submissions = submissions;
     let (replies, batch, _) = sequencer.decide_batch(&mut submissions).expect("decide");
-    sequencer.log.apply(batch).expect("apply");
+    sequencer.log.write(batch).expect("apply");
     sequencer.log.sync().expect("sync");
     replies.into_iter().map(|(_, outcome)| outcome).collect()
 }
@@ -245,7 +245,7 @@ fn a_reused_command_id_is_refused_and_a_retry_replayed_wherever_the_record_is() 
     check(&mut sequencer, "in the snapshot being written");
     let mut batch = WriteBatch::default();
     sequencer.write_snapshot(&mut batch, true);
-    sequencer.log.apply(batch).expect("apply");
+    sequencer.log.write(batch).expect("apply");
     sequencer.log.sync().expect("sync");
     assert!(!sequencer.snapshot_in_progress());
     assert!(sequencer.log.command("r").expect("read").is_some());
