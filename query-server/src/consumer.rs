@@ -32,8 +32,12 @@ use crate::projections::{self, Changed, Update, ViewKey};
 use crate::store::{Overlay, Store, StoreError};
 use crate::watchers::Watchers;
 
-/// How often sled's buffers are written out (the consumer is the only flusher).
-const FLUSH_INTERVAL: Duration = Duration::from_millis(500);
+/// How often sled's buffers are written out (the consumer is the only flusher), and so
+/// at most how much a crash makes it apply again. The store writes single inserts, which
+/// stay in sled's buffers until a flush (a sled batch wrote them out each time, and
+/// held every reader while a flush ran: see `store.rs`); a flush no longer stops
+/// readers, so it runs often, and right after the first batch of a run.
+const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 /// How often an idle consumer refreshes the stream's last sequence.
 const STREAM_INFO_INTERVAL: Duration = Duration::from_secs(2);
 /// Longest pause between attempts after an error.
@@ -381,7 +385,9 @@ impl Consumer {
         let mut pending: Vec<Incoming> = Vec::with_capacity(max);
         // Last sequence received (handed to an apply or pending).
         let mut received = session.checkpoint;
-        let mut last_flush = Instant::now();
+        let mut last_flush = Instant::now()
+            .checked_sub(FLUSH_INTERVAL)
+            .unwrap_or_else(Instant::now);
         let mut info_tick = tokio::time::interval(STREAM_INFO_INTERVAL);
         info_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut flush_tick = tokio::time::interval(FLUSH_INTERVAL);
@@ -567,7 +573,7 @@ fn apply_batch(
         applied_event = envelope.event_id;
     }
     if applied > checkpoint {
-        store.commit(overlay.into_batch(applied, &applied_event)?)?;
+        store.commit(overlay.into_rows(applied, &applied_event)?)?;
     }
     drop(spans);
     Ok(Applied {

@@ -198,8 +198,8 @@ impl QueryService for Queries {
         let include_deleted = r.include_deleted;
         let (customers, next) = self
             .blocking(move |s| {
-                paginate(s, &prefix, None, after, size, |id| {
-                    let c = s.joined::<pb::Customer>(&String::from_utf8_lossy(id))?;
+                paginate(s, &prefix, None, after, size, |key, id| {
+                    let c = s.listed::<pb::Customer>(key, id)?;
                     Ok(c.filter(|c| include_deleted || c.status() != pb::CustomerStatus::Deleted))
                 })
             })
@@ -247,9 +247,9 @@ impl QueryService for Queries {
         let by_stock = r.max_available.is_some();
         let (products, next) = self
             .blocking(move |s| {
-                paginate(s, &prefix, end.as_deref(), after, size, |value| {
+                paginate(s, &prefix, end.as_deref(), after, size, |key, value| {
                     if by_stock {
-                        s.joined::<pb::Product>(&String::from_utf8_lossy(value))
+                        s.listed::<pb::Product>(key, value)
                     } else {
                         Store::decode_row::<pb::Product>(value).map(Some)
                     }
@@ -300,8 +300,8 @@ impl QueryService for Queries {
         let after = decode_token(&r.page_token, &filter, &prefix)?;
         let (orders, next) = self
             .blocking(move |s| {
-                paginate(s, &prefix, None, after, size, |id| {
-                    let Some(order) = s.joined::<pb::Order>(&String::from_utf8_lossy(id))? else {
+                paginate(s, &prefix, None, after, size, |key, id| {
+                    let Some(order) = s.listed::<pb::Order>(key, id)? else {
                         return Ok(None);
                     };
                     if by_customer

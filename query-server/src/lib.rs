@@ -25,6 +25,8 @@ pub mod metrics;
 pub mod paging;
 pub mod projections;
 pub mod store;
+#[cfg(test)]
+mod store_crash_tests;
 pub mod watchers;
 
 use std::future::Future;

@@ -69,14 +69,15 @@ pub fn page_size(requested: u32) -> usize {
     }
 }
 
-/// One page over an index: items `fetch` accepts, and the key to continue after.
+/// One page over an index: items `fetch(key, value)` accepts, and the key to continue
+/// after.
 pub fn paginate<T>(
     store: &Store,
     prefix: &[u8],
     end: Option<&[u8]>,
     after: Option<Vec<u8>>,
     size: usize,
-    mut fetch: impl FnMut(&[u8]) -> Result<Option<T>, StoreError>,
+    mut fetch: impl FnMut(&[u8], &[u8]) -> Result<Option<T>, StoreError>,
 ) -> Result<(Vec<T>, Option<Vec<u8>>), StoreError> {
     let mut items = Vec::with_capacity(size);
     let mut cursor = after;
@@ -95,7 +96,7 @@ pub fn paginate<T>(
                 return Ok((items, cursor));
             }
             scanned += 1;
-            if let Some(item) = fetch(&value)? {
+            if let Some(item) = fetch(&key, &value)? {
                 items.push(item);
             }
             cursor = Some(key.to_vec());

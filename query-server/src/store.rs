@@ -1,6 +1,5 @@
 //! The query server's sled database: view rows, secondary indexes, a copy of every event
-//! (for history and as-of reads), and the checkpoint, all in one tree so that one batch
-//! of events is one atomic write (views + indexes + events + checkpoint together).
+//! (for history and as-of reads), and the checkpoint, all in one tree.
 //!
 //! Keys (first byte is the row kind):
 //! - a view's tag ([`View::TAG`]), then its id → the view (`c` customers, `p` products,
@@ -11,11 +10,37 @@
 //! - `x` index keys, derived from the views ([`View::index_keys`]); value = the view's
 //!   id (`xa` all orders, `xc` orders by customer, `xs` orders by status, `xn` customers
 //!   by name, `xp` products by stock: see `projections/`)
-//! - `m` name → metadata: `checkpoint` (last applied position) and the id of the event at
-//!   the checkpoint (to notice a stream that is not the one the views were built from)
+//! - `m` name → metadata: `checkpoint` (last applied position, then the id of the event
+//!   there, to notice a stream that is not the one the views were built from; stores
+//!   written before both were one row keep the id under `checkpoint_event`), `pending`
+//!   (the envelopes of the batch being written, a [`PendingBatch`])
 //!
-//! Indexes are kept by diffing the index keys of a view before and after a batch, so a
-//! view and its index entries can never disagree.
+//! Indexes are kept by diffing the index keys of a view before and after a batch.
+//!
+//! **No sled batches.** A batch of events is written one insert at a time ([`Rows`]),
+//! never with `apply_batch`: the first sled batch in a process puts sled 0.34 into a
+//! global lock mode for good, where every batch waits for a running flush and excludes
+//! every read, so a GetOrder waited behind the consumer's writes and flushes. A crash
+//! keeps a prefix of the inserts (sled replays its log in order and stops at the first
+//! torn message: `pagecache/iterator.rs`, `LogIter::next`), so the rows are ordered to
+//! make every prefix safe to replay from the checkpoint:
+//! - the first row is `pending`, the batch's events; the checkpoint is the last row:
+//!   every batch before the checkpoint is complete, and at most the one in `pending` is
+//!   partly written. [`Store::open`] finishes it before anything reads the store, so
+//!   the views a restarted server serves are always exactly those of its checkpoint;
+//! - each view row records the position of the last event that changed it, and
+//!   `projections::apply` skips an event a row already holds: a replay changes only the
+//!   rows the crash did not write;
+//! - a row's index entries are written before the row, so a row present means its
+//!   entries are (a replay that skips the row rewrites nothing, and one that does not
+//!   rewrites the same entries);
+//! - views are written by [`View::WRITE_RANK`]: a customer's row, whose update reads an
+//!   order's previous state, is written before the order's;
+//! - history chunks are keyed by the stream's first version in the batch; finishing the
+//!   batch writes the same keys again, so no event is listed twice.
+//!
+//! Readers may see a batch partly written: lists keep only rows that still carry the
+//! index entry they were found by ([`Store::listed`]).
 
 use std::any::Any;
 use std::collections::{BTreeSet, HashMap};
@@ -30,6 +55,8 @@ use crate::projections::{IndexEntry, ReadViews, View, ViewTag, Views};
 const EVENT: u8 = b'e';
 
 const CHECKPOINT: &[u8] = b"mcheckpoint";
+const PENDING: &[u8] = b"mpending";
+/// The checkpoint's event id in stores written before it was part of `checkpoint`.
 const CHECKPOINT_EVENT: &[u8] = b"mcheckpoint_event";
 
 /// Storage failures.
@@ -52,6 +79,7 @@ pub struct Store {
 
 impl Store {
     /// Opens (or creates) the store in `dir`; `cache_bytes` bounds sled's page cache.
+    /// A batch a crash left partly written is finished first (see No sled batches).
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(dir)
@@ -60,15 +88,60 @@ impl Store {
             // The consumer is the only flusher (sled#1308: concurrent flushes can hang).
             .flush_every_ms(None)
             .open()?;
-        Ok(Store { db })
+        let store = Store { db };
+        store.finish_pending()?;
+        Ok(store)
+    }
+
+    /// Applies again the events of the batch in `pending` if the checkpoint is before
+    /// them: rows the crash kept hold their events already and are left alone
+    /// (`projections::apply`), the others are written now, then the checkpoint.
+    pub(crate) fn finish_pending(&self) -> Result<(), StoreError> {
+        let Some(bytes) = self.db.get(PENDING)? else {
+            return Ok(());
+        };
+        let pending = PendingBatch::decode(bytes.as_ref()).map_err(|e| StoreError::Corrupt {
+            key: "mpending".into(),
+            reason: e.to_string(),
+        })?;
+        let (checkpoint, _) = self.checkpoint()?;
+        let mut overlay = Overlay::new(self);
+        let mut last = None;
+        for bytes in &pending.envelopes {
+            let envelope =
+                pb::EventEnvelope::decode(bytes.as_slice()).map_err(|e| StoreError::Corrupt {
+                    key: "mpending".into(),
+                    reason: e.to_string(),
+                })?;
+            if envelope.position <= checkpoint {
+                continue;
+            }
+            crate::projections::apply(&mut overlay, &envelope);
+            overlay.add_event(&envelope.stream_id, envelope.stream_version, bytes);
+            last = Some((envelope.position, envelope.event_id));
+        }
+        if let Some((position, event_id)) = last {
+            tracing::info!(
+                from = checkpoint + 1,
+                to = position,
+                "finishing the batch a crash left partly written"
+            );
+            self.commit(overlay.into_rows(position, &event_id)?)?;
+            self.flush()?;
+        }
+        Ok(())
     }
 
     /// Last applied position and the id of the event there (0 and "" when empty).
     pub fn checkpoint(&self) -> Result<(u64, String), StoreError> {
-        let position = match self.db.get(CHECKPOINT)? {
-            Some(v) => decode_u64(&v, CHECKPOINT)?,
-            None => 0,
+        let Some(value) = self.db.get(CHECKPOINT)? else {
+            return Ok((0, String::new()));
         };
+        let (position, event_id) = value.split_at(value.len().min(8));
+        let position = decode_u64(position, CHECKPOINT)?;
+        if !event_id.is_empty() {
+            return Ok((position, String::from_utf8_lossy(event_id).into_owned()));
+        }
         let event_id = self
             .db
             .get(CHECKPOINT_EVENT)?
@@ -93,6 +166,14 @@ impl Store {
             Some(error) => Err(error),
             None => Ok(view),
         }
+    }
+
+    /// The view an index entry `key → id` leads to, joined, if its row still has that
+    /// entry: a list never shows a row that no longer matches its filter, even while a
+    /// batch that changes both is being written.
+    pub fn listed<V: View>(&self, key: &[u8], id: &[u8]) -> Result<Option<V>, StoreError> {
+        let view = self.joined::<V>(&String::from_utf8_lossy(id))?;
+        Ok(view.filter(|v| v.index_keys().iter().any(|(k, _)| k.as_slice() == key)))
     }
 
     /// Decodes a view's row (as scanned under [`Self::rows_prefix`]).
@@ -207,14 +288,19 @@ impl Store {
         Ok(out)
     }
 
-    /// Applies a batch atomically.
-    pub fn commit(&self, batch: sled::Batch) -> Result<(), StoreError> {
-        self.db.apply_batch(batch)?;
+    /// Writes the rows of a batch one insert at a time, in order (see No sled batches).
+    pub fn commit(&self, rows: Rows) -> Result<(), StoreError> {
+        for (key, value) in rows.0 {
+            match value {
+                Some(value) => self.db.insert(key, value)?,
+                None => self.db.remove(key)?,
+            };
+        }
         Ok(())
     }
 
     /// Writes sled's buffers to disk (the store needs no fsync: after a crash it recovers a
-    /// consistent prefix of batches, views and checkpoint together).
+    /// prefix of its rows, and the consumer replays from the checkpoint in it).
     pub fn flush(&self) -> Result<(), StoreError> {
         self.db.flush()?;
         Ok(())
@@ -230,6 +316,15 @@ impl Store {
             return Err(StoreError::NotAStore(dir.display().to_string()));
         }
         std::fs::remove_dir_all(dir).map_err(|e| StoreError::Io(dir.display().to_string(), e))
+    }
+
+    /// Every row under `prefix`, raw (for tests).
+    #[cfg(test)]
+    pub(crate) fn raw_scan(&self, prefix: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+        self.db
+            .scan_prefix(prefix)
+            .map(|row| row.map(|(k, v)| (k.to_vec(), v.to_vec())).expect("scan"))
+            .collect()
     }
 
     /// Bytes on disk.
@@ -257,6 +352,46 @@ fn decode_u64(bytes: &[u8], key: &[u8]) -> Result<u64, StoreError> {
         reason: "expected 8 bytes".into(),
     })?;
     Ok(u64::from_be_bytes(array))
+}
+
+/// The rows of a batch, in the order they must be written (`None` removes a row).
+#[derive(Default, Clone)]
+pub struct Rows(Vec<(Vec<u8>, Option<Vec<u8>>)>);
+
+impl Rows {
+    fn put(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        self.0.push((key.into(), Some(value.into())));
+    }
+
+    fn remove(&mut self, key: impl Into<Vec<u8>>) {
+        self.0.push((key.into(), None));
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The first `rows` rows: what a crash part-way through writing them leaves.
+    #[cfg(test)]
+    pub(crate) fn truncate(&mut self, rows: usize) {
+        self.0.truncate(rows);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn extend(&mut self, other: Rows) {
+        self.0.extend(other.0);
+    }
+}
+
+/// The envelopes of the batch being written, as received from JetStream.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PendingBatch {
+    #[prost(bytes = "vec", repeated, tag = "1")]
+    pub envelopes: Vec<Vec<u8>>,
 }
 
 /// The events of one stream applied in one batch, as received from JetStream.
@@ -300,6 +435,7 @@ impl ReadViews for Reader<'_> {
 /// A view of any kind, as the overlay holds it.
 trait AnyView: Send {
     fn as_any(&self) -> &dyn Any;
+    fn write_rank(&self) -> u8;
     fn index_keys(&self) -> Vec<IndexEntry>;
     fn encode(&self) -> Vec<u8>;
     fn same(&self, other: &dyn AnyView) -> bool;
@@ -308,6 +444,10 @@ trait AnyView: Send {
 impl<V: View> AnyView for V {
     fn as_any(&self) -> &dyn Any {
         self
+    }
+
+    fn write_rank(&self) -> u8 {
+        V::WRITE_RANK
     }
 
     fn index_keys(&self) -> Vec<IndexEntry> {
@@ -330,6 +470,13 @@ struct Row {
 }
 
 impl Row {
+    fn write_rank(&self) -> u8 {
+        self.current
+            .as_ref()
+            .or(self.stored.as_ref())
+            .map_or(u8::MAX, |v| v.write_rank())
+    }
+
     fn changed(&self) -> bool {
         match (&self.stored, &self.current) {
             (None, None) => false,
@@ -345,6 +492,8 @@ pub struct Overlay<'s> {
     rows: HashMap<(ViewTag, String), Row>,
     /// History chunks of this batch: stream id → (first version, envelopes).
     events: HashMap<String, (u64, HistoryChunk)>,
+    /// Every envelope of this batch, in order.
+    batch: PendingBatch,
     /// Storage error met while loading; reported at commit.
     error: Option<StoreError>,
 }
@@ -355,6 +504,7 @@ impl<'s> Overlay<'s> {
             store,
             rows: HashMap::new(),
             events: HashMap::new(),
+            batch: PendingBatch::default(),
             error: None,
         }
     }
@@ -367,32 +517,34 @@ impl<'s> Overlay<'s> {
             .entry(stream_id.to_string())
             .or_insert_with(|| (version, HistoryChunk::default()));
         chunk.1.envelopes.push(envelope.to_vec());
+        self.batch.envelopes.push(envelope.to_vec());
     }
 
-    /// Builds the atomic batch: changed views, their index diffs, events, checkpoint.
-    pub fn into_batch(
-        self,
-        checkpoint: u64,
-        checkpoint_event_id: &str,
-    ) -> Result<sled::Batch, StoreError> {
+    /// The batch's rows in writing order (see No sled batches): its events, changed views
+    /// by write rank, each after its index diff, then history chunks, then the checkpoint.
+    pub fn into_rows(self, checkpoint: u64, checkpoint_event_id: &str) -> Result<Rows, StoreError> {
         if let Some(error) = self.error {
             return Err(error);
         }
-        let mut batch = sled::Batch::default();
-        for ((tag, id), row) in self.rows {
-            if row.changed() {
-                write_row(&mut batch, &key(tag.byte(), id.as_bytes()), &row);
-            }
+        let mut rows = Rows::default();
+        rows.put(PENDING, self.batch.encode_to_vec());
+        let mut changed: Vec<_> = self.rows.into_iter().filter(|(_, r)| r.changed()).collect();
+        changed.sort_by(|((tag_a, id_a), a), ((tag_b, id_b), b)| {
+            (a.write_rank(), tag_a, id_a).cmp(&(b.write_rank(), tag_b, id_b))
+        });
+        for ((tag, id), row) in changed {
+            write_row(&mut rows, key(tag.byte(), id.as_bytes()), &row);
         }
         for (stream_id, (first_version, chunk)) in self.events {
             let mut k = key(EVENT, stream_id.as_bytes());
             k.push(0);
             k.extend_from_slice(&first_version.to_be_bytes());
-            batch.insert(k, chunk.encode_to_vec());
+            rows.put(k, chunk.encode_to_vec());
         }
-        batch.insert(CHECKPOINT, &checkpoint.to_be_bytes());
-        batch.insert(CHECKPOINT_EVENT, checkpoint_event_id.as_bytes());
-        Ok(batch)
+        let mut value = checkpoint.to_be_bytes().to_vec();
+        value.extend_from_slice(checkpoint_event_id.as_bytes());
+        rows.put(CHECKPOINT, value);
+        Ok(rows)
     }
 
     /// The row of a view, loaded from the store on first use.
@@ -430,8 +582,8 @@ impl Views for Overlay<'_> {
     }
 }
 
-/// A changed view's row and its index diff.
-fn write_row(batch: &mut sled::Batch, row_key: &[u8], row: &Row) {
+/// A changed view's index diff, then its row.
+fn write_row(rows: &mut Rows, row_key: Vec<u8>, row: &Row) {
     let keys = |v: &Option<Box<dyn AnyView>>| -> BTreeSet<IndexEntry> {
         v.as_ref()
             .map(|v| v.index_keys().into_iter().collect())
@@ -439,14 +591,14 @@ fn write_row(batch: &mut sled::Batch, row_key: &[u8], row: &Row) {
     };
     let (before, after) = (keys(&row.stored), keys(&row.current));
     for (k, _) in before.difference(&after) {
-        batch.remove(k.as_slice());
+        rows.remove(k.as_slice());
     }
     for (k, v) in after.difference(&before) {
-        batch.insert(k.as_slice(), v.as_slice());
+        rows.put(k.as_slice(), v.as_slice());
     }
     match &row.current {
-        Some(view) => batch.insert(row_key, view.encode()),
-        None => batch.remove(row_key),
+        Some(view) => rows.put(row_key, view.encode()),
+        None => rows.remove(row_key),
     }
 }
 
@@ -496,7 +648,7 @@ mod tests {
             overlay.add_event(&e.stream_id, e.stream_version, &e.encode_to_vec());
         }
         store
-            .commit(overlay.into_batch(3, "e3").expect("batch"))
+            .commit(overlay.into_rows(3, "e3").expect("batch"))
             .expect("commit");
         assert_eq!(
             store.checkpoint().expect("checkpoint"),
@@ -561,11 +713,7 @@ mod tests {
                 last = v;
             }
             store
-                .commit(
-                    overlay
-                        .into_batch(last, &format!("e{last}"))
-                        .expect("batch"),
-                )
+                .commit(overlay.into_rows(last, &format!("e{last}")).expect("batch"))
                 .expect("commit");
             assert_eq!(
                 store.checkpoint().expect("checkpoint").0,

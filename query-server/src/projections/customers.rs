@@ -19,6 +19,8 @@ impl View for pb::Customer {
     const NAME: &'static str = "customer";
     const ID_FIELD: &'static str = "customer_id";
     const NOT_FOUND: &'static str = "CUSTOMER_NOT_FOUND";
+    /// Before orders: an order event's customer update reads the order's previous state.
+    const WRITE_RANK: u8 = 0;
 
     fn id(&self) -> &str {
         &self.customer_id

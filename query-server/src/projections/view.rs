@@ -62,10 +62,17 @@ pub trait View: Message + Default + Clone + PartialEq + Send + Sync + 'static {
     /// The ErrorInfo reason when it does not exist: `ORDER_NOT_FOUND`.
     const NOT_FOUND: &'static str;
 
+    /// Where its rows come in a batch's writes (lowest first): a view whose projection
+    /// reads another view's state from before an event is written before that view, so
+    /// that a crash never keeps the other's new state without this one's (see
+    /// `store.rs`, No sled batches).
+    const WRITE_RANK: u8 = 1;
+
     /// Its id (the row key).
     fn id(&self) -> &str;
 
-    /// Position of the last event that changed it: what orders a watch's updates.
+    /// Position of the last event that changed it: what orders a watch's updates, and
+    /// what tells a replay that the row holds an event already.
     fn position(&self) -> u64;
 
     /// Its secondary index entries. The store keeps them by diffing these before and
