@@ -77,12 +77,12 @@ struct Args {
     #[arg(long, default_value_t = 64)]
     reference_clients: usize,
 
-    /// Stages to run: commands, half, watchers, queries, pipeline, rebuild, growth,
+    /// Stages to run: commands, half, watchers, queries, mixed, pipeline, rebuild, growth,
     /// observability, security, overload.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "commands,half,watchers,queries,pipeline,rebuild,growth,observability,security,overload"
+        default_value = "commands,half,watchers,queries,mixed,pipeline,rebuild,growth,observability,security,overload"
     )]
     stages: Vec<String>,
 
@@ -337,7 +337,11 @@ async fn run(args: Args, bin_dir: PathBuf) -> anyhow::Result<()> {
         results.watchers = Some(stages::watchers::run(&stack, &args, best).await?);
     }
     if stage("queries") {
+        let orders = orders.clone();
         stages::queries::run(&stack, &args, &args.clients, &echo.1, orders, &mut results).await?;
+    }
+    if stage("mixed") {
+        stages::mixed::run(&stack, &args, orders, &mut results).await?;
     }
     drop(echo);
     if stage("pipeline") {

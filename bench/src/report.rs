@@ -152,6 +152,8 @@ pub struct Results {
     pub half_load: Option<HalfLoad>,
     pub queries: Vec<QueryPoint>,
     pub watchers: Option<Watchers>,
+    /// Stage `mixed`: reads while commands saturate the machine.
+    pub mixed: Option<crate::stages::mixed::Mixed>,
     pub relay_drain: Option<Drain>,
     pub consumer_drain: Option<Drain>,
     pub jetstream_publish: Option<Ceiling>,
@@ -318,6 +320,33 @@ impl Results {
                     f(r.query_cpu_ms_per_1k_events),
                     f(r.visibility.p50_ms),
                     f(r.visibility.p99_ms)
+                );
+            }
+            md.push('\n');
+        }
+
+        if let Some(m) = &self.mixed {
+            let _ = writeln!(
+                md,
+                "### Reads during saturating writes\n\n{} readers paced at {} reads/s in all, on an idle stack, then while {} clients send the command workload as fast as it is answered:\n\n| query | idle p50 ms | idle p99 ms | during writes p50 ms | p99 ms | p99 ratio | commands/s meanwhile | command p99 ms | command-server / query-server / nats / bench cores |\n|---|---|---|---|---|---|---|---|---|",
+                m.readers,
+                f(m.read_rate),
+                m.writers
+            );
+            for q in [&m.get_order, &m.list_orders] {
+                let cores: Vec<String> = q.cpu.iter().map(|(_, c)| f(*c)).collect();
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} | {} | {} | {}x | {} | {} | {} |",
+                    q.idle.name,
+                    f(q.idle.latency.p50_ms),
+                    f(q.idle.latency.p99_ms),
+                    f(q.loaded.latency.p50_ms),
+                    f(q.loaded.latency.p99_ms),
+                    f(q.p99_ratio()),
+                    f(q.commands.per_second),
+                    f(q.commands.latency.p99_ms),
+                    cores.join(" / ")
                 );
             }
             md.push('\n');

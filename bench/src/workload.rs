@@ -452,7 +452,8 @@ pub enum QueryKind {
     ListOrders,
 }
 
-/// A query workload over known orders and customers.
+/// A query workload over known orders and customers, as fast as answered or paced at
+/// `load.rate`.
 pub async fn run_queries(
     endpoint: &Target,
     kind: QueryKind,
@@ -469,10 +470,17 @@ pub async fn run_queries(
         let mut q = QueryServiceClient::new(channels[client % channels.len()].clone());
         let timeline = timeline.clone();
         let orders = orders.clone();
+        let interval = load.interval();
         tasks.push(tokio::spawn(async move {
             let mut rng = SmallRng::seed_from_u64(client as u64 + 17);
             let mut rec = Recorder::default();
+            let mut next_at = Instant::now()
+                + interval.map_or(Duration::ZERO, |i| i.mul_f64(rng.random::<f64>()));
             while Instant::now() < end {
+                if let Some(interval) = interval {
+                    tokio::time::sleep_until(next_at.into()).await;
+                    next_at += interval;
+                }
                 let t0 = Instant::now();
                 let ok = match kind {
                     QueryKind::GetOrder => {

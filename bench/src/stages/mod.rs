@@ -4,6 +4,7 @@
 pub mod commands;
 pub mod growth;
 pub mod half_load;
+pub mod mixed;
 pub mod observability;
 pub mod overload;
 pub mod pipeline;
