@@ -47,7 +47,7 @@ mod snapshot;
 #[cfg(test)]
 mod snapshot_tests;
 
-use flusher::{flusher_loop, FlushJob};
+use flusher::{flusher_loop, FlushJob, SyncGate};
 pub use flusher::{SyncStats, SyncSummary};
 use queue::{Admission, Queue};
 use sequencer::Sequencer;
@@ -215,10 +215,17 @@ impl Writer {
         let (queue_tx, queue_rx) = mpsc::channel(config.queue_capacity.max(1));
         let (flush_tx, flush_rx) = std::sync::mpsc::sync_channel(FLUSH_QUEUE_BATCHES);
         let (durable_tx, durable_rx) = watch::channel(last_position);
+        let durable_tx = Arc::new(durable_tx);
+        let gate = Arc::new(SyncGate::default());
         let (failure_tx, failure_rx) = watch::channel(None);
         let failure_tx = Arc::new(failure_tx);
         let syncs = Arc::new(SyncStats::default());
         let tail = Arc::new(LogTail::default());
+        let durability = Durable {
+            gate: gate.clone(),
+            durable: durable_tx.clone(),
+            syncs: syncs.clone(),
+        };
         let admission = Arc::new(Admission::new(
             config.queue_wait_max,
             config.batch_commands_max.max(1),
@@ -233,7 +240,9 @@ impl Writer {
             let tail = tail.clone();
             std::thread::Builder::new()
                 .name("shop-writer".into())
-                .spawn(move || writer_loop(sequencer, queue, flush_tx, &tail, &failure_tx))
+                .spawn(move || {
+                    writer_loop(sequencer, queue, flush_tx, &durability, &tail, &failure_tx)
+                })
                 .map_err(|source| LogError::Io {
                     path: "writer thread".into(),
                     source,
@@ -243,7 +252,16 @@ impl Writer {
             .name("shop-flusher".into())
             .spawn({
                 let syncs = syncs.clone();
-                move || flusher_loop(|| log.sync(), flush_rx, &durable_tx, &failure_tx, &syncs)
+                move || {
+                    flusher_loop(
+                        || log.sync(),
+                        flush_rx,
+                        &gate,
+                        &durable_tx,
+                        &failure_tx,
+                        &syncs,
+                    )
+                }
             })
             .map_err(|source| LogError::Io {
                 path: "flusher thread".into(),
@@ -309,10 +327,18 @@ impl Writer {
     }
 }
 
+/// What the writer needs to sync a batch itself (see `flusher.rs`).
+struct Durable {
+    gate: Arc<SyncGate>,
+    durable: Arc<watch::Sender<u64>>,
+    syncs: Arc<SyncStats>,
+}
+
 fn writer_loop(
     mut sequencer: Sequencer,
     mut queue: Queue,
     flush: std::sync::mpsc::SyncSender<FlushJob>,
+    durability: &Durable,
     tail: &LogTail,
     failure: &watch::Sender<Option<String>>,
 ) {
@@ -352,6 +378,21 @@ fn writer_loop(
             replies,
             last_position: sequencer.next_position - 1,
         };
+        if durability.gate.flusher_idle() && queue.is_empty() {
+            // Nothing to decide meanwhile: sync here rather than wake the flusher.
+            let log = sequencer.log.clone();
+            if !durability.gate.sync_and_answer(
+                &mut || log.sync(),
+                &mut vec![job],
+                &durability.durable,
+                failure,
+                &durability.syncs,
+            ) {
+                return;
+            }
+            continue;
+        }
+        durability.gate.hand();
         if flush.send(job).is_err() {
             // The flusher stopped after a sync failure; it reported it.
             return;
@@ -362,6 +403,7 @@ fn writer_loop(
     sequencer.snapshot_whole(&mut batch);
     match sequencer.log.write(batch) {
         Ok(()) => {
+            durability.gate.hand();
             let _ = flush.send(FlushJob {
                 replies: Vec::new(),
                 last_position: sequencer.next_position - 1,

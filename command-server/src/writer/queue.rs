@@ -118,6 +118,11 @@ impl Queue {
         }
     }
 
+    /// Whether no command is waiting.
+    pub(super) fn is_empty(&self) -> bool {
+        self.receiver.is_empty()
+    }
+
     /// The next batch of commands (blocking until one arrives unless `wait` is false);
     /// `None` once every sender is gone. Commands that waited too long are answered here.
     pub(super) fn next_batch(
