@@ -122,6 +122,11 @@ struct Args {
     #[arg(long)]
     observability_rate: Option<f64>,
 
+    /// Stage `mixed`: pace the writes at this total rate (commands/s) instead of as fast
+    /// as answered (reads next to writes that leave CPU free).
+    #[arg(long)]
+    mixed_write_rate: Option<f64>,
+
     /// Server binaries of another build (e.g. an older commit's `target/release`): the
     /// observability stage then runs them too, as `baseline`, for a before/after.
     #[arg(long)]

@@ -328,10 +328,11 @@ impl Results {
         if let Some(m) = &self.mixed {
             let _ = writeln!(
                 md,
-                "### Reads during saturating writes\n\n{} readers paced at {} reads/s in all, on an idle stack, then while {} clients send the command workload as fast as it is answered:\n\n| query | idle p50 ms | idle p99 ms | during writes p50 ms | p99 ms | p99 ratio | commands/s meanwhile | command p99 ms | command-server / query-server / nats / bench cores |\n|---|---|---|---|---|---|---|---|---|",
+                "### Reads during writes\n\n{} readers paced at {} reads/s in all, on an idle stack, then while {} clients send the command workload {}:\n\n| query | idle p50 ms | idle p99 ms | during writes p50 ms | p99 ms | p99 ratio | commands/s meanwhile | command p99 ms | command-server / query-server / nats / bench cores |\n|---|---|---|---|---|---|---|---|---|",
                 m.readers,
                 f(m.read_rate),
-                m.writers
+                m.writers,
+                m.write_rate.map_or("as fast as it is answered".to_string(), |r| format!("paced at {} commands/s", f(r)))
             );
             for q in [&m.get_order, &m.list_orders] {
                 let cores: Vec<String> = q.cpu.iter().map(|(_, c)| f(*c)).collect();

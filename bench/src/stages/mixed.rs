@@ -38,6 +38,8 @@ impl MixedQuery {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Mixed {
+    /// The writes' pace (commands/s), `None`: as fast as answered.
+    pub write_rate: Option<f64>,
     pub readers: usize,
     pub read_rate: f64,
     pub writers: usize,
@@ -51,7 +53,7 @@ pub async fn run(
     orders: Vec<String>,
     results: &mut Results,
 ) -> anyhow::Result<()> {
-    let writers = load(args.reference_clients, args);
+    let mut writers = load(args.reference_clients, args);
     let orders = if orders.is_empty() {
         // Orders to read: a short run of the workload places some.
         let mut short = writers.clone();
@@ -69,6 +71,7 @@ pub async fn run(
         orders
     };
     let orders = Arc::new(orders);
+    writers.rate = args.mixed_write_rate;
     let mut readers = load(READERS, args);
     readers.rate = Some(READ_RATE);
     let query: workload::Target = stack.query.endpoint().into();
@@ -113,6 +116,7 @@ pub async fn run(
     let list_orders = points.pop().expect("two points");
     let get_order = points.pop().expect("two points");
     results.mixed = Some(Mixed {
+        write_rate: args.mixed_write_rate,
         readers: READERS,
         read_rate: READ_RATE,
         writers: args.reference_clients,
