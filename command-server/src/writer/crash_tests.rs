@@ -15,42 +15,14 @@ use shop_shared::pb;
 use super::sequencer::Sequencer;
 use super::snapshot_tests::{sequencer, submission};
 use super::{Accepted, WriteError};
-use crate::domain::testing::Memory;
+use crate::domain::testing::{create_product, place, register, Memory};
 use crate::domain::{
-    Aggregate, Command, DomainError, LineRequest, State, EMAILS, OPEN_ORDERS, SHIPMENTS_BY_ORDER,
+    Aggregate, Command, DomainError, State, EMAILS, OPEN_ORDERS, SHIPMENTS_BY_ORDER,
 };
 use crate::log::{open_in_test, EventLog, IndexName, WriteBatch};
 
-fn register(id: &str, email: &str) -> Command {
-    Command::RegisterCustomer {
-        customer_id: id.into(),
-        name: format!("Customer {id}"),
-        email: email.into(),
-        address: "1 Main St".into(),
-    }
-}
-
 fn product(sku: &str) -> Command {
-    Command::CreateProduct {
-        sku: sku.into(),
-        name: format!("Product {sku}"),
-        price_cents: 250,
-        initial_stock: 100,
-    }
-}
-
-fn place(order: &str, customer: &str, lines: &[(&str, i64)]) -> Command {
-    Command::PlaceOrder {
-        order_id: order.into(),
-        customer_id: customer.into(),
-        lines: lines
-            .iter()
-            .map(|(sku, quantity)| LineRequest {
-                sku: (*sku).into(),
-                quantity: *quantity,
-            })
-            .collect(),
-    }
+    create_product(sku, 250, 100)
 }
 
 /// Batches of commands. `c-b` registers x@shop.test, is deleted, and `c-a` takes the
