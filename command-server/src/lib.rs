@@ -278,6 +278,7 @@ async fn relay(
         RelayConfig {
             window: usize::try_from(config.relay_window).unwrap_or(2048),
             read_chunk: 1024,
+            replicas: usize::from(config.nats.stream_replicas),
         },
     );
     let startup_wait = Duration::from_millis(config.nats_startup_wait_ms);

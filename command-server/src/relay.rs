@@ -51,6 +51,8 @@ pub struct RelayConfig {
     pub window: usize,
     /// Events read from the log per read.
     pub read_chunk: usize,
+    /// Replicas the stream is created with and must have (`--stream-replicas`).
+    pub replicas: usize,
 }
 
 /// What the relay is doing, for status and health.
@@ -210,14 +212,14 @@ impl Relay {
 
     /// Gets the stream, creating it when missing; refuses a conflicting configuration.
     async fn ensure_stream(&self) -> Result<jetstream::stream::Stream, RelayError> {
-        let config = stream_config(&self.stream_name);
+        let config = stream_config(&self.stream_name, self.config.replicas);
         let mut stream = self
             .js
             .get_or_create_stream(config)
             .await
             .map_err(|e| nats(&format!("get or create stream {}", self.stream_name), e))?;
         let info = stream.info().await.map_err(|e| nats("stream info", e))?;
-        check_stream_config(&self.stream_name, &info.config)?;
+        check_stream_config(&self.stream_name, self.config.replicas, &info.config)?;
         Ok(stream)
     }
 
@@ -453,8 +455,8 @@ impl Relay {
     }
 }
 
-/// The configuration the relay creates the stream with.
-pub fn stream_config(name: &str) -> jetstream::stream::Config {
+/// The configuration the relay creates the stream with (`--stream-replicas`).
+pub fn stream_config(name: &str, replicas: usize) -> jetstream::stream::Config {
     jetstream::stream::Config {
         name: name.to_string(),
         description: Some("shop events; stream sequence N is command-log position N".into()),
@@ -463,7 +465,7 @@ pub fn stream_config(name: &str) -> jetstream::stream::Config {
         storage: jetstream::stream::StorageType::File,
         discard: jetstream::stream::DiscardPolicy::Old,
         duplicate_window: DUPLICATE_WINDOW,
-        num_replicas: 1,
+        num_replicas: replicas,
         // Events are never deleted one by one; a purge is detected and repaired.
         deny_delete: true,
         allow_direct: true,
@@ -472,8 +474,18 @@ pub fn stream_config(name: &str) -> jetstream::stream::Config {
 }
 
 /// Refuses an existing stream the relay cannot mirror the log into.
-fn check_stream_config(name: &str, config: &jetstream::stream::Config) -> Result<(), RelayError> {
+fn check_stream_config(
+    name: &str,
+    replicas: usize,
+    config: &jetstream::stream::Config,
+) -> Result<(), RelayError> {
     let mut problems = Vec::new();
+    if config.num_replicas != replicas {
+        problems.push(format!(
+            "it has {} replica(s), --stream-replicas says {replicas} (change one: `nats stream edit {name} --replicas {replicas}`, or the flag)",
+            config.num_replicas
+        ));
+    }
     if config.subjects != [STREAM_SUBJECTS] {
         problems.push(format!(
             "its subjects are {:?}, expected exactly [{STREAM_SUBJECTS:?}] (other subjects would take sequence numbers)",

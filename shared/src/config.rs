@@ -8,14 +8,27 @@ use crate::subjects::DEFAULT_STREAM;
 /// Where the event bus is.
 #[derive(clap::Args, Debug, Clone)]
 pub struct NatsArgs {
-    /// NATS server URL (JetStream must be enabled).
+    /// NATS server URL, or a comma-separated list of the servers of a cluster (the client
+    /// connects to any and fails over to the others). JetStream must be enabled.
     #[arg(
         long,
         env = "SHOP_NATS_URL",
         default_value = "nats://127.0.0.1:4222",
+        value_parser = parse_nats_urls,
         global = true
     )]
     pub nats_url: String,
+
+    /// Replicas of the stream when the relay creates it (3 on a 3-node cluster: losing
+    /// one node then loses no event). An existing stream with another count is refused.
+    #[arg(
+        long,
+        env = "SHOP_STREAM_REPLICAS",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u16).range(1..=5),
+        global = true
+    )]
+    pub stream_replicas: u16,
 
     /// JetStream stream that carries the events.
     #[arg(long, env = "SHOP_STREAM", default_value = DEFAULT_STREAM, value_parser = parse_stream_name, global = true)]
@@ -148,6 +161,35 @@ pub enum LogFormat {
 }
 
 /// JetStream stream names may not contain `.`, `*`, `>`, path separators or whitespace.
+impl NatsArgs {
+    /// The servers of `--nats-url`, one per comma-separated entry.
+    pub fn servers(&self) -> Vec<String> {
+        nats_servers(&self.nats_url)
+    }
+}
+
+fn nats_servers(urls: &str) -> Vec<String> {
+    urls.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// `--nats-url`: one or more NATS server URLs, comma-separated, each one valid.
+pub fn parse_nats_urls(urls: &str) -> Result<String, String> {
+    let servers = nats_servers(urls);
+    if servers.is_empty() {
+        return Err("no NATS server URL given".into());
+    }
+    for server in &servers {
+        server
+            .parse::<async_nats::ServerAddr>()
+            .map_err(|e| format!("{server:?} is not a NATS server URL: {e}"))?;
+    }
+    Ok(servers.join(","))
+}
+
 pub fn parse_stream_name(name: &str) -> Result<String, String> {
     let ok = !name.is_empty()
         && name.len() <= 255
@@ -166,6 +208,21 @@ pub fn parse_stream_name(name: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nats_urls_take_a_comma_separated_list() {
+        assert_eq!(
+            parse_nats_urls("nats://a:4222, nats://b:4223,nats://c:4224"),
+            Ok("nats://a:4222,nats://b:4223,nats://c:4224".to_string())
+        );
+        assert_eq!(
+            nats_servers("nats://a:4222,nats://b:4223"),
+            ["nats://a:4222", "nats://b:4223"]
+        );
+        assert!(parse_nats_urls("").is_err());
+        assert!(parse_nats_urls("nats://a:4222,nats://b:notaport")
+            .is_err_and(|e| e.contains("nats://b:notaport")));
+    }
 
     #[test]
     fn stream_names() {

@@ -68,7 +68,7 @@ pub async fn connect(args: &NatsArgs, name: &str) -> Result<async_nats::Client, 
                 }
             }
         })
-        .connect(url)
+        .connect(args.servers())
         .await?;
     Ok(client)
 }

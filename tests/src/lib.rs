@@ -7,6 +7,8 @@
 //!   started on a free port, waited for until health is SERVING, `kill -9`-able and
 //!   restartable on the same port and data dir.
 //! - [`Stack`]: NATS plus both servers, the usual fixture.
+//! - [`cluster::NatsCluster`]: a 3-node JetStream cluster, nodes killable and restartable,
+//!   the stream leader found.
 //! - [`eventually`]: poll an async condition until a deadline (never sleep and hope).
 //! - [`status`]: a status's code, BadRequest fields, ErrorInfo reason and metadata.
 //! - [`req`]: request builders; [`streams`]: the log and the JetStream stream, read back.
@@ -22,6 +24,7 @@ use std::time::{Duration, Instant};
 
 pub use shop_shared::pb;
 
+pub mod cluster;
 pub mod grpc_fuzz;
 pub mod observability;
 mod processes;

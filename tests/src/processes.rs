@@ -83,7 +83,7 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
-fn port_open(port: u16) -> bool {
+pub(crate) fn port_open(port: u16) -> bool {
     TcpStream::connect_timeout(
         &SocketAddr::from(([127, 0, 0, 1], port)),
         Duration::from_millis(100),
@@ -295,11 +295,26 @@ impl Server {
         Server::start_tls(kind, nats, extra_args, None).await
     }
 
+    /// [`Server::start`] on the NATS servers of `nats_url` (a comma-separated list for a
+    /// cluster).
+    pub async fn start_on(kind: ServerKind, nats_url: &str, extra_args: &[&str]) -> Server {
+        Server::start_on_tls(kind, nats_url, extra_args, None).await
+    }
+
     /// [`Server::start`] for a server that serves TLS (`extra_args` has `--tls-cert`...):
     /// the harness connects with `tls`.
     pub async fn start_tls(
         kind: ServerKind,
         nats: &Nats,
+        extra_args: &[&str],
+        tls: Option<ClientTlsConfig>,
+    ) -> Server {
+        Server::start_on_tls(kind, &nats.url(), extra_args, tls).await
+    }
+
+    async fn start_on_tls(
+        kind: ServerKind,
+        nats_url: &str,
         extra_args: &[&str],
         tls: Option<ClientTlsConfig>,
     ) -> Server {
@@ -309,7 +324,7 @@ impl Server {
             .expect("tempdir");
         let data_dir = dir.path().join("data");
         let log_dir = dir.path().to_path_buf();
-        let mut server = Server::new(kind, &nats.url(), data_dir, log_dir, extra_args);
+        let mut server = Server::new(kind, nats_url, data_dir, log_dir, extra_args);
         server._dir = Some(dir);
         server.tls = tls;
         server.spawn_until_listening();

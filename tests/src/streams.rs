@@ -70,19 +70,24 @@ pub struct StreamMessage {
 /// not exist). Retries when the stream changes under the read (the relay may be
 /// recreating it).
 pub async fn read_stream(nats: &Nats, stream: &str) -> Vec<StreamMessage> {
+    read_stream_with(&nats.client().await, stream).await
+}
+
+/// [`read_stream`] through a given client (e.g. one connected to a cluster).
+pub async fn read_stream_with(client: &async_nats::Client, stream: &str) -> Vec<StreamMessage> {
     for _ in 0..5 {
-        if let Some(messages) = read_stream_once(nats, stream).await {
+        if let Some(messages) = read_stream_once(client, stream).await {
             return messages;
         }
     }
     panic!("could not read stream {stream} in 5 attempts");
 }
 
-async fn read_stream_once(nats: &Nats, stream: &str) -> Option<Vec<StreamMessage>> {
+async fn read_stream_once(client: &async_nats::Client, stream: &str) -> Option<Vec<StreamMessage>> {
     use async_nats::jetstream::consumer::pull::OrderedConfig;
     use futures::StreamExt;
     use prost::Message;
-    let js = async_nats::jetstream::new(nats.client().await);
+    let js = async_nats::jetstream::new(client.clone());
     let Ok(mut s) = js.get_stream(stream).await else {
         return Some(Vec::new());
     };

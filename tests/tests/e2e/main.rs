@@ -2,6 +2,7 @@
 //! One test binary (one link) with a module per area.
 
 mod bus;
+mod cluster;
 mod commands;
 mod crash;
 mod grpc_fuzz;

@@ -1,0 +1,177 @@
+//! A 3-node NATS cluster with the stream at three replicas (`--nats-url` a list,
+//! `--stream-replicas 3`): nodes, the stream's leader among them, are `kill -9`ed and
+//! restarted while clients send commands with unique ids. Afterwards every acknowledged
+//! command is in the log once, the stream mirrors the log (gapless, sequence = position,
+//! same bytes), and the views equal a fold of the log.
+//!
+//! Rounds: `SHOP_CLUSTER_ROUNDS` (default 4: the leader twice, another node twice).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+use shop_tests::cluster::NatsCluster;
+use shop_tests::{
+    assert_stream_mirrors_log, eventually, log_position, pb, read_stream_with, read_whole_log, req,
+    Server, ServerKind,
+};
+
+use crate::model::{assert_views_equal, fetch_all, Views};
+use crate::queries::random_command;
+
+const STREAM: &str = "SHOP_EVENTS";
+const CLIENTS: usize = 3;
+
+fn rounds() -> usize {
+    std::env::var("SHOP_CLUSTER_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_r3_stream_loses_nothing_when_any_node_is_killed_under_load() {
+    let mut cluster = NatsCluster::start().await;
+    let urls = cluster.urls();
+    let command = Server::start_on(ServerKind::Command, &urls, &["--stream-replicas", "3"]).await;
+    let query = Server::start_on(ServerKind::Query, &urls, &[]).await;
+    let mut c = command.commands().await;
+    for client in 0..CLIENTS {
+        c.create_product(req::product(&format!("k{client}"), 100, 0))
+            .await
+            .expect("product");
+    }
+    assert_eq!(
+        cluster.stream_replicas(STREAM).await,
+        Some(3),
+        "the relay created the stream with --stream-replicas"
+    );
+
+    // Clients: restocks with unique command ids (counted), and random commands.
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Arc<Mutex<Vec<(String, pb::CommandResult)>>> = Arc::default();
+    let mut clients = Vec::new();
+    for client in 0..CLIENTS {
+        let mut c = command.commands().await;
+        let (stop, acked) = (stop.clone(), acked.clone());
+        clients.push(tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(client as u64 + 40);
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let command_id = format!("restock-{client}-{n}");
+                let restock = pb::RestockProductRequest {
+                    command_id: command_id.clone(),
+                    sku: format!("k{client}"),
+                    quantity: 1,
+                    ..Default::default()
+                };
+                if let Ok(reply) = c.restock_product(restock).await {
+                    let result = reply.into_inner();
+                    acked.lock().expect("acked").push((command_id, result));
+                }
+                random_command(&mut c, &mut rng).await;
+            }
+        }));
+    }
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(41);
+    for round in 0..rounds() {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(300..800))).await;
+        let leader = eventually(Duration::from_secs(20), "a stream leader", || {
+            cluster.stream_leader(STREAM)
+        })
+        .await;
+        let victim = if round % 2 == 0 {
+            leader
+        } else {
+            (leader + rng.random_range(1..3)) % 3
+        };
+        let before = acked.lock().expect("acked").len();
+        cluster.kill(victim);
+        tokio::time::sleep(Duration::from_millis(rng.random_range(500..1500))).await;
+        cluster.restart(victim);
+        let after = acked.lock().expect("acked").len();
+        eprintln!(
+            "round {round}: killed {} (leader {}), {} commands acknowledged meanwhile",
+            cluster.name(victim),
+            cluster.name(leader),
+            after - before
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        client.await.expect("client");
+    }
+
+    // The stream catches up with the log, and mirrors it.
+    let position = log_position(&mut command.log_reader().await).await;
+    let client = cluster.client().await;
+    eventually(
+        Duration::from_secs(60),
+        "the stream to reach the log's end",
+        || async {
+            let js = async_nats::jetstream::new(client.clone());
+            let last = js
+                .get_stream(STREAM)
+                .await
+                .ok()?
+                .info()
+                .await
+                .ok()?
+                .state
+                .last_sequence;
+            (last >= position).then_some(())
+        },
+    )
+    .await;
+    let log = read_whole_log(&mut command.log_reader().await).await;
+    assert_eq!(log.len() as u64, position);
+    let stream = read_stream_with(&client, STREAM).await;
+    assert_stream_mirrors_log(&stream, &log);
+
+    // Every acknowledged command is in the log, once, with its events at its positions.
+    let acked = acked.lock().expect("acked").clone();
+    assert!(
+        acked.len() > 20,
+        "only {} commands acknowledged",
+        acked.len()
+    );
+    let mut by_command: HashMap<&str, Vec<u64>> = HashMap::new();
+    for e in &log {
+        by_command
+            .entry(&e.command_id)
+            .or_default()
+            .push(e.position);
+    }
+    for (id, result) in &acked {
+        assert_eq!(
+            by_command.get(id.as_str()),
+            Some(&vec![result.position]),
+            "acknowledged {id} must be in the log exactly once, at its position"
+        );
+    }
+
+    // The views equal a fold of the log.
+    let mut q = query.queries().await;
+    eventually(Duration::from_secs(60), "the views to catch up", || {
+        let mut q = q.clone();
+        async move {
+            let s = q
+                .get_status(pb::GetStatusRequest {})
+                .await
+                .ok()?
+                .into_inner();
+            (s.applied_position >= position).then_some(())
+        }
+    })
+    .await;
+    assert_views_equal(
+        &fetch_all(&mut q, position).await,
+        &Views::fold(&log),
+        "after the node kills",
+    );
+    drop(cluster);
+}
