@@ -276,6 +276,40 @@ async fn a_stream_with_a_conflicting_configuration_is_refused_at_start() {
     assert!(server.log().contains("subjects"), "{}", server.log());
 }
 
+/// `--stream-replicas` is checked against an existing stream: one with another replica
+/// count is refused, with both counts named, rather than silently used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_with_another_replica_count_is_refused_at_start() {
+    let nats = Nats::start();
+    let js = async_nats::jetstream::new(nats.client().await);
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: STREAM.into(),
+        subjects: vec!["shop.events.>".into()],
+        num_replicas: 1,
+        ..Default::default()
+    })
+    .await
+    .expect("create stream");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = Server::new(
+        ServerKind::Command,
+        &nats.url(),
+        dir.path().join("d"),
+        dir.path().to_path_buf(),
+        &["--stream-replicas", "3"],
+    );
+    server.spawn();
+    let status = server
+        .wait_exit(Duration::from_secs(20))
+        .expect("refuses to start");
+    assert!(!status.success());
+    let log = server.log();
+    assert!(
+        log.contains("1 replica(s), --stream-replicas says 3"),
+        "{log}"
+    );
+}
+
 /// Per order: its cancellations and stock releases in the log.
 fn cancellations(events: &[pb::EventEnvelope]) -> (HashMap<String, usize>, HashMap<String, i64>) {
     let mut cancelled = HashMap::new();
