@@ -36,6 +36,15 @@ pub struct Commands {
     pub writer: Writer,
     /// Commands by outcome, and queue-full refusals as shed requests.
     pub metrics: CommandMetrics,
+    /// `--ack replicated`: answers wait for the stream.
+    pub replication: Option<Replication>,
+}
+
+/// What `--ack replicated` waits for: the relay's stream acknowledgements.
+#[derive(Clone)]
+pub struct Replication {
+    pub relay: Arc<RelayStatus>,
+    pub timeout: std::time::Duration,
 }
 
 /// Fields every command request has.
@@ -227,7 +236,25 @@ impl Commands {
         }
         meta.traceparent = traceparent;
         meta.actor = actor;
-        match self.writer.submit(command, meta).await {
+        let outcome = self.writer.submit(command, meta).await;
+        let outcome = match (outcome, &self.replication) {
+            (Ok(accepted), Some(replication)) => {
+                // Accepted now or before (a replay): answered only once the stream holds
+                // the command's events. Refusals wrote nothing and are answered at once.
+                let position = accepted.result.position;
+                if replication
+                    .relay
+                    .wait_published(position, replication.timeout)
+                    .await
+                {
+                    Ok(accepted)
+                } else {
+                    return Err(not_replicated(position, replication.timeout));
+                }
+            }
+            (outcome, _) => outcome,
+        };
+        match outcome {
             Ok(accepted) => {
                 let mut response = Response::new(accepted.result);
                 if accepted.replayed {
@@ -246,6 +273,19 @@ impl Commands {
             }
         }
     }
+}
+
+/// A command whose events the stream did not acknowledge in time (`--ack replicated`).
+fn not_replicated(position: u64, timeout: std::time::Duration) -> Status {
+    with_reason(
+        Code::Unavailable,
+        "NOT_REPLICATED",
+        format!(
+            "the command's events are in this server's log but the stream did not acknowledge them within {} ms; the command is not acknowledged: retry with the same command_id",
+            timeout.as_millis()
+        ),
+        &[("position", position.to_string())],
+    )
 }
 
 /// The validated domain command of a request, or INVALID_ARGUMENT naming every bad field.

@@ -101,7 +101,7 @@ pub struct Config {
     #[arg(long, env = "SHOP_QUEUE_WAIT_MAX_MS", default_value_t = 500)]
     pub queue_wait_max_ms: u64,
 
-    /// Commands decided into one atomic write.
+    /// Commands decided into one batch (one group commit).
     #[arg(long, env = "SHOP_BATCH_COMMANDS_MAX", default_value_t = 1024)]
     pub batch_commands_max: usize,
 
@@ -130,6 +130,29 @@ pub struct Config {
     /// Do not run the customer-deletion policy in this process.
     #[arg(long, env = "SHOP_NO_POLICY")]
     pub no_policy: bool,
+
+    /// When a command is answered: `local` once its events are fsync'd in this server's
+    /// log (the stream mirrors it), `replicated` once the stream has acknowledged them
+    /// too (with `--stream-replicas 3`, a quorum of NATS nodes holds them), so that an
+    /// answered command survives the loss of this machine.
+    #[arg(long = "ack", env = "SHOP_ACK", value_enum, default_value_t = AckLevel::Local)]
+    pub ack: AckLevel,
+
+    /// With `--ack replicated`: how long a command waits for the stream's acknowledgement,
+    /// in milliseconds; then it fails UNAVAILABLE (reason NOT_REPLICATED) and is not
+    /// acknowledged. Its events stay in the log and are relayed when the stream is back:
+    /// retrying with the same command_id answers the original result once they are.
+    #[arg(long, env = "SHOP_REPLICATED_ACK_TIMEOUT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub replicated_ack_timeout_ms: u64,
+}
+
+/// When a command is answered (`--ack`).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckLevel {
+    /// Once fsync'd in the local log.
+    Local,
+    /// Once fsync'd locally and acknowledged by the stream.
+    Replicated,
 }
 
 /// Why the server could not start or had to stop.
@@ -364,9 +387,14 @@ async fn serve(
 
     let (reflection_v1, reflection_v1alpha) =
         shop_shared::grpc::reflection(&[SERVICE_NAME, LOG_SERVICE_NAME])?;
+    let replication = (config.ack == AckLevel::Replicated).then(|| grpc::Replication {
+        relay: relay.clone(),
+        timeout: Duration::from_millis(config.replicated_ack_timeout_ms),
+    });
     let commands = CommandServiceServer::new(grpc::Commands {
         writer,
         metrics: command_metrics,
+        replication,
     })
     .max_decoding_message_size(config.request_bytes_max);
     let reader = LogServiceServer::new(grpc::LogReader {

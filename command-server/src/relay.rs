@@ -42,6 +42,14 @@ const RETRY_DELAY_MAX: Duration = Duration::from_secs(2);
 /// JetStream keeps this long a window for `Nats-Msg-Id` de-duplication (unused by the
 /// relay, which relies on expected-last-sequence, but set explicitly).
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+/// How long a publish waits for the stream's ack (and any other JetStream request
+/// answer) before the relay resynchronises from the stream's state. Acks take
+/// milliseconds; none comes while a replicated stream elects a leader, and a failed-over
+/// connection never delivers the acks of the old one, so a short wait resumes publishing
+/// soon after either (what `--ack replicated` commands wait for).
+const ACK_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often an ack wait checks that the connection it was sent on is still up.
+const DISCONNECT_CHECK: Duration = Duration::from_millis(50);
 
 /// Relay tuning.
 #[derive(Debug, Clone, Copy)]
@@ -61,6 +69,8 @@ pub struct RelayStatus {
     client: async_nats::Client,
     /// Every position up to this one is acknowledged by JetStream.
     published: AtomicU64,
+    /// The same, for those who wait for a position (`--ack replicated`).
+    published_watch: watch::Sender<u64>,
     /// Connected to NATS with a verified stream.
     connected: AtomicBool,
     /// Why the relay is not publishing, when it is not.
@@ -72,6 +82,7 @@ impl RelayStatus {
         RelayStatus {
             client,
             published: AtomicU64::new(0),
+            published_watch: watch::Sender::new(0),
             connected: AtomicBool::new(false),
             error: Mutex::new(None),
         }
@@ -79,6 +90,24 @@ impl RelayStatus {
 
     pub fn published(&self) -> u64 {
         self.published.load(Ordering::Acquire)
+    }
+
+    fn set_published(&self, position: u64) {
+        self.published.store(position, Ordering::Release);
+        self.published_watch.send_if_modified(|p| {
+            let changed = *p != position;
+            *p = position;
+            changed
+        });
+    }
+
+    /// Waits until the stream has acknowledged every position up to `position`; false
+    /// if it has not within `timeout`.
+    pub async fn wait_published(&self, position: u64, timeout: Duration) -> bool {
+        let mut published = self.published_watch.subscribe();
+        tokio::time::timeout(timeout, published.wait_for(|p| *p >= position))
+            .await
+            .is_ok_and(|waited| waited.is_ok())
     }
 
     /// Connected to NATS, with the stream verified and no error.
@@ -152,9 +181,10 @@ impl Relay {
         status: Arc<RelayStatus>,
         config: RelayConfig,
     ) -> Self {
-        let js = jetstream::new(client.clone());
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(ACK_TIMEOUT);
         if let Ok(Some(cursor)) = log.meta_u64(CURSOR_KEY) {
-            status.published.store(cursor, Ordering::Release);
+            status.set_published(cursor);
         }
         Relay {
             log,
@@ -270,7 +300,7 @@ impl Relay {
             let outcome = match resumed {
                 Ok(position) => {
                     backoff.reset();
-                    self.status.published.store(position, Ordering::Release);
+                    self.status.set_published(position);
                     self.status.set_error(None);
                     tracing::info!(stream = %self.stream_name, resume_after = position, log_position = *self.durable.borrow(), "relay publishing");
                     self.publish(position, &mut stop).await
@@ -441,17 +471,32 @@ impl Relay {
         let Some((position, ack)) = inflight.pop_front() else {
             return Ok(self.status.published());
         };
-        let ack = ack
-            .await
-            .map_err(|e| nats(&format!("ack of position {position}"), e))?;
+        let ack = tokio::select! {
+            ack = ack => ack.map_err(|e| nats(&format!("ack of position {position}"), e))?,
+            () = disconnected(&self.client) => {
+                return Err(RelayError::Nats(format!(
+                    "connection lost while awaiting the ack of position {position}; resynchronising"
+                )))
+            }
+        };
         if ack.sequence != position || ack.duplicate {
             return Err(RelayError::Nats(format!(
                 "position {position} was stored as sequence {} (duplicate: {}); resynchronising",
                 ack.sequence, ack.duplicate
             )));
         }
-        self.status.published.store(position, Ordering::Release);
+        self.status.set_published(position);
         Ok(position)
+    }
+}
+
+/// Resolves once the client is not connected, or connected to another server than when
+/// it was called (a fail-over within one check): either way the acks of what was sent on
+/// the old connection will never come.
+async fn disconnected(client: &async_nats::Client) {
+    let server = client.server_info().server_id;
+    while shop_shared::nats::is_connected(client) && client.server_info().server_id == server {
+        tokio::time::sleep(DISCONNECT_CHECK).await;
     }
 }
 

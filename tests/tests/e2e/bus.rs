@@ -578,3 +578,75 @@ async fn the_policy_acknowledges_a_deletion_only_after_its_cancels_are_durable()
         cancelled.len()
     );
 }
+
+/// `--ack replicated`: a command is answered only once the stream holds its events.
+/// With NATS down it fails UNAVAILABLE (reason NOT_REPLICATED) after the timeout and is
+/// not acknowledged; its events stay in the log, are relayed when NATS is back, and the
+/// same command_id then answers the original result. (`--ack local` answers from the
+/// local log with NATS down:
+/// `commands_keep_succeeding_while_nats_is_down_and_the_stream_catches_up`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_replicated_answers_only_what_the_stream_holds() {
+    let mut nats = Nats::start();
+    let replicated = Server::start(
+        ServerKind::Command,
+        &nats,
+        &["--ack", "replicated", "--replicated-ack-timeout-ms", "700"],
+    )
+    .await;
+    let mut c = replicated.commands().await;
+    let first = c
+        .register_customer(req::register("c1", "c1@example.com"))
+        .await
+        .expect("register")
+        .into_inner();
+    assert!(
+        stream_last_sequence(&nats, STREAM).await >= first.position,
+        "answered before the stream held position {}",
+        first.position
+    );
+
+    nats.stop();
+    let started = std::time::Instant::now();
+    let mut request = req::register("c2", "c2@example.com");
+    request.command_id = "replicated-c2".into();
+    let refused = c
+        .register_customer(request.clone())
+        .await
+        .expect_err("not acknowledged without the stream");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert_eq!(
+        shop_tests::reason(&refused).as_deref(),
+        Some("NOT_REPLICATED")
+    );
+    assert!(started.elapsed() >= Duration::from_millis(700));
+    let position: u64 = shop_tests::error_metadata(&refused)["position"]
+        .parse()
+        .expect("position");
+
+    nats.restart();
+    let retried = eventually(Duration::from_secs(30), "the retry to be answered", || {
+        let mut c = c.clone();
+        let request = request.clone();
+        async move { c.register_customer(request).await.ok() }
+    })
+    .await;
+    assert_eq!(
+        retried
+            .metadata()
+            .get("shop-replayed")
+            .map(|v| v.to_str().ok()),
+        Some(Some("true")),
+        "the retry is answered from the first attempt's events"
+    );
+    assert_eq!(retried.into_inner().position, position);
+    let log = read_whole_log(&mut replicated.log_reader().await).await;
+    assert_eq!(
+        log.iter()
+            .filter(|e| e.command_id == "replicated-c2")
+            .count(),
+        1,
+        "the command's event is in the log once"
+    );
+    assert!(stream_last_sequence(&nats, STREAM).await >= position);
+}
