@@ -1118,3 +1118,76 @@ async fn requests_beyond_the_per_connection_limit_are_shed_with_resource_exhaust
         .await
         .expect("other connection");
 }
+
+/// Query replicas (SPEC §8): three query servers on one stream, each with its own views.
+/// Each command's reply position, given as `min_position`, makes whichever replica
+/// answers show the command's effect; a replica restarted from its own data dir catches
+/// up; and all three end with views equal to a fold of the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_query_replicas_each_read_your_writes() {
+    let stack = Stack::start().await;
+    let mut replicas = vec![
+        Server::start(ServerKind::Query, &stack.nats, &[]).await,
+        Server::start(ServerKind::Query, &stack.nats, &[]).await,
+    ];
+    let mut c = stack.command.commands().await;
+    c.register_customer(req::register("c1", "c1@example.com"))
+        .await
+        .expect("register");
+    c.create_product(req::product("pen", 100, 1_000_000))
+        .await
+        .expect("product");
+    let mut readers = vec![stack.query.queries().await];
+    for r in &replicas {
+        readers.push(r.queries().await);
+    }
+    for i in 0..60usize {
+        if i == 30 {
+            // A replica down and back, from its own data dir: it catches up.
+            replicas[0].restart().await;
+            readers[1] = replicas[0].queries().await;
+        }
+        let id = format!("o{i}");
+        let placed = c
+            .place_order(req::order(&id, "c1", &[("pen", 1)]))
+            .await
+            .expect("place")
+            .into_inner();
+        let q = &mut readers[i % 3];
+        let order = q
+            .get_order(pb::GetOrderRequest {
+                order_id: id.clone(),
+                min_position: placed.position,
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("replica {} at {}: {e}", i % 3, placed.position))
+            .into_inner();
+        assert_eq!(order.version, placed.version, "replica {}", i % 3);
+        let customer = readers[(i + 1) % 3]
+            .get_customer(pb::GetCustomerRequest {
+                customer_id: "c1".into(),
+                min_position: placed.position,
+                ..Default::default()
+            })
+            .await
+            .expect("customer")
+            .into_inner();
+        assert_eq!(
+            customer.order_count,
+            i as u64 + 1,
+            "replica {}",
+            (i + 1) % 3
+        );
+    }
+    let log = read_whole_log(&mut stack.command.log_reader().await).await;
+    let position = log.last().map_or(0, |e| e.position);
+    for (n, q) in readers.iter_mut().enumerate() {
+        assert_views_equal(
+            &fetch_all(q, position).await,
+            &Views::fold(&log),
+            &format!("replica {n}"),
+        );
+    }
+    replicas.clear();
+}
