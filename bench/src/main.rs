@@ -77,12 +77,12 @@ struct Args {
     #[arg(long, default_value_t = 64)]
     reference_clients: usize,
 
-    /// Stages to run: commands, half, watchers, queries, mixed, pipeline, rebuild, growth,
+    /// Stages to run: commands, half, watchers, queries, mixed, pipeline, rebuild, cluster, growth,
     /// observability, security, overload.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "commands,half,watchers,queries,mixed,pipeline,rebuild,growth,observability,security,overload"
+        default_value = "commands,half,watchers,queries,mixed,pipeline,rebuild,cluster,growth,observability,security,overload"
     )]
     stages: Vec<String>,
 
@@ -418,6 +418,11 @@ async fn run(args: Args, bin_dir: PathBuf) -> anyhow::Result<()> {
             idle_connections: args.overload_idle_connections,
         };
         results.overload = Some(stages::overload::run(&plan).await?);
+    }
+
+    // One NATS node against a 3-node R3 cluster, --ack local and replicated.
+    if stage("cluster") {
+        results.cluster = stages::cluster::run(&args, catalog).await?;
     }
 
     // Growth, on a fresh stack.

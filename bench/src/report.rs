@@ -152,6 +152,9 @@ pub struct Results {
     pub half_load: Option<HalfLoad>,
     pub queries: Vec<QueryPoint>,
     pub watchers: Option<Watchers>,
+    /// Stage `cluster`: one NATS node against a 3-node R3 cluster, `--ack` local and
+    /// replicated.
+    pub cluster: Vec<crate::stages::cluster::ClusterPoint>,
     /// Stage `mixed`: reads while commands saturate the machine.
     pub mixed: Option<crate::stages::mixed::Mixed>,
     pub relay_drain: Option<Drain>,
@@ -320,6 +323,33 @@ impl Results {
                     f(r.query_cpu_ms_per_1k_events),
                     f(r.visibility.p50_ms),
                     f(r.visibility.p99_ms)
+                );
+            }
+            md.push('\n');
+        }
+
+        if !self.cluster.is_empty() {
+            let _ = writeln!(
+                md,
+                "### NATS cluster and `--ack replicated`\n\nThe command workload at the reference concurrency, a fresh stack per run (NATS, both servers), configurations alternating round by round; the run with the median rate:\n\n| configuration | commands/s (median) | each run | p50 ms | p99 ms | p99.9 ms | CPU (cores) |\n|---|---|---|---|---|---|---|"
+            );
+            for p in &self.cluster {
+                let runs: Vec<String> = p.runs.iter().map(|r| f(*r)).collect();
+                let cpu: Vec<String> = p
+                    .cpu
+                    .iter()
+                    .map(|(n, c)| format!("{n} {}", f(*c)))
+                    .collect();
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} | {} | {} | {} | {} |",
+                    p.config,
+                    f(p.median.per_second),
+                    runs.join(" / "),
+                    f(p.median.latency.p50_ms),
+                    f(p.median.latency.p99_ms),
+                    f(p.median.latency.p999_ms),
+                    cpu.join(", ")
                 );
             }
             md.push('\n');

@@ -180,6 +180,11 @@ impl NatsCluster {
         self.wait_listening(i);
     }
 
+    /// The process id of node `i`, while running.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.nodes[i].child.as_ref().map(Child::id)
+    }
+
     pub fn is_running(&self, i: usize) -> bool {
         self.nodes[i].child.is_some()
     }

@@ -1,6 +1,7 @@
 //! The benchmark's stages, one file each. Each takes the running [`Stack`] (or starts
 //! its own), measures, and adds its figures to the results.
 
+pub mod cluster;
 pub mod commands;
 pub mod growth;
 pub mod half_load;
