@@ -22,6 +22,9 @@ const CONFIGS: [(&str, bool, &[&str]); 3] = [
     ),
 ];
 
+/// Cores used by each process.
+type Cpu = Vec<(String, f64)>;
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ClusterPoint {
     pub config: String,
@@ -30,13 +33,13 @@ pub struct ClusterPoint {
     /// The run with the median commands/s.
     pub median: RunSummary,
     /// CPU (cores) of each process in the median run (the NATS nodes summed).
-    pub cpu: Vec<(String, f64)>,
+    pub cpu: Cpu,
 }
 
 pub async fn run(args: &Args, catalog: Catalog) -> anyhow::Result<Vec<ClusterPoint>> {
     let l = load(args.reference_clients, args);
     let rounds = args.rounds.max(1);
-    let mut runs: Vec<Vec<(RunSummary, Vec<(String, f64)>)>> = vec![Vec::new(); CONFIGS.len()];
+    let mut runs: Vec<Vec<(RunSummary, Cpu)>> = vec![Vec::new(); CONFIGS.len()];
     for round in 0..rounds {
         for k in 0..CONFIGS.len() {
             // Rotate the order round by round, so no configuration always runs first.
