@@ -9,6 +9,7 @@ mod grpc_fuzz;
 mod limits;
 mod model;
 mod observability;
+mod partitions;
 pub mod queries;
 mod query_crash;
 mod security;
