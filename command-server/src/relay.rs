@@ -210,10 +210,15 @@ impl Relay {
         let log_last = *self.durable.borrow();
         if state.last_sequence > log_last {
             return Err(RelayError::Conflict(format!(
-                "JetStream stream {} holds events up to sequence {}, but the event log ends at position {}: \
-                 the stream was not written from this log (wrong --data-dir or --stream?). \
-                 Refusing to publish; delete the stream to have it rebuilt from this log, or point the server at the right one.",
-                self.stream_name, state.last_sequence, log_last
+                "JetStream stream {} holds events up to sequence {}, but the event log in {} ends at position {}: \
+                 either the stream was not written from this log (wrong --data-dir or --stream?), or the log lost \
+                 its end (a damaged or deleted data file: sled recovers the log up to the first damaged record). \
+                 Refusing to publish. Point the server at the right data dir or stream; a damaged log is kept \
+                 as it is (the stream still holds every event); delete the stream only if this log is the one to keep.",
+                self.stream_name,
+                state.last_sequence,
+                self.log.path().display(),
+                log_last
             )));
         }
         let front_missing = state.last_sequence > 0 && state.first_sequence > 1;

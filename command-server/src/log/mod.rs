@@ -274,6 +274,11 @@ impl EventLog {
         })
     }
 
+    /// sled's data file (`<data-dir>/db`).
+    pub fn path(&self) -> &Path {
+        &self.data_path
+    }
+
     pub fn durability(&self) -> Durability {
         self.durability
     }

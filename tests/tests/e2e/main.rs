@@ -5,6 +5,7 @@ mod bus;
 mod cluster;
 mod commands;
 mod crash;
+mod damage;
 mod grpc_fuzz;
 mod limits;
 mod model;
