@@ -10,7 +10,14 @@
 # are made by scripts/secure-files.sh in ./data/secure/ on first use (tokens in
 # data/secure/tokens.env), and the printed grpcurl calls carry them.
 #
-# Usage: scripts/stack.sh [--secure]
+# With --cluster: a 3-node NATS cluster instead (client ports NATS_PORT, +1, +2; route
+# ports 6222-6224; stores in ./data/cluster/nats-n1..3), the stream at three replicas,
+# the command server with --ack replicated (answers only what a quorum of NATS nodes
+# holds), and two query servers (the second on SHOP_QUERY2_LISTEN, 127.0.0.1:50053), all
+# with their data under ./data/cluster/. Kill a NATS node (its pid is printed) to watch
+# the stack carry on. (Standby command servers and failover are not built yet.)
+#
+# Usage: scripts/stack.sh [--secure | --cluster]
 # Environment: NATS_PORT (4222), SHOP_COMMAND_LISTEN, SHOP_QUERY_LISTEN,
 # SHOP_COMMAND_METRICS (127.0.0.1:9464), SHOP_QUERY_METRICS (127.0.0.1:9465), and every
 # SHOP_* variable the servers read (see `command-server --help`; e.g. SHOP_OTLP_ENDPOINT
@@ -20,19 +27,24 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
 secure=""
+cluster=""
 case "${1:-}" in
   --secure) secure=1 ;;
+  --cluster) cluster=1 ;;
   "") ;;
-  *) echo "usage: scripts/stack.sh [--secure]" >&2; exit 2 ;;
+  *) echo "usage: scripts/stack.sh [--secure | --cluster]" >&2; exit 2 ;;
 esac
 nats_port="${NATS_PORT:-4222}"
 command_addr="${SHOP_COMMAND_LISTEN:-127.0.0.1:50051}"
 query_addr="${SHOP_QUERY_LISTEN:-127.0.0.1:50052}"
 command_metrics="${SHOP_COMMAND_METRICS:-127.0.0.1:9464}"
 query_metrics="${SHOP_QUERY_METRICS:-127.0.0.1:9465}"
+query2_addr="${SHOP_QUERY2_LISTEN:-127.0.0.1:50053}"
+data="data"
+[ -n "$cluster" ] && data="data/cluster"
 nats_bin="$(scripts/ensure-nats.sh)"
 grpcurl_bin="$(scripts/ensure-grpcurl.sh || echo grpcurl)"
-mkdir -p data/nats data/logs
+mkdir -p "$data/logs"
 
 # What clients pass to reach the servers (grpcurl flags) and the NATS flags per server.
 grpc_tls=(-plaintext)
@@ -68,31 +80,68 @@ trap stop INT TERM EXIT
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-if port_open "$nats_port"; then
+command_flags=()
+nats_pids=""
+if [ -n "$cluster" ]; then
+  urls=""
+  routes=""
+  for n in 1 2 3; do routes="${routes:+$routes,}nats://127.0.0.1:$((6221 + n))"; done
+  for n in 1 2 3; do
+    port=$((nats_port + n - 1))
+    "$nats_bin" -js -a 127.0.0.1 -p "$port" --server_name "n$n" --cluster_name shop \
+      --cluster "nats://127.0.0.1:$((6221 + n))" --routes "$routes" \
+      -sd "$root/$data/nats-n$n" >"$data/logs/nats-n$n.log" 2>&1 &
+    pids+=($!)
+    nats_pids="$nats_pids n$n=$! (port $port)"
+    urls="${urls:+$urls,}nats://127.0.0.1:$port"
+  done
+  for n in 1 2 3; do
+    for _ in $(seq 100); do port_open $((nats_port + n - 1)) && break; sleep 0.1; done
+  done
+  export SHOP_NATS_URL="$urls"
+  command_flags=(--stream-replicas 3 --ack replicated)
+elif port_open "$nats_port"; then
   echo "something already listens on port $nats_port; using it as NATS" >&2
+  export SHOP_NATS_URL="nats://127.0.0.1:$nats_port"
 else
+  mkdir -p data/nats
   "$nats_bin" -js -a 127.0.0.1 -p "$nats_port" -sd "$root/data/nats" "${nats_conf[@]}" >data/logs/nats.log 2>&1 &
   pids+=($!)
   for _ in $(seq 100); do port_open "$nats_port" && break; sleep 0.1; done
+  export SHOP_NATS_URL="nats://127.0.0.1:$nats_port"
 fi
-export SHOP_NATS_URL="nats://127.0.0.1:$nats_port"
 
-env "${command_env[@]}" target/release/command-server --listen "$command_addr" --data-dir data/command \
-  --metrics-listen "$command_metrics" >data/logs/command-server.log 2>&1 &
+env "${command_env[@]}" target/release/command-server --listen "$command_addr" --data-dir "$data/command" \
+  --metrics-listen "$command_metrics" "${command_flags[@]}" >"$data/logs/command-server.log" 2>&1 &
 pids+=($!)
-env "${query_env[@]}" target/release/query-server --listen "$query_addr" --data-dir data/query \
-  --metrics-listen "$query_metrics" >data/logs/query-server.log 2>&1 &
+env "${query_env[@]}" target/release/query-server --listen "$query_addr" --data-dir "$data/query" \
+  --metrics-listen "$query_metrics" >"$data/logs/query-server.log" 2>&1 &
 pids+=($!)
+addrs=("$command_addr" "$query_addr")
+if [ -n "$cluster" ]; then
+  target/release/query-server --listen "$query2_addr" --data-dir "$data/query2" \
+    >"$data/logs/query-server-2.log" 2>&1 &
+  pids+=($!)
+  addrs+=("$query2_addr")
+fi
 
-for addr in "$command_addr" "$query_addr"; do
+for addr in "${addrs[@]}"; do
   for _ in $(seq 300); do
     if "$grpcurl_bin" "${grpc_tls[@]}" "$addr" grpc.health.v1.Health/Check 2>/dev/null | grep -q SERVING; then break; fi
     for pid in "${pids[@]}"; do
-      kill -0 "$pid" 2>/dev/null || { echo "a process exited; see data/logs/" >&2; tail -n 20 data/logs/*.log >&2; exit 1; }
+      kill -0 "$pid" 2>/dev/null || { echo "a process exited; see $data/logs/" >&2; tail -n 20 "$data"/logs/*.log >&2; exit 1; }
     done
     sleep 0.1
   done
 done
+
+if [ -n "$cluster" ]; then
+  # --ack replicated answers only once the stream takes events: wait for the relay.
+  for _ in $(seq 600); do
+    if "$grpcurl_bin" -plaintext -d '{"service":"shop.v1.Relay"}' "$command_addr" grpc.health.v1.Health/Check 2>/dev/null | grep -q '"SERVING"'; then break; fi
+    sleep 0.1
+  done
+fi
 
 if [ -n "$secure" ]; then
   G="\$G ${grpc_tls[*]}"
@@ -105,12 +154,16 @@ if [ -n "$secure" ]; then
 else
   G="\$G -plaintext"; W=""; R=""; A=""; mode="plaintext, no authentication"; first=""
 fi
+if [ -n "$cluster" ]; then
+  mode="$mode; 3-node NATS cluster, stream R3, --ack replicated"
+fi
 cat <<EOT
 
 The stack is up ($mode):
-  NATS (JetStream)  nats://127.0.0.1:$nats_port   store: data/nats
-  command server    $command_addr    log: data/logs/command-server.log
-  query server      $query_addr    log: data/logs/query-server.log
+  NATS (JetStream)  $SHOP_NATS_URL${nats_pids:+   pids:$nats_pids}
+  command server    $command_addr    log: $data/logs/command-server.log
+  query server      $query_addr    log: $data/logs/query-server.log${cluster:+
+  query server 2    $query2_addr    log: $data/logs/query-server-2.log}
 
 Try (grpcurl is at $grpcurl_bin):
   G=$grpcurl_bin
