@@ -9,6 +9,8 @@
 //! keep (see `store.rs`, No sled batches).
 
 pub mod customers;
+#[cfg(test)]
+mod golden_tests;
 pub mod orders;
 pub mod products;
 pub mod shipments;
