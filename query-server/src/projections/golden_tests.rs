@@ -282,3 +282,25 @@ fn key_encodings_keep_order() {
     }
     assert_eq!(inverted(0), u64::MAX.to_be_bytes());
 }
+
+/// A creation event names the view it created: watchers of that id get it (the row is
+/// stored under the view's own id either way, so only the change key shows it).
+#[test]
+fn a_creation_event_changes_the_view_it_creates() {
+    let events = events();
+    let mut v = MemoryViews::default();
+    let mut keys = Vec::new();
+    for e in &events {
+        keys.extend(apply(&mut v, e).into_iter().map(|c| c.key.id));
+    }
+    // Registered, address, product, price, placed (+ customer), reserved, paid
+    // (+ customer), shipped (+ customer), committed, shipment, placed (+ customer),
+    // reserved, deleted.
+    assert_eq!(
+        keys,
+        [
+            "c1", "c1", "p1", "p1", "o1", "c1", "p1", "o1", "c1", "o1", "c1", "p1", "s1", "o2",
+            "c1", "p1", "c1"
+        ]
+    );
+}
