@@ -260,20 +260,27 @@ async fn a_stream_with_a_conflicting_configuration_is_refused_at_start() {
     })
     .await
     .expect("create conflicting stream");
+    let log = refused_at_start(&nats, &[]).await;
+    assert!(log.contains("subjects"), "{log}");
+}
+
+/// Starts a command server with an empty data dir and `args` on `nats`; it must exit
+/// with a failure; its log.
+async fn refused_at_start(nats: &Nats, args: &[&str]) -> String {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut server = Server::new(
         ServerKind::Command,
         &nats.url(),
         dir.path().join("d"),
         dir.path().to_path_buf(),
-        &[],
+        args,
     );
     server.spawn();
     let status = server
         .wait_exit(Duration::from_secs(20))
         .expect("refuses to start");
     assert!(!status.success());
-    assert!(server.log().contains("subjects"), "{}", server.log());
+    server.log()
 }
 
 /// `--stream-replicas` is checked against an existing stream: one with another replica
@@ -290,20 +297,7 @@ async fn a_stream_with_another_replica_count_is_refused_at_start() {
     })
     .await
     .expect("create stream");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut server = Server::new(
-        ServerKind::Command,
-        &nats.url(),
-        dir.path().join("d"),
-        dir.path().to_path_buf(),
-        &["--stream-replicas", "3"],
-    );
-    server.spawn();
-    let status = server
-        .wait_exit(Duration::from_secs(20))
-        .expect("refuses to start");
-    assert!(!status.success());
-    let log = server.log();
+    let log = refused_at_start(&nats, &["--stream-replicas", "3"]).await;
     assert!(
         log.contains("1 replica(s), --stream-replicas says 3"),
         "{log}"
