@@ -2,6 +2,7 @@
 //! the JetStream stream, and the check that one mirrors the other.
 
 use shop_shared::pb::log_service_client::LogServiceClient;
+use shop_shared::pb::query_service_client::QueryServiceClient;
 use tonic::transport::Channel;
 
 use std::time::Duration;
@@ -171,4 +172,21 @@ pub fn assert_stream_mirrors_log(messages: &[StreamMessage], log: &[pb::EventEnv
             "bad traceparent {tp}"
         );
     }
+}
+
+/// Waits until the query server has applied `position` (its status says so), for up to
+/// `timeout`; panics naming what it waited for otherwise.
+pub async fn wait_applied(q: &QueryServiceClient<Channel>, position: u64, timeout: Duration) {
+    crate::eventually(timeout, "the query server to catch up", || {
+        let mut q = q.clone();
+        async move {
+            let s = q
+                .get_status(pb::GetStatusRequest {})
+                .await
+                .ok()?
+                .into_inner();
+            (s.applied_position >= position).then_some(())
+        }
+    })
+    .await;
 }

@@ -17,7 +17,7 @@ use rand::{Rng, SeedableRng};
 use shop_tests::cluster::NatsCluster;
 use shop_tests::{
     assert_stream_mirrors_log, eventually, log_position, pb, read_stream_with, read_whole_log, req,
-    Server, ServerKind,
+    wait_applied, Server, ServerKind,
 };
 
 use crate::model::{assert_views_equal, fetch_all, Views};
@@ -207,18 +207,7 @@ async fn an_r3_stream_loses_nothing_when_any_node_is_killed_under_load() {
 
     // The views equal a fold of the log.
     let mut q = query.queries().await;
-    eventually(Duration::from_secs(60), "the views to catch up", || {
-        let mut q = q.clone();
-        async move {
-            let s = q
-                .get_status(pb::GetStatusRequest {})
-                .await
-                .ok()?
-                .into_inner();
-            (s.applied_position >= position).then_some(())
-        }
-    })
-    .await;
+    wait_applied(&q, position, Duration::from_secs(60)).await;
     assert_views_equal(
         &fetch_all(&mut q, position).await,
         &Views::fold(&log),

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
-use shop_tests::{eventually, log_position, pb, read_whole_log, Stack};
+use shop_tests::{log_position, pb, read_whole_log, wait_applied, Stack};
 
 use crate::model::{assert_views_equal, fetch_all, Views};
 use crate::queries::random_command;
@@ -73,20 +73,7 @@ async fn kill_9_at_random_moments_leaves_views_equal_to_a_fold_up_to_the_checkpo
 
     let position = log_position(&mut stack.command.log_reader().await).await;
     let mut q = stack.query.queries().await;
-    eventually(
-        Duration::from_secs(30),
-        "the query server to catch up",
-        || async {
-            let s = q
-                .clone()
-                .get_status(pb::GetStatusRequest {})
-                .await
-                .ok()?
-                .into_inner();
-            (s.applied_position >= position).then_some(())
-        },
-    )
-    .await;
+    wait_applied(&q, position, Duration::from_secs(30)).await;
     let events = read_whole_log(&mut stack.command.log_reader().await).await;
     assert_views_equal(
         &fetch_all(&mut q, position).await,
