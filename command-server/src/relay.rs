@@ -477,6 +477,9 @@ impl Relay {
             return Ok(self.status.published());
         };
         let ack = tokio::select! {
+            // The ack first: when it is already in (most of the time under load), the
+            // connection check never runs (no timer, no server info read).
+            biased;
             ack = ack => ack.map_err(|e| nats(&format!("ack of position {position}"), e))?,
             () = disconnected(&self.client) => {
                 return Err(RelayError::Nats(format!(
