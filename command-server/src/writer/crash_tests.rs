@@ -171,7 +171,10 @@ fn written_rows() -> (WriteBatch, Vec<(String, pb::CommandResult)>) {
 fn submissions_ids(submissions: &[super::Submission]) -> Vec<String> {
     submissions
         .iter()
-        .map(|s| s.meta.command_id.clone())
+        .filter_map(|s| match &s.work {
+            super::Work::Decide(_, meta) => Some(meta.command_id.clone()),
+            super::Work::Follow(_) => None,
+        })
         .collect()
 }
 
@@ -298,5 +301,80 @@ fn every_prefix_of_the_written_rows_recovers_whole_commands_and_consistent_index
         log.write(prefix).expect("write");
         let mut sequencer = Sequencer::open(log.clone()).expect("recover");
         check_recovered(&log, &mut sequencer, &accepted, cut);
+    }
+}
+
+/// A standby following the stream: the same events, in chunks that cut commands anywhere,
+/// give the follower the writer's states, indexes and idempotency records (from the
+/// envelopes' receipts), live and after a restart.
+#[test]
+fn a_follower_of_the_events_alone_has_the_writers_states_indexes_and_records() {
+    let (all, accepted) = written_rows();
+    let source_dir = tempfile::tempdir().expect("tempdir");
+    let source = open_in_test(source_dir.path());
+    source.write(all).expect("write");
+    let events: Vec<bytes::Bytes> = source
+        .read_range(1, u64::MAX, usize::MAX)
+        .expect("read")
+        .into_iter()
+        .map(|(_, bytes)| bytes)
+        .collect();
+    for chunk in [1, 5, 64] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = Arc::new(open_in_test(dir.path()));
+        let mut follower = sequencer(log.clone());
+        for part in events.chunks(chunk) {
+            let (reply, _) = tokio::sync::oneshot::channel();
+            let mut work = vec![super::Submission {
+                work: super::Work::Follow(part.to_vec()),
+                reply,
+                queued_at: std::time::Instant::now(),
+            }];
+            let (replies, batch, _) = follower.decide_batch(&mut work).expect("follow");
+            assert!(replies[0].1.is_ok(), "chunk {chunk}: {:?}", replies[0].1);
+            log.write(batch).expect("write");
+        }
+        let mut batch = WriteBatch::default();
+        follower.snapshot_whole(&mut batch);
+        log.write(batch).expect("write");
+        check_recovered(&log, &mut follower, &accepted, chunk);
+        let mut restarted = Sequencer::open(log.clone()).expect("reopen");
+        check_recovered(&log, &mut restarted, &accepted, chunk);
+    }
+}
+
+/// Followed events that do not start at the next position, or do not decode, are
+/// refused whole: nothing is written.
+#[test]
+fn followed_events_out_of_place_are_refused_whole() {
+    let (all, _) = written_rows();
+    let source_dir = tempfile::tempdir().expect("tempdir");
+    let source = open_in_test(source_dir.path());
+    source.write(all).expect("write");
+    let events: Vec<bytes::Bytes> = source
+        .read_range(1, 4, usize::MAX)
+        .expect("read")
+        .into_iter()
+        .map(|(_, bytes)| bytes)
+        .collect();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = Arc::new(open_in_test(dir.path()));
+    let mut follower = sequencer(log.clone());
+    let garbled = vec![events[0].clone(), bytes::Bytes::from_static(b"\xff\xff")];
+    for bad in [events[1..].to_vec(), garbled] {
+        let (reply, _) = tokio::sync::oneshot::channel();
+        let mut work = vec![super::Submission {
+            work: super::Work::Follow(bad),
+            reply,
+            queued_at: std::time::Instant::now(),
+        }];
+        let (replies, batch, _) = follower.decide_batch(&mut work).expect("follow");
+        assert!(
+            matches!(replies[0].1, Err(WriteError::Storage(_))),
+            "{:?}",
+            replies[0].1
+        );
+        assert!(batch.is_empty());
+        assert_eq!(follower.next_position, 1);
     }
 }

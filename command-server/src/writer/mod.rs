@@ -40,6 +40,7 @@ mod cache;
 #[cfg(test)]
 mod crash_tests;
 mod flusher;
+mod follow;
 mod queue;
 mod records;
 mod sequencer;
@@ -159,10 +160,18 @@ impl WriteError {
 }
 
 struct Submission {
-    command: Command,
-    meta: CommandMeta,
+    work: Work,
     reply: oneshot::Sender<Result<Accepted, WriteError>>,
     queued_at: Instant,
+}
+
+/// What the writer thread is asked to do.
+enum Work {
+    /// Decide a command and append its events.
+    Decide(Command, CommandMeta),
+    /// Append events another writer decided, exactly as the stream holds them (a
+    /// standby following the stream; see `writer/follow.rs`).
+    Follow(Vec<bytes::Bytes>),
 }
 
 /// Cloneable handle to submit commands.
@@ -304,8 +313,7 @@ impl Writer {
         self.admitting()?;
         let (reply, answer) = oneshot::channel();
         let submission = Submission {
-            command,
-            meta,
+            work: Work::Decide(command, meta),
             reply,
             queued_at: Instant::now(),
         };
@@ -317,6 +325,27 @@ impl Writer {
             Err(mpsc::error::TrySendError::Closed(_)) => return Err(self.stopped()),
         }
         answer.await.unwrap_or_else(|_| Err(self.stopped()))
+    }
+
+    /// Appends `envelopes` (encoded, consecutive positions from the log's next one, as
+    /// the stream holds them) without deciding anything, and waits until they are
+    /// durable; returns the last position. States, indexes and idempotency records (from
+    /// the envelopes' receipts) follow them as if this writer had decided them.
+    pub async fn follow(&self, envelopes: Vec<bytes::Bytes>) -> Result<u64, WriteError> {
+        let (reply, answer) = oneshot::channel();
+        let submission = Submission {
+            work: Work::Follow(envelopes),
+            reply,
+            queued_at: Instant::now(),
+        };
+        if self.queue.send(submission).await.is_err() {
+            return Err(self.stopped());
+        }
+        match answer.await {
+            Ok(Ok(accepted)) => Ok(accepted.result.position),
+            Ok(Err(error)) => Err(error),
+            Err(_) => Err(self.stopped()),
+        }
     }
 
     fn stopped(&self) -> WriteError {

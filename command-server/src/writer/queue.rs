@@ -153,7 +153,10 @@ impl Queue {
         }
         self.busy_since = (!self.receiver.is_empty()).then_some((now, submissions.len()));
         // Oldest first: when the first has not waited too long, none has.
-        let late = |s: &Submission| self.admission.expired(s.queued_at, now);
+        // Followed events are history: never refused.
+        let late = |s: &Submission| {
+            matches!(s.work, super::Work::Decide(..)) && self.admission.expired(s.queued_at, now)
+        };
         if submissions.first().is_some_and(late) {
             let (kept, late): (Vec<_>, Vec<_>) = submissions.drain(..).partition(|s| !late(s));
             *submissions = kept;

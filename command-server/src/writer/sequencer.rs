@@ -14,7 +14,7 @@ use super::cache::AggregateCache;
 use super::flusher::Reply;
 use super::records::Records;
 use super::snapshot::{Pending, Snapshot, SNAPSHOT_INTERVAL, SNAPSHOT_PENDING_MAX};
-use super::{Accepted, CommandMeta, Submission, WriteError};
+use super::{Accepted, CommandMeta, Submission, Work, WriteError};
 use crate::domain::{self, Command, Event};
 use crate::log::{CommandEntry, CommandRecord, EventLog, LogError, WriteBatch};
 use std::sync::Arc;
@@ -33,7 +33,7 @@ pub(super) struct Sequencer {
     /// The position the next event gets.
     pub(super) next_position: u64,
     /// `occurred_at` of the last event, so that it never decreases along positions.
-    last_micros: i64,
+    pub(super) last_micros: i64,
 }
 
 impl Sequencer {
@@ -69,7 +69,10 @@ impl Sequencer {
         let mut records = Records::new(self.next_position);
         let mut replies = Vec::with_capacity(submissions.len());
         for s in submissions.drain(..) {
-            let outcome = self.decide_one(&s.command, &s.meta, &mut records)?;
+            let outcome = match s.work {
+                Work::Decide(command, meta) => self.decide_one(&command, &meta, &mut records)?,
+                Work::Follow(envelopes) => self.follow(envelopes, &mut records, &mut batch)?,
+            };
             records.end_command(&mut batch);
             replies.push((s.reply, outcome));
         }
@@ -138,10 +141,10 @@ impl Sequencer {
         self.last_micros = now;
         let occurred_at = timestamp_from_micros(now);
         let mut own_version = self.cache.version(own);
-        let mut position = 0;
         let mut changes = Vec::new();
+        let mut envelopes = Vec::with_capacity(events.len());
         for event in events {
-            position = self.next_position;
+            let position = self.next_position;
             self.next_position += 1;
             let stream = stream_of(&event);
             let version = self.cache.evolve(&stream, &event, &mut changes)?;
@@ -149,7 +152,7 @@ impl Sequencer {
                 own_version = version;
             }
             self.pending.index(&stream, version, position);
-            let envelope = pb::EventEnvelope {
+            envelopes.push(pb::EventEnvelope {
                 event_id: generate_id(),
                 position,
                 stream_id: stream.to_string(),
@@ -162,19 +165,26 @@ impl Sequencer {
                 event: Some(pb::Event { kind: Some(event) }),
                 traceparent: meta.traceparent.clone().unwrap_or_default(),
                 actor: meta.actor.clone(),
-            };
-            records.push(position, envelope.encode_to_vec().into());
+                receipt: None,
+            });
+        }
+        let result = pb::CommandResult {
+            stream_id: own.to_string(),
+            version: own_version,
+            position: envelopes.last().map_or(0, |e| e.position),
+            event_count,
+            id: own.id.clone(),
+        };
+        if let Some(last) = envelopes.last_mut().filter(|_| meta.idempotent) {
+            last.receipt = Some(receipt(&meta.request_hash, &result));
+        }
+        for envelope in envelopes {
+            records.push(envelope.position, envelope.encode_to_vec().into());
         }
         for change in &changes {
             records.index(change);
         }
-        Ok(pb::CommandResult {
-            stream_id: own.to_string(),
-            version: own_version,
-            position,
-            event_count,
-            id: own.id.clone(),
-        })
+        Ok(result)
     }
 
     /// Keeps an accepted command's idempotency record: in its commit record, and pending
@@ -184,13 +194,45 @@ impl Sequencer {
             request_hash: meta.request_hash.to_vec(),
             result: Some(result.clone()),
         };
+        self.remember_record(meta.command_id.clone(), record, records);
+    }
+
+    pub(super) fn remember_record(
+        &mut self,
+        command_id: String,
+        record: CommandRecord,
+        records: &mut Records,
+    ) {
         records.command(CommandEntry {
-            command_id: meta.command_id.clone(),
+            command_id: command_id.clone(),
             record: Some(record.clone()),
         });
-        self.pending
-            .commands
-            .insert(meta.command_id.clone(), record);
+        self.pending.commands.insert(command_id, record);
+    }
+}
+
+/// The receipt an idempotent command's last event carries (see `EventEnvelope.receipt`).
+fn receipt(request_hash: &[u8], result: &pb::CommandResult) -> pb::CommandReceipt {
+    pb::CommandReceipt {
+        request_hash: request_hash.to_vec(),
+        stream_id: result.stream_id.clone(),
+        version: result.version,
+        event_count: result.event_count,
+        id: result.id.clone(),
+    }
+}
+
+/// The idempotency record a followed event's receipt stands for.
+pub(super) fn record_of_receipt(receipt: pb::CommandReceipt, position: u64) -> CommandRecord {
+    CommandRecord {
+        request_hash: receipt.request_hash,
+        result: Some(pb::CommandResult {
+            stream_id: receipt.stream_id,
+            version: receipt.version,
+            position,
+            event_count: receipt.event_count,
+            id: receipt.id,
+        }),
     }
 }
 

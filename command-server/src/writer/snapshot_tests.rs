@@ -8,7 +8,7 @@ use tokio::sync::oneshot;
 
 use super::sequencer::Sequencer;
 use super::snapshot::SNAPSHOT_SLICES;
-use super::{Accepted, CommandMeta, Submission, WriteError};
+use super::{Accepted, CommandMeta, Submission, Work, WriteError};
 use crate::domain::{Aggregate, Command, Product, State};
 use crate::log::{Durability, EventLog, WriteBatch};
 
@@ -31,17 +31,19 @@ pub(super) fn sequencer(log: Arc<EventLog>) -> Sequencer {
 pub(super) fn submission(command: Command, command_id: &str) -> Submission {
     let (reply, _) = oneshot::channel();
     Submission {
-        meta: CommandMeta {
-            command_id: command_id.to_string(),
-            idempotent: true,
-            request_hash: CommandMeta::hash_request(command_id, b""),
-            expected_version: None,
-            correlation_id: String::new(),
-            causation_id: String::new(),
-            traceparent: None,
-            actor: String::new(),
-        },
-        command,
+        work: Work::Decide(
+            command,
+            CommandMeta {
+                command_id: command_id.to_string(),
+                idempotent: true,
+                request_hash: CommandMeta::hash_request(command_id, b""),
+                expected_version: None,
+                correlation_id: String::new(),
+                causation_id: String::new(),
+                traceparent: None,
+                actor: String::new(),
+            },
+        ),
         reply,
         queued_at: Instant::now(),
     }
@@ -181,7 +183,9 @@ fn a_snapshot_is_written_in_slices_and_marks_derived_with_the_last() {
 /// A submission whose request hash is that of `payload` (what a client sent).
 fn sent(command: Command, command_id: &str, payload: &[u8]) -> Submission {
     let mut s = submission(command, command_id);
-    s.meta.request_hash = CommandMeta::hash_request("RestockProduct", payload);
+    if let Work::Decide(_, meta) = &mut s.work {
+        meta.request_hash = CommandMeta::hash_request("RestockProduct", payload);
+    }
     s
 }
 

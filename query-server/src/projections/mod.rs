@@ -123,5 +123,6 @@ pub(crate) fn envelope(position: u64, stream_version: u64, kind: Kind) -> pb::Ev
         event: Some(pb::Event { kind: Some(kind) }),
         traceparent: String::new(),
         actor: String::new(),
+        receipt: None,
     }
 }
