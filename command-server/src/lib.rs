@@ -16,6 +16,7 @@
 //! [`run`] wires them together and owns start-up and graceful shutdown.
 
 pub mod domain;
+pub mod failover;
 pub mod grpc;
 pub mod log;
 pub mod metrics;

@@ -31,10 +31,8 @@ use shop_shared::task::{
 };
 use tokio::sync::watch;
 
-use crate::log::{EventLog, LogError, LogTail};
+use crate::log::{EventLog, LogError, LogTail, RELAY_CURSOR as CURSOR_KEY};
 
-/// Metadata key of the published-position cursor in the log.
-const CURSOR_KEY: &str = "relay_published";
 /// How often an idle relay checks that the stream is still there and complete.
 const IDLE_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 /// Longest pause between attempts while NATS is unreachable.

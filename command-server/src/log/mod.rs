@@ -78,6 +78,13 @@ const META: u8 = b'Z';
 
 /// Metadata key: position up to which the derived rows (A, S, C) are complete.
 const DERIVED: &str = "derived";
+/// Metadata key: this data dir's node id (the writer lease's holder, `failover/lease.rs`).
+const NODE_ID: &str = "node_id";
+/// Metadata key: a cut of the log after this position is under way (see
+/// [`EventLog::cut_after`]); finished at the next open.
+const CUT_AFTER: &str = "cut_after";
+/// Metadata key of the relay's published-position cursor.
+pub const RELAY_CURSOR: &str = "relay_published";
 
 /// A secondary index kept in the log: rows `tag key → value`, written in the same atomic
 /// batch as the commit whose events change them. The domain declares its indexes and
@@ -266,12 +273,91 @@ impl EventLog {
             path: data_path.clone(),
             source,
         })?;
-        Ok(EventLog {
+        let log = EventLog {
             db,
             data_file,
             data_path,
             durability,
-        })
+        };
+        log.finish_cut()?;
+        Ok(log)
+    }
+
+    /// This data dir's node id, created on first use (durable with the next sync).
+    pub fn node_id(&self) -> Result<String, LogError> {
+        let key = prefixed(META, NODE_ID.as_bytes());
+        if let Some(id) = self.db.get(&key)? {
+            return Ok(String::from_utf8_lossy(&id).into_owned());
+        }
+        let id = shop_shared::ids::generate_id();
+        self.db.insert(key, id.as_bytes())?;
+        Ok(id)
+    }
+
+    /// Removes every event after position `keep` (a deposed writer's tail the stream
+    /// never took, already saved by the caller), with every derived row, which the
+    /// writer then rebuilds from the records at start. Crash-safe: a mark is made
+    /// durable first, and the cut is finished (again, idempotently) at the next open.
+    pub fn cut_after(&self, keep: u64) -> Result<(), LogError> {
+        self.db
+            .insert(prefixed(META, CUT_AFTER.as_bytes()), &keep.to_be_bytes())?;
+        self.sync()?;
+        self.finish_cut()
+    }
+
+    fn finish_cut(&self) -> Result<(), LogError> {
+        let Some(keep) = self.meta_u64(CUT_AFTER)? else {
+            return Ok(());
+        };
+        let mut rows = Vec::new();
+        for row in self.db.iter() {
+            let (key, value) = row?;
+            match key.first().copied() {
+                Some(META) => {}
+                Some(RECORD) => {
+                    let first = decode_u64(&key[1..], &key)?;
+                    if first > keep {
+                        rows.push((key.to_vec(), None));
+                        continue;
+                    }
+                    let mut record = decode_record(&key, &value)?;
+                    let kept = usize::try_from(keep - first + 1).unwrap_or(usize::MAX);
+                    if record.envelopes.len() > kept {
+                        // A record that straddles the cut keeps its first events, the
+                        // idempotency entries of those, and no index rows (the writer's
+                        // recovery computes them from the events).
+                        record.envelopes.truncate(kept);
+                        record.commands.retain(|entry| {
+                            entry
+                                .record
+                                .as_ref()
+                                .and_then(|r| r.result.as_ref())
+                                .is_some_and(|r| r.position <= keep)
+                        });
+                        record.index_rows.clear();
+                        rows.push((key.to_vec(), Some(record.encode_to_vec())));
+                    }
+                }
+                // States, stream index, idempotency records, index rows: rebuilt.
+                _ => rows.push((key.to_vec(), None)),
+            }
+        }
+        let mut batch = WriteBatch { rows };
+        batch.derived(0);
+        let cursor = self.meta_u64(RELAY_CURSOR)?.unwrap_or(0);
+        batch.put(
+            prefixed(META, RELAY_CURSOR.as_bytes()),
+            &cursor.min(keep).to_be_bytes(),
+        );
+        self.write(batch)?;
+        self.sync()?;
+        self.db.remove(prefixed(META, CUT_AFTER.as_bytes()))?;
+        self.sync()?;
+        tracing::warn!(
+            keep,
+            "event log cut after position {keep}; derived rows are rebuilt"
+        );
+        Ok(())
     }
 
     /// sled's data file (`<data-dir>/db`).

@@ -8,7 +8,7 @@ use shop_shared::events::stream_of;
 use shop_shared::ids::StreamId;
 
 use super::sequencer::Sequencer;
-use crate::log::{decode_envelope, CommandRecord, LogError, PositionChunk, WriteBatch};
+use crate::log::{decode_envelope, CommandRecord, IndexRow, LogError, PositionChunk, WriteBatch};
 
 /// How often the derived rows are written (and so how much a restart replays, at most).
 pub(super) const SNAPSHOT_INTERVAL: Duration = Duration::from_millis(100);
@@ -85,6 +85,7 @@ impl Sequencer {
         // a record but not the rows written after it.
         let mut batch = WriteBatch::default();
         let mut replayed = 0u64;
+        let mut changes = Vec::new();
         for (first, record) in records {
             for (i, bytes) in record.envelopes.iter().enumerate() {
                 let position = first + i as u64;
@@ -103,7 +104,7 @@ impl Sequencer {
                 // before the crash: those events are in the state already.
                 self.cache.load(&stream)?;
                 if envelope.stream_version > self.cache.version(&stream) {
-                    let version = self.cache.evolve(&stream, &event, &mut Vec::new())?;
+                    let version = self.cache.evolve(&stream, &event, &mut changes)?;
                     if version != envelope.stream_version {
                         return Err(LogError::Corrupt {
                             key: format!("event at position {position}"),
@@ -125,6 +126,11 @@ impl Sequencer {
             }
             for row in &record.index_rows {
                 batch.index_row(row);
+            }
+            // And the changes of the events replayed here (the same rows again, or those
+            // of a record cut short by `EventLog::cut_after`, which carries none).
+            for change in changes.drain(..) {
+                batch.index_row(&IndexRow::from(&change));
             }
         }
         self.cache.forget_indexes();
