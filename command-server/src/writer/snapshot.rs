@@ -124,13 +124,18 @@ impl Sequencer {
                     self.pending.commands.insert(entry.command_id, r);
                 }
             }
-            for row in &record.index_rows {
-                batch.index_row(row);
-            }
-            // And the changes of the events replayed here (the same rows again, or those
-            // of a record cut short by `EventLog::cut_after`, which carries none).
-            for change in changes.drain(..) {
-                batch.index_row(&IndexRow::from(&change));
+            // The record's own index rows; a record that carries none (cut short by
+            // `EventLog::cut_after`, or written before records carried them) gets the
+            // changes of its events as replayed here.
+            if record.index_rows.is_empty() {
+                for change in changes.drain(..) {
+                    batch.index_row(&IndexRow::from(&change));
+                }
+            } else {
+                changes.clear();
+                for row in &record.index_rows {
+                    batch.index_row(row);
+                }
             }
         }
         self.cache.forget_indexes();
