@@ -18,6 +18,7 @@ use shop_shared::telemetry::RequestTrace;
 use tonic::{Code, Request, Response, Status};
 
 use crate::domain::{Command, DomainError, LineRequest};
+use crate::failover::Role;
 use crate::log::{EventLog, READ_LIMIT_MAX};
 use crate::metrics::{positions, CommandMetrics};
 use crate::relay::RelayStatus;
@@ -38,6 +39,8 @@ pub struct Commands {
     pub metrics: CommandMetrics,
     /// `--ack replicated`: answers wait for the stream.
     pub replication: Option<Replication>,
+    /// Whether this server is the writer (a standby refuses commands: NOT_LEADER).
+    pub role: tokio::sync::watch::Receiver<Role>,
 }
 
 /// What `--ack replicated` waits for: the relay's stream acknowledgements.
@@ -215,6 +218,9 @@ impl Commands {
             .map(|p| p.name.clone())
             .unwrap_or_default();
         let request = request.into_inner();
+        if let Role::Standby { leader } = &*self.role.borrow() {
+            return Err(not_leader(leader.as_deref()));
+        }
         // Under overload, refuse before any work.
         if let Err(overloaded) = self.writer.admitting() {
             self.metrics.shed();
@@ -273,6 +279,20 @@ impl Commands {
             }
         }
     }
+}
+
+/// A command sent to a standby: the writer's address, when known, is in the metadata.
+fn not_leader(leader: Option<&str>) -> Status {
+    let message = match leader {
+        Some(addr) => format!("this command server is a standby; the writer is {addr}: send commands there"),
+        None => "this command server is a standby and knows no writer yet (NATS unreachable, or a takeover under way): retry shortly".to_string(),
+    };
+    with_reason(
+        Code::Unavailable,
+        "NOT_LEADER",
+        message,
+        &[("leader", leader.unwrap_or_default().to_string())],
+    )
 }
 
 /// A command whose events the stream did not acknowledge in time (`--ack replicated`).

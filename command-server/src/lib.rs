@@ -42,6 +42,9 @@ use shop_shared::telemetry::TraceLayer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::failover::lease::{Holder, Lease, LeaseGuard};
+use crate::failover::reconcile::{self, ReconcileError, StreamView};
+use crate::failover::{Ended, Failover, Role};
 use crate::log::{Durability, EventLog, LogError};
 use crate::relay::{Relay, RelayConfig, RelayError, RelayStatus};
 use crate::writer::{Writer, WriterConfig, WriterThreads, WriterWatch};
@@ -145,6 +148,18 @@ pub struct Config {
     /// retrying with the same command_id answers the original result once they are.
     #[arg(long, env = "SHOP_REPLICATED_ACK_TIMEOUT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
     pub replicated_ack_timeout_ms: u64,
+
+    /// The writer lease's time to live, in milliseconds (the JetStream key-value bucket
+    /// `SHOP_LEASES`, key = the stream's name). The writer renews it every quarter of
+    /// it; when it is not renewed for this long, a standby takes over. Every command
+    /// server of a stream must use the same value.
+    #[arg(long, env = "SHOP_LEASE_TTL_MS", default_value_t = 3000, value_parser = clap::value_parser!(u64).range(100..))]
+    pub lease_ttl_ms: u64,
+
+    /// The address clients reach this server at, published in the lease while it is the
+    /// writer and sent by standbys with NOT_LEADER (default: the listen address).
+    #[arg(long, env = "SHOP_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<String>,
 }
 
 /// When a command is answered (`--ack`).
@@ -177,11 +192,16 @@ pub enum ServerError {
     Reflection(#[from] shop_shared::grpc::ReflectionError),
     #[error("task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// The lease was lost or the log disagrees with the stream: run again (the start-up
+    /// check decides what becomes of this server's log).
+    #[error("restarting: {0}")]
+    Restart(String),
 }
 
 /// Runs the command server on `listener` until `shutdown` resolves, then shuts down
 /// gracefully: NOT_SERVING, stop accepting, finish in-flight commands, sync, publish
-/// what is left (bounded), exit.
+/// what is left (bounded), release the writer lease, exit. Returns
+/// [`ServerError::Restart`] when the server must start over (the caller runs it again).
 pub async fn run(
     config: Config,
     listener: TcpListener,
@@ -190,37 +210,54 @@ pub async fn run(
     let open_files = shop_shared::limits::raise_open_files_limit();
     tracing::debug!(?open_files, "open-file limit");
     let (health, health_service) = Health::new().await;
-    let security = Security::load(
-        &config.security,
-        listener.local_addr().unwrap_or(config.listen),
-    )?;
-    let (log, writer, writer_watch, writer_threads) = open_log(&config).await?;
-
+    let local_addr = listener.local_addr().unwrap_or(config.listen);
+    let security = Security::load(&config.security, local_addr)?;
+    let log = open_log(&config).await?;
     let client = shop_shared::nats::connect(&config.nats, "command-server").await?;
-    let (relay, relay_status) = relay(&config, &log, &writer_watch, &client).await?;
+    let node = log.node_id().map_err(|source| log_error(&config, source))?;
+    let me = Holder {
+        node,
+        addr: config
+            .advertise_addr
+            .clone()
+            .unwrap_or_else(|| local_addr.to_string()),
+    };
+    check_at_startup(&config, &log, &client, &me).await?;
+    let (writer, writer_watch, writer_threads) = start_writer(&config, &log)?;
 
+    let relay_status = Arc::new(RelayStatus::new(client.clone()));
     let (stop_tx, stop_rx) = watch::channel(false);
-    let relay_task = tokio::spawn(relay.run(stop_rx.clone()));
-    let policy_task = (!config.no_policy).then(|| {
-        let policy = policy::Policy {
-            client: client.clone(),
-            stream_name: config.nats.stream.clone(),
-            log: log.clone(),
-            writer: writer.clone(),
-        };
-        tokio::spawn(policy.run(stop_rx.clone()))
-    });
+    let (release_tx, release_rx) = watch::channel(false);
+    let (restart_tx, mut restart_rx) = watch::channel(None::<String>);
+    let restart_asked = restart_rx.clone();
+    let (role_tx, role_rx) = watch::channel(Role::Standby { leader: None });
+    let writer_tasks = Arc::new(std::sync::Mutex::new(WriterTasks::default()));
+    let engine = tokio::spawn(
+        RoleEngine {
+            config: config.clone(),
+            failover: failover_inputs(&config, &log, &writer, &writer_watch, &client, me, role_tx),
+            relay_status: relay_status.clone(),
+            tail: writer_watch.tail.clone(),
+            tasks: writer_tasks.clone(),
+            restart: restart_tx,
+        }
+        .run(stop_rx.clone(), release_rx),
+    );
     let (serving_tx, serving_rx) = watch::channel(true);
     let health_task = tokio::spawn(watch_health(
         health.clone(),
         writer_watch.clone(),
         relay_status.clone(),
         serving_rx,
+        role_rx.clone(),
     ));
     let on_shutdown = {
         let health = health.clone();
         async move {
-            shutdown.await;
+            tokio::select! {
+                () = shutdown => {}
+                _ = restart_rx.changed() => {}
+            }
             let _ = serving_tx.send(false);
             health.set("", false).await;
             health.set(SERVICE_NAME, false).await;
@@ -232,6 +269,7 @@ pub async fn run(
         writer,
         watch: writer_watch,
         relay: relay_status,
+        role: role_rx,
         health,
         health_service,
         security,
@@ -241,103 +279,290 @@ pub async fn run(
     let _ = stop_tx.send(true);
     health_task.abort();
     let background = Background {
-        policy: policy_task,
+        tasks: writer_tasks,
         writer: writer_threads,
-        relay: relay_task,
+        engine,
+        release: release_tx,
     };
-    background.finish(&log).await?;
+    let restart = background
+        .finish(&log)
+        .await?
+        .or_else(|| restart_asked.borrow().clone());
     client.flush().await.ok();
+    if let Some(why) = restart {
+        tracing::warn!(reason = %why, "command server restarting");
+        return Err(ServerError::Restart(why));
+    }
     tracing::info!("command server stopped");
     served
 }
 
+/// The tasks only the writer runs, started when this server becomes the writer.
+#[derive(Default)]
+struct WriterTasks {
+    relay: Option<tokio::task::JoinHandle<Result<(), RelayError>>>,
+    policy: Option<tokio::task::JoinHandle<()>>,
+}
+
 /// The tasks and threads that outlive the gRPC server, until they have finished.
 struct Background {
-    policy: Option<tokio::task::JoinHandle<()>>,
+    tasks: Arc<std::sync::Mutex<WriterTasks>>,
     writer: WriterThreads,
-    relay: tokio::task::JoinHandle<Result<(), RelayError>>,
+    engine: tokio::task::JoinHandle<Option<String>>,
+    release: watch::Sender<bool>,
 }
 
 impl Background {
     /// In-flight commands are answered (the server is done) and `stop` is set: stops
-    /// the producers of commands, then the writer, then lets the relay publish the rest.
-    async fn finish(self, log: &Arc<EventLog>) -> Result<(), ServerError> {
-        if let Some(task) = self.policy {
+    /// the producers of commands, then the writer, then lets the relay publish the rest,
+    /// then releases the lease. Why the server must restart, if it must.
+    async fn finish(self, log: &Arc<EventLog>) -> Result<Option<String>, ServerError> {
+        let WriterTasks { relay, policy } = self
+            .tasks
+            .lock()
+            .map(|mut tasks| std::mem::take(&mut *tasks))
+            .unwrap_or_default();
+        if let Some(task) = policy {
             let _ = task.await;
         }
-        // Every Writer handle is gone now: the writer drains, the flusher syncs and answers.
+        // Every Writer handle is gone now (a standby's follower stops at `stop`): the
+        // writer drains, the flusher syncs and answers.
         let writer = self.writer;
         tokio::task::spawn_blocking(move || writer.join()).await?;
-        match tokio::time::timeout(RELAY_DRAIN_TIMEOUT, self.relay).await {
-            Ok(Ok(Err(error))) => tracing::warn!(%error, "relay had stopped with an error"),
-            Ok(_) => {}
-            Err(_) => tracing::warn!(
-                "relay did not finish publishing in time; the rest is published after restart"
-            ),
+        if let Some(relay) = relay {
+            match tokio::time::timeout(RELAY_DRAIN_TIMEOUT, relay).await {
+                Ok(Ok(Err(error))) => tracing::warn!(%error, "relay had stopped with an error"),
+                Ok(_) => {}
+                Err(_) => tracing::warn!(
+                    "relay did not finish publishing in time; the rest is published after restart"
+                ),
+            }
         }
+        // Only now may a standby take over: everything this writer acknowledged is in
+        // the stream (or it waits in this log for the next start).
+        let _ = self.release.send(true);
+        let restart = self.engine.await.unwrap_or_else(|e| Some(e.to_string()));
         let final_sync = log.clone();
         if let Err(error) = tokio::task::spawn_blocking(move || final_sync.sync()).await? {
             tracing::error!(%error, "final sync failed");
         }
-        Ok(())
+        Ok(restart)
     }
 }
 
-/// The relay over the log, its stream checked against the log (see
-/// [`verify_stream_at_startup`]).
-async fn relay(
-    config: &Config,
-    log: &Arc<EventLog>,
-    writer: &WriterWatch,
-    client: &async_nats::Client,
-) -> Result<(Relay, Arc<RelayStatus>), ServerError> {
-    let status = Arc::new(RelayStatus::new(client.clone()));
-    let relay = Relay::new(
-        log.clone(),
-        writer.tail.clone(),
-        client.clone(),
-        config.nats.stream.clone(),
-        writer.durable_position.clone(),
-        status.clone(),
-        RelayConfig {
-            window: usize::try_from(config.relay_window).unwrap_or(2048),
-            read_chunk: 1024,
-            replicas: usize::from(config.nats.stream_replicas),
-        },
-    );
-    let startup_wait = Duration::from_millis(config.nats_startup_wait_ms);
-    verify_stream_at_startup(&relay, client, startup_wait).await?;
-    Ok((relay, status))
+/// The role engine's task: standby, then writer (see `failover/mod.rs`).
+struct RoleEngine {
+    config: Config,
+    failover: Failover,
+    relay_status: Arc<RelayStatus>,
+    tail: Arc<crate::log::LogTail>,
+    tasks: Arc<std::sync::Mutex<WriterTasks>>,
+    restart: watch::Sender<Option<String>>,
 }
 
-/// Opens the event log and starts the writer over it (after its recovery).
-async fn open_log(
+impl RoleEngine {
+    /// Runs until stopped (a standby) or released (the writer); why the server must
+    /// restart, if it must (also signalled at once on `restart`).
+    async fn run(
+        self,
+        mut stop: watch::Receiver<bool>,
+        mut release: watch::Receiver<bool>,
+    ) -> Option<String> {
+        let restart = self.restart.clone();
+        let ended = match self.serve(&mut stop).await {
+            Ok((held, guard)) => match failover::keep(held, &guard, &mut release).await {
+                Ok(()) => Ended::Stopped,
+                Err(ended) => ended,
+            },
+            Err(ended) => ended,
+        };
+        match ended {
+            Ended::Stopped => None,
+            Ended::Restart(why) => {
+                tracing::error!(reason = %why, "this command server can no longer write; restarting");
+                restart.send_replace(Some(why.clone()));
+                Some(why)
+            }
+        }
+    }
+
+    /// Standby until this server holds the lease, then starts the writer's tasks; the
+    /// lease to keep. Consumes the engine: nothing of it (no writer handle) outlives this.
+    async fn serve(
+        self,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<(failover::Held, LeaseGuard), Ended> {
+        let failover = &self.failover;
+        let Some(lease) = failover.open_lease(stop).await else {
+            return Err(Ended::Stopped);
+        };
+        let held = failover.standby(lease, stop).await?;
+        let config = &self.config;
+        let relay = Relay::new(
+            failover.log.clone(),
+            self.tail.clone(),
+            failover.client.clone(),
+            config.nats.stream.clone(),
+            failover.durable.clone(),
+            self.relay_status.clone(),
+            RelayConfig {
+                window: usize::try_from(config.relay_window).unwrap_or(2048),
+                read_chunk: 1024,
+                replicas: usize::from(config.nats.stream_replicas),
+            },
+        )
+        .fenced(failover.guard.clone());
+        let restart = self.restart.clone();
+        let relay_stop = stop.clone();
+        let relay = tokio::spawn(async move {
+            let outcome = relay.run(relay_stop).await;
+            if let Err(RelayError::Conflict(why)) = &outcome {
+                restart.send_replace(Some(format!("the relay found a conflict: {why}")));
+            }
+            outcome
+        });
+        let policy = (!config.no_policy).then(|| {
+            let policy = policy::Policy {
+                client: failover.client.clone(),
+                stream_name: config.nats.stream.clone(),
+                log: failover.log.clone(),
+                writer: failover.writer.clone(),
+            };
+            tokio::spawn(policy.run(stop.clone()))
+        });
+        if let Ok(mut tasks) = self.tasks.lock() {
+            *tasks = WriterTasks {
+                relay: Some(relay),
+                policy,
+            };
+        }
+        failover.role.send_replace(Role::Writer);
+        tracing::info!(addr = %failover.me.addr, "serving as the writer");
+        Ok((held, failover.guard.clone()))
+    }
+}
+
+/// The role engine's inputs.
+fn failover_inputs(
     config: &Config,
-) -> Result<(Arc<EventLog>, Writer, WriterWatch, WriterThreads), ServerError> {
-    let dir = config.data_dir.clone();
-    let (durability, cache_bytes) = (config.durability, config.cache_mb.saturating_mul(1 << 20));
-    let log_error = |source| ServerError::Log {
+    log: &Arc<EventLog>,
+    writer: &Writer,
+    watch: &WriterWatch,
+    client: &async_nats::Client,
+    me: Holder,
+    role: watch::Sender<Role>,
+) -> Failover {
+    Failover {
+        client: client.clone(),
+        js: async_nats::jetstream::new(client.clone()),
+        stream: config.nats.stream.clone(),
+        log: log.clone(),
+        writer: writer.clone(),
+        durable: watch.durable_position.clone(),
+        me,
+        ttl: Duration::from_millis(config.lease_ttl_ms),
+        replicas: usize::from(config.nats.stream_replicas),
+        role,
+        guard: LeaseGuard::default(),
+    }
+}
+
+fn log_error(config: &Config, source: LogError) -> ServerError {
+    ServerError::Log {
         dir: config.data_dir.clone(),
         source,
-    };
+    }
+}
+
+/// Opens the event log.
+async fn open_log(config: &Config) -> Result<Arc<EventLog>, ServerError> {
+    let dir = config.data_dir.clone();
+    let (durability, cache_bytes) = (config.durability, config.cache_mb.saturating_mul(1 << 20));
     let log = tokio::task::spawn_blocking(move || EventLog::open(&dir, durability, cache_bytes))
         .await?
-        .map_err(log_error)?;
-    let log = Arc::new(log);
+        .map_err(|source| log_error(config, source))?;
+    Ok(Arc::new(log))
+}
+
+/// Starts the writer over the log (after its recovery).
+fn start_writer(
+    config: &Config,
+    log: &Arc<EventLog>,
+) -> Result<(Writer, WriterWatch, WriterThreads), ServerError> {
     let writer_config = WriterConfig {
         queue_capacity: config.queue_capacity,
         batch_commands_max: config.batch_commands_max,
         queue_wait_max: (config.queue_wait_max_ms > 0)
             .then(|| Duration::from_millis(config.queue_wait_max_ms)),
     };
-    let (writer, watch, threads) = Writer::start(log.clone(), writer_config).map_err(log_error)?;
+    let (writer, watch, threads) =
+        Writer::start(log.clone(), writer_config).map_err(|source| log_error(config, source))?;
     tracing::info!(
         dir = %config.data_dir.display(),
         log_position = *watch.durable_position.borrow(),
-        durability = durability.as_str(),
+        durability = config.durability.as_str(),
         "event log open"
     );
-    Ok((log, writer, watch, threads))
+    Ok((writer, watch, threads))
+}
+
+/// At start-up, give NATS a moment, check the stream's configuration (a conflicting one
+/// is a reason to refuse to start) and the log against the stream (see
+/// `failover/reconcile.rs`: a log the stream has other events for is quarantined in
+/// replicated mode and refused in local mode). When NATS does not answer in time the
+/// server starts anyway, as a standby; the check runs again if following finds the log
+/// and the stream disagree.
+async fn check_at_startup(
+    config: &Config,
+    log: &Arc<EventLog>,
+    client: &async_nats::Client,
+    me: &Holder,
+) -> Result<(), ServerError> {
+    let wait = Duration::from_millis(config.nats_startup_wait_ms);
+    let (_stop, never) = watch::channel(false);
+    if !shop_shared::task::wait_connected(client, wait, &never).await {
+        tracing::warn!("NATS not reachable at start-up; starting as a standby until it is");
+        return Ok(());
+    }
+    let js = async_nats::jetstream::new(client.clone());
+    let replicas = usize::from(config.nats.stream_replicas);
+    let check = async {
+        relay::ensure_stream(&js, &config.nats.stream, replicas).await?;
+        let lease = Lease::open(
+            &js,
+            &config.nats.stream,
+            me.clone(),
+            Duration::from_millis(config.lease_ttl_ms),
+            replicas,
+        )
+        .await
+        .map_err(|e| RelayError::Nats(e.to_string()))?;
+        let view = StreamView {
+            js: &js,
+            name: &config.nats.stream,
+        };
+        reconcile::reconcile(log, &view, &lease, &me.node, config.ack)
+            .await
+            .map_err(|e| match e {
+                ReconcileError::Diverged(why) => RelayError::Conflict(why),
+                ReconcileError::Log(e) => RelayError::Log(e),
+                other => RelayError::Nats(other.to_string()),
+            })
+    };
+    let deadline = wait.max(Duration::from_secs(1)) * 2;
+    match tokio::time::timeout(deadline, check).await {
+        Ok(Err(RelayError::Conflict(reason))) => Err(ServerError::StreamConflict(reason)),
+        Ok(Err(error)) if error.severity() == Severity::Fatal => Err(ServerError::Relay(error)),
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "stream not checked at start-up; starting as a standby");
+            Ok(())
+        }
+        Ok(Ok(())) => Ok(()),
+        Err(_) => {
+            tracing::warn!("stream check timed out at start-up; starting as a standby");
+            Ok(())
+        }
+    }
 }
 
 /// What the gRPC server serves.
@@ -348,6 +573,7 @@ struct Services {
     writer: Writer,
     watch: WriterWatch,
     relay: Arc<RelayStatus>,
+    role: watch::Receiver<Role>,
     health: Health,
     health_service: HealthService,
     security: Security,
@@ -366,6 +592,7 @@ async fn serve(
         writer,
         watch,
         relay,
+        role,
         health,
         health_service,
         security,
@@ -396,6 +623,7 @@ async fn serve(
         writer,
         metrics: command_metrics,
         replication,
+        role,
     })
     .max_decoding_message_size(config.request_bytes_max);
     let reader = LogServiceServer::new(grpc::LogReader {
@@ -436,74 +664,41 @@ pub const SERVICE_NAME: &str = "shop.v1.CommandService";
 /// The gRPC service name of the log reader.
 pub const LOG_SERVICE_NAME: &str = "shop.v1.LogService";
 
-/// At start-up, give NATS a moment and check the stream against the log: a stream that
-/// holds events the log does not is a reason to refuse to start. When NATS does not
-/// answer in time the server starts anyway and the relay checks once it is reachable.
-async fn verify_stream_at_startup(
-    relay: &Relay,
-    client: &async_nats::Client,
-    wait: Duration,
-) -> Result<(), ServerError> {
-    let deadline = tokio::time::Instant::now() + wait;
-    let (_stop, never) = tokio::sync::watch::channel(false);
-    if !shop_shared::task::wait_connected(client, wait, &never).await {
-        tracing::warn!(
-            "NATS not reachable at start-up; accepting commands and relaying once it is"
-        );
-        return Ok(());
-    }
-    match tokio::time::timeout_at(
-        deadline.max(tokio::time::Instant::now() + Duration::from_secs(1)),
-        relay.prepare(),
-    )
-    .await
-    {
-        Ok(Err(RelayError::Conflict(reason))) => Err(ServerError::StreamConflict(reason)),
-        Ok(Err(error)) if error.severity() == Severity::Fatal => Err(ServerError::Relay(error)),
-        Ok(Err(error)) => {
-            tracing::warn!(%error, "stream not verified at start-up; the relay retries in the background");
-            Ok(())
-        }
-        Ok(Ok(_)) => Ok(()),
-        Err(_) => {
-            tracing::warn!(
-                "stream verification timed out at start-up; the relay retries in the background"
-            );
-            Ok(())
-        }
-    }
-}
-
-/// Keeps health in line with the log (overall and command service) and the relay.
+/// Keeps health in line with the log, the role (a standby does not serve commands) and
+/// the relay.
 async fn watch_health(
     health: Health,
     writer: writer::WriterWatch,
     relay: Arc<RelayStatus>,
     serving: watch::Receiver<bool>,
+    role: watch::Receiver<Role>,
 ) {
-    let mut last: Option<(bool, bool)> = None;
+    let mut last: Option<(bool, bool, bool)> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
         tick.tick().await;
         let log_ok = writer.failure.borrow().is_none() && *serving.borrow();
-        let relay_ok = relay.connected() && log_ok;
-        if last != Some((log_ok, relay_ok)) {
+        let writing = log_ok && *role.borrow() == Role::Writer;
+        let relay_ok = relay.connected() && writing;
+        if last != Some((log_ok, writing, relay_ok)) {
             // Named services first: "" SERVING then implies them.
-            health.set(SERVICE_NAME, log_ok).await;
+            health.set(SERVICE_NAME, writing).await;
             health.set(LOG_SERVICE_NAME, log_ok).await;
             health.set(RELAY_HEALTH_SERVICE, relay_ok).await;
             health.set("", log_ok).await;
-            if last.is_some_and(|(_, was)| was != relay_ok) {
-                if relay_ok {
-                    tracing::info!("relay healthy again");
-                } else {
-                    tracing::warn!(
-                        reason = relay.error().unwrap_or_default(),
-                        "relay degraded; commands are still accepted"
-                    );
+            if let Some((_, was_writing, was_relay_ok)) = last {
+                if was_writing && was_relay_ok != relay_ok {
+                    if relay_ok {
+                        tracing::info!("relay healthy again");
+                    } else {
+                        tracing::warn!(
+                            reason = relay.error().unwrap_or_default(),
+                            "relay degraded; commands are still accepted"
+                        );
+                    }
                 }
             }
-            last = Some((log_ok, relay_ok));
+            last = Some((log_ok, writing, relay_ok));
         }
     }
 }

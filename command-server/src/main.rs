@@ -1,5 +1,5 @@
 //! `command-server`: parses flags, sets up logging, and runs [`command_server::run`]
-//! until SIGINT/SIGTERM.
+//! until SIGINT/SIGTERM (again when it asks to restart: see `failover/mod.rs`).
 
 use anyhow::Context;
 
@@ -19,12 +19,24 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async move {
         let telemetry =
             shop_shared::telemetry::init(&config.log, &config.telemetry, "command-server")?;
-        let listener = tokio::net::TcpListener::bind(config.listen)
+        let result = loop {
+            let listener = tokio::net::TcpListener::bind(config.listen)
+                .await
+                .with_context(|| format!("binding {}", config.listen))?;
+            tracing::info!(addr = %listener.local_addr()?, "listening");
+            match command_server::run(
+                config.clone(),
+                listener,
+                shop_shared::grpc::shutdown_signal(),
+            )
             .await
-            .with_context(|| format!("binding {}", config.listen))?;
-        tracing::info!(addr = %listener.local_addr()?, "listening");
-        let result =
-            command_server::run(config, listener, shop_shared::grpc::shutdown_signal()).await;
+            {
+                // Lost the writer lease, or the log and the stream disagree: start over,
+                // the start-up check deciding what becomes of the log.
+                Err(command_server::ServerError::Restart(_)) => continue,
+                other => break other,
+            }
+        };
         telemetry.shutdown().await;
         result.map_err(anyhow::Error::from)
     })

@@ -31,6 +31,7 @@ use shop_shared::task::{
 };
 use tokio::sync::watch;
 
+use crate::failover::lease::LeaseGuard;
 use crate::log::{EventLog, LogError, LogTail, RELAY_CURSOR as CURSOR_KEY};
 
 /// How often an idle relay checks that the stream is still there and complete.
@@ -167,6 +168,8 @@ pub struct Relay {
     durable: watch::Receiver<u64>,
     status: Arc<RelayStatus>,
     config: RelayConfig,
+    /// Publishes only while this server's writer lease is valid (see `failover/lease.rs`).
+    guard: LeaseGuard,
 }
 
 impl Relay {
@@ -193,7 +196,15 @@ impl Relay {
             durable,
             status,
             config,
+            guard: LeaseGuard::always(),
         }
+    }
+
+    /// Publishes only while `guard` is valid: a writer that may have lost its lease stops
+    /// publishing before anyone else can claim it.
+    pub fn fenced(mut self, guard: LeaseGuard) -> Self {
+        self.guard = guard;
+        self
     }
 
     /// Makes sure the stream exists with a compatible configuration and agrees with the
@@ -243,17 +254,8 @@ impl Relay {
         Ok(state.last_sequence)
     }
 
-    /// Gets the stream, creating it when missing; refuses a conflicting configuration.
     async fn ensure_stream(&self) -> Result<jetstream::stream::Stream, RelayError> {
-        let config = stream_config(&self.stream_name, self.config.replicas);
-        let mut stream = self
-            .js
-            .get_or_create_stream(config)
-            .await
-            .map_err(|e| nats(&format!("get or create stream {}", self.stream_name), e))?;
-        let info = stream.info().await.map_err(|e| nats("stream info", e))?;
-        check_stream_config(&self.stream_name, self.config.replicas, &info.config)?;
-        Ok(stream)
+        ensure_stream(&self.js, &self.stream_name, self.config.replicas).await
     }
 
     /// The message at `sequence` must be the log's event at that position.
@@ -351,6 +353,11 @@ impl Relay {
                     // Publishing into a dead connection only queues requests that will
                     // time out; pause and resynchronise once NATS is back.
                     return Err(RelayError::Nats("disconnected from NATS".into()));
+                }
+                if !self.guard.valid() {
+                    return Err(RelayError::Nats(
+                        "the writer lease is not confirmed: not publishing until it is".into(),
+                    ));
                 }
                 let to = durable.min(next + self.config.read_chunk as u64 - 1);
                 let events = match self.tail.range(next, to) {
@@ -504,6 +511,22 @@ async fn disconnected(client: &async_nats::Client) {
     while shop_shared::nats::is_connected(client) && client.server_info().server_id == server {
         tokio::time::sleep(DISCONNECT_CHECK).await;
     }
+}
+
+/// Gets the stream, creating it with `replicas` when missing; refuses a conflicting
+/// configuration.
+pub async fn ensure_stream(
+    js: &jetstream::Context,
+    name: &str,
+    replicas: usize,
+) -> Result<jetstream::stream::Stream, RelayError> {
+    let mut stream = js
+        .get_or_create_stream(stream_config(name, replicas))
+        .await
+        .map_err(|e| nats(&format!("get or create stream {name}"), e))?;
+    let info = stream.info().await.map_err(|e| nats("stream info", e))?;
+    check_stream_config(name, replicas, &info.config)?;
+    Ok(stream)
 }
 
 /// The configuration the relay creates the stream with (`--stream-replicas`).

@@ -488,9 +488,14 @@ impl Server {
         ServingStatus::try_from(response.into_inner().status).ok()
     }
 
-    /// Waits until the server reports SERVING.
+    /// Waits until the server reports SERVING: a command server once it is the writer
+    /// (`shop.v1.CommandService`; a standby serves the rest only).
     pub async fn wait_serving(&self) {
-        self.wait_health("", ServingStatus::Serving, START_TIMEOUT)
+        let service = match self.kind {
+            ServerKind::Command => "shop.v1.CommandService",
+            ServerKind::Query => "",
+        };
+        self.wait_health(service, ServingStatus::Serving, START_TIMEOUT)
             .await;
     }
 

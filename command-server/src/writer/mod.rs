@@ -166,6 +166,7 @@ struct Submission {
 }
 
 /// What the writer thread is asked to do.
+#[allow(clippy::large_enum_variant)] // `Decide` is the hot one: boxing it would allocate per command.
 enum Work {
     /// Decide a command and append its events.
     Decide(Command, CommandMeta),

@@ -166,7 +166,7 @@ async fn servers_started_before_nats_wait_for_it_without_crashing() {
     // From its first answer on, the query server is never SERVING while NATS is
     // unreachable (tonic-health starts the server's "" status as SERVING; the servers
     // override it before serving). Polled back to back so that an early SERVING is seen.
-    // (The command server serves commands without NATS: its "" may be SERVING.)
+    // (A command server without NATS is a standby, its "" SERVING: it answers log reads.)
     {
         let server = &query;
         let until = std::time::Instant::now() + Duration::from_millis(700);
