@@ -318,6 +318,15 @@ impl Server {
         extra_args: &[&str],
         tls: Option<ClientTlsConfig>,
     ) -> Server {
+        let mut server = Server::in_temp_dir(kind, nats_url, extra_args);
+        server.tls = tls;
+        server.spawn_until_listening();
+        server.wait_serving().await;
+        server
+    }
+
+    /// A server with its own temp data dir (not started).
+    pub fn in_temp_dir(kind: ServerKind, nats_url: &str, extra_args: &[&str]) -> Server {
         let dir = tempfile::Builder::new()
             .prefix(&format!("shop-{}-", kind.binary()))
             .tempdir()
@@ -326,10 +335,32 @@ impl Server {
         let log_dir = dir.path().to_path_buf();
         let mut server = Server::new(kind, nats_url, data_dir, log_dir, extra_args);
         server._dir = Some(dir);
-        server.tls = tls;
-        server.spawn_until_listening();
-        server.wait_serving().await;
         server
+    }
+
+    /// Starts a command server that another one (the writer) keeps a standby: with its
+    /// own temp data dir, waiting until it answers log reads.
+    pub async fn start_standby(nats_url: &str, extra_args: &[&str]) -> Server {
+        let mut server = Server::in_temp_dir(ServerKind::Command, nats_url, extra_args);
+        server.spawn_until_listening();
+        server.wait_log_serving().await;
+        server
+    }
+
+    /// Waits until a command server answers log reads (a standby does, or the writer).
+    pub async fn wait_log_serving(&self) {
+        self.wait_health("shop.v1.LogService", ServingStatus::Serving, START_TIMEOUT)
+            .await;
+    }
+
+    /// Whether a command server is the writer now (`shop.v1.CommandService` SERVING).
+    pub async fn is_writer(&self) -> bool {
+        self.health("shop.v1.CommandService").await == Some(ServingStatus::Serving)
+    }
+
+    /// The address the server listens on (what it advertises in the writer lease).
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
     }
 
     /// A server on a given data dir (not started).

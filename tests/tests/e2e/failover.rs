@@ -1,0 +1,571 @@
+//! One writer, hot standbys, failover (SPEC §8): command servers on one stream, one
+//! holding the writer lease in `SHOP_LEASES`, the others following the stream into their
+//! own logs.
+//!
+//! - The writer is `kill -9`ed under load, round after round (`SHOP_FAILOVER_ROUNDS`,
+//!   default 20): the standby takes over within a few lease TTLs, the old writer
+//!   restarted on its data dir becomes a standby and follows; clients retry unanswered
+//!   commands with the same id on whichever server writes. No acknowledged command is
+//!   lost or doubled, retried ids get the original result, the logs mirror the stream and
+//!   the views equal a fold of it.
+//! - A server started with an empty data dir on a stream with history becomes a correct
+//!   writer: history, idempotency, email uniqueness and stock intact.
+//! - A deposed writer whose log holds events the stream lacks: with `--ack replicated`
+//!   it moves them to a quarantine file and follows; with `--ack local` it refuses to
+//!   serve and `shop-log export` shows them.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use shop_tests::{
+    assert_stream_mirrors_log, eventually, log_position, pb, read_stream, read_whole_log, req,
+    wait_applied, Nats, Server, ServerKind,
+};
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+use crate::model::{assert_views_equal, fetch_all, Views};
+use pb::command_service_client::CommandServiceClient;
+
+const STREAM: &str = "SHOP_EVENTS";
+const CLIENTS: usize = 3;
+/// The lease TTL of these tests: a failover takes about one to two of it.
+const TTL_MS: u64 = 1000;
+
+fn rounds() -> usize {
+    std::env::var("SHOP_FAILOVER_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20)
+}
+
+fn args(ack: &'static str) -> Vec<&'static str> {
+    vec!["--ack", ack, "--lease-ttl-ms", "1000"]
+}
+
+/// The ErrorInfo reason of a status, if any.
+fn reason(status: &tonic::Status) -> Option<(String, HashMap<String, String>)> {
+    let info = tonic_types::StatusExt::get_details_error_info(status)?;
+    Some((info.reason, info.metadata))
+}
+
+/// Which of `servers` is the writer, once one is.
+async fn writer_of(servers: &[Server]) -> usize {
+    eventually(Duration::from_secs(30), "a writer", || async {
+        for (i, s) in servers.iter().enumerate() {
+            if s.is_writer().await {
+                return Some(i);
+            }
+        }
+        None
+    })
+    .await
+}
+
+async fn client_of(endpoint: &str) -> Option<CommandServiceClient<Channel>> {
+    Channel::from_shared(endpoint.to_string())
+        .ok()?
+        .connect_timeout(Duration::from_millis(300))
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .ok()
+        .map(CommandServiceClient::new)
+}
+
+/// An acknowledged command: its id, its request, its result, when the answer came and
+/// from which server.
+type Acked = Vec<(
+    String,
+    pb::RestockProductRequest,
+    pb::CommandResult,
+    Instant,
+    usize,
+)>;
+
+/// A client that restocks its own product with unique command ids, sending each command
+/// until it is answered: on a refusal or a dead connection it tries the other server
+/// (a standby says NOT_LEADER), with the same command id.
+async fn client_loop(
+    client: usize,
+    endpoints: Arc<Vec<String>>,
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Acked>>,
+    retried: Arc<AtomicUsize>,
+) {
+    let mut target = 0;
+    let mut c = None;
+    let mut n = 0;
+    while !stop.load(Ordering::Relaxed) {
+        n += 1;
+        let request = pb::RestockProductRequest {
+            command_id: format!("restock-{client}-{n}"),
+            sku: format!("k{client}"),
+            quantity: 1,
+            ..Default::default()
+        };
+        let mut attempts = 0;
+        loop {
+            if c.is_none() {
+                c = client_of(&endpoints[target]).await;
+            }
+            let answer = match c.as_mut() {
+                Some(c) => c.restock_product(request.clone()).await,
+                None => Err(tonic::Status::unavailable("connect")),
+            };
+            match answer {
+                Ok(reply) => {
+                    let at = Instant::now();
+                    if attempts > 0 {
+                        retried.fetch_add(1, Ordering::Relaxed);
+                    }
+                    acked.lock().expect("acked").push((
+                        request.command_id.clone(),
+                        request.clone(),
+                        reply.into_inner(),
+                        at,
+                        target,
+                    ));
+                    break;
+                }
+                Err(status) => {
+                    assert!(
+                        matches!(
+                            status.code(),
+                            tonic::Code::Unavailable
+                                | tonic::Code::Unknown
+                                | tonic::Code::Cancelled
+                                | tonic::Code::DeadlineExceeded
+                        ),
+                        "restock {} refused: {status:?}",
+                        request.command_id
+                    );
+                    attempts += 1;
+                    let not_leader = reason(&status).is_some_and(|(r, _)| r == "NOT_LEADER");
+                    if not_leader || c.is_none() || status.code() != tonic::Code::Unavailable {
+                        target = 1 - target;
+                        c = None;
+                    }
+                    if stop.load(Ordering::Relaxed) && attempts > 200 {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Writer and standby; the writer `kill -9`ed under load, round after round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_standby_takes_over_when_the_writer_dies_and_nothing_acknowledged_is_lost() {
+    let nats = Nats::start();
+    let a = Server::start(ServerKind::Command, &nats, &args("replicated")).await;
+    let b = Server::start_standby(&nats.url(), &args("replicated")).await;
+    let query = Server::start(ServerKind::Query, &nats, &[]).await;
+
+    // The standby: not serving commands, saying who writes.
+    assert_eq!(
+        b.health("shop.v1.CommandService").await,
+        Some(ServingStatus::NotServing)
+    );
+    let refused = b
+        .commands()
+        .await
+        .create_product(req::product("x", 1, 1))
+        .await
+        .expect_err("a standby refuses commands");
+    assert_eq!(refused.code(), tonic::Code::Unavailable);
+    let (why, metadata) = reason(&refused).expect("ErrorInfo");
+    assert_eq!(why, "NOT_LEADER");
+    assert_eq!(metadata.get("leader"), Some(&a.addr()), "{refused:?}");
+
+    let mut c = a.commands().await;
+    for client in 0..CLIENTS {
+        c.create_product(req::product(&format!("k{client}"), 100, 0))
+            .await
+            .expect("product");
+    }
+    let mut servers = [a, b];
+    let endpoints = Arc::new(servers.iter().map(Server::endpoint).collect::<Vec<_>>());
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Arc<Mutex<Acked>> = Arc::default();
+    let retried = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|client| {
+            tokio::spawn(client_loop(
+                client,
+                endpoints.clone(),
+                stop.clone(),
+                acked.clone(),
+                retried.clone(),
+            ))
+        })
+        .collect();
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut failovers = Vec::new();
+    for round in 0..rounds() {
+        let writer = writer_of(&servers).await;
+        let before = acked.lock().expect("acked").len();
+        eventually(Duration::from_secs(30), "commands under load", || {
+            let n = acked.lock().expect("acked").len();
+            std::future::ready((n > before + 5).then_some(()))
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..300))).await;
+        let killed_at = Instant::now();
+        servers[writer].kill9();
+        // Until the first command acknowledged by the new writer.
+        let took = eventually(Duration::from_secs(30), "the standby to take over", || {
+            let first = acked
+                .lock()
+                .expect("acked")
+                .iter()
+                .find(|a| a.3 > killed_at && a.4 != writer)
+                .map(|a| a.3);
+            std::future::ready(first.map(|t| t - killed_at))
+        })
+        .await;
+        failovers.push(took);
+        assert!(
+            took < Duration::from_millis(TTL_MS * 6),
+            "round {round}: failover took {took:?}:\n{}",
+            servers[1 - writer].log()
+        );
+        // The old writer comes back on its data dir: a standby that follows.
+        servers[writer].spawn_until_listening();
+        servers[writer].wait_log_serving().await;
+        assert!(!servers[writer].is_writer().await, "round {round}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        client.await.expect("client");
+    }
+    failovers.sort();
+    eprintln!(
+        "{} failovers: p50 {:?}, max {:?}; {} commands acknowledged, {} after a retry",
+        failovers.len(),
+        failovers[failovers.len() / 2],
+        failovers.last().copied().unwrap_or_default(),
+        acked.lock().expect("acked").len(),
+        retried.load(Ordering::Relaxed)
+    );
+    assert!(
+        retried.load(Ordering::Relaxed) > 0,
+        "no command was retried"
+    );
+
+    // The writer's log mirrors the stream; the standby's log catches up with it.
+    let writer = writer_of(&servers).await;
+    let position = log_position(&mut servers[writer].log_reader().await).await;
+    let log = read_whole_log(&mut servers[writer].log_reader().await).await;
+    eventually(
+        Duration::from_secs(30),
+        "the stream to reach the log",
+        || async {
+            (shop_tests::stream_last_sequence(&nats, STREAM).await >= position).then_some(())
+        },
+    )
+    .await;
+    let stream = read_stream(&nats, STREAM).await;
+    assert_stream_mirrors_log(&stream, &log);
+    let standby = &servers[1 - writer];
+    eventually(Duration::from_secs(30), "the standby to follow", || async {
+        (log_position(&mut standby.log_reader().await).await == position).then_some(())
+    })
+    .await;
+    assert_eq!(read_whole_log(&mut standby.log_reader().await).await, log);
+
+    // Every acknowledged command is in the log once, at its position.
+    let mut by_command: HashMap<&str, Vec<u64>> = HashMap::new();
+    for e in &log {
+        by_command
+            .entry(&e.command_id)
+            .or_default()
+            .push(e.position);
+    }
+    let acked = acked.lock().expect("acked").clone();
+    for (id, _, result, _, _) in &acked {
+        assert_eq!(
+            by_command.get(id.as_str()),
+            Some(&vec![result.position]),
+            "acknowledged {id} must be in the log exactly once, at its position"
+        );
+    }
+    // A retry of any of them, now, on the writer of the end: the original result.
+    let mut c = servers[writer].commands().await;
+    for (id, request, result, _, _) in &acked {
+        let again = c.restock_product(request.clone()).await.expect("retry");
+        assert_eq!(
+            again
+                .metadata()
+                .get("shop-replayed")
+                .map(|v| v.to_str().ok()),
+            Some(Some("true")),
+            "{id}"
+        );
+        assert_eq!(&again.into_inner(), result, "{id}: the original result");
+    }
+    // The views equal a fold of the stream, each command once.
+    let mut q = query.queries().await;
+    wait_applied(&q, position, Duration::from_secs(60)).await;
+    assert_views_equal(
+        &fetch_all(&mut q, position).await,
+        &Views::fold(&log),
+        "after the failovers",
+    );
+}
+
+/// A standby started with an empty data dir on a stream with history follows it (hot),
+/// and, once the writer is gone, writes as the old writer would have: the history is
+/// there, a retried command id gets the original result, a taken email and stock that
+/// was reserved are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_started_empty_becomes_a_correct_writer() {
+    let nats = Nats::start();
+    let mut a = Server::start(ServerKind::Command, &nats, &args("local")).await;
+    let mut c = a.commands().await;
+    let mut register = req::register("c1", "ann@shop.test");
+    register.command_id = "register-c1".into();
+    let registered = c
+        .register_customer(register.clone())
+        .await
+        .expect("register")
+        .into_inner();
+    c.create_product(req::product("p1", 500, 3))
+        .await
+        .expect("product");
+    let mut order = req::order("o1", "c1", &[("p1", 2)]);
+    order.command_id = "order-o1".into();
+    let placed = c
+        .place_order(order.clone())
+        .await
+        .expect("order")
+        .into_inner();
+    for i in 0..200 {
+        c.register_customer(req::register(&format!("x{i}"), &format!("x{i}@shop.test")))
+            .await
+            .expect("register");
+    }
+    let b = Server::start_standby(&nats.url(), &args("local")).await;
+    let history = read_whole_log(&mut a.log_reader().await).await;
+    // Hot: the standby's log follows the writer's, and answers log reads.
+    eventually(
+        Duration::from_secs(30),
+        "the standby to catch up",
+        || async { (read_whole_log(&mut b.log_reader().await).await == history).then_some(()) },
+    )
+    .await;
+    c.register_customer(req::register("late", "late@shop.test"))
+        .await
+        .expect("one more, followed at once");
+    let history = read_whole_log(&mut a.log_reader().await).await;
+    eventually(Duration::from_secs(10), "the standby to follow", || async {
+        (read_whole_log(&mut b.log_reader().await).await == history).then_some(())
+    })
+    .await;
+
+    a.kill9();
+    b.wait_serving().await;
+    assert!(b.log().contains("took over as the writer"), "{}", b.log());
+    let mut c = b.commands().await;
+    // A retried id: the original result, replayed; the same id for another request: no.
+    let again = c.register_customer(register.clone()).await.expect("retry");
+    assert_eq!(again.into_inner(), registered);
+    let again = c.place_order(order.clone()).await.expect("retry");
+    assert_eq!(again.into_inner(), placed);
+    let mut reused = req::register("c9", "zed@shop.test");
+    reused.command_id = "register-c1".into();
+    let refused = c.register_customer(reused).await.expect_err("reused id");
+    assert_eq!(refused.code(), tonic::Code::AlreadyExists, "{refused:?}");
+    // Email uniqueness and stock (3, 2 reserved) as the old writer left them.
+    let taken = c
+        .register_customer(req::register("c2", "ann@shop.test"))
+        .await
+        .expect_err("taken email");
+    assert_eq!(taken.code(), tonic::Code::AlreadyExists, "{taken:?}");
+    let oversold = c
+        .place_order(req::order("o2", "c1", &[("p1", 2)]))
+        .await
+        .expect_err("only one left");
+    assert_eq!(
+        oversold.code(),
+        tonic::Code::FailedPrecondition,
+        "{oversold:?}"
+    );
+    c.place_order(req::order("o3", "c1", &[("p1", 1)]))
+        .await
+        .expect("the last one");
+    // The history is intact and goes on gaplessly.
+    let log = read_whole_log(&mut b.log_reader().await).await;
+    assert_eq!(log[..history.len()], history[..]);
+    let positions: Vec<u64> = log.iter().map(|e| e.position).collect();
+    assert_eq!(positions, (1..=log.len() as u64).collect::<Vec<_>>());
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).expect("copy");
+        }
+    }
+}
+
+/// A log that holds the stream's first events and then events the stream does not have
+/// (a writer cut off from the stream while another took over): `history` events in
+/// both, then `theirs` on the stream (from the writer now serving, returned) and `ours`
+/// in the old log (its data dir, stopped).
+async fn deposed_writer(nats: &Nats, ack: &'static str) -> (Server, Server, Vec<String>) {
+    let mut a = Server::start(ServerKind::Command, nats, &args(ack)).await;
+    let mut c = a.commands().await;
+    for i in 0..5 {
+        c.register_customer(req::register(&format!("h{i}"), &format!("h{i}@shop.test")))
+            .await
+            .expect("history");
+    }
+    let position = log_position(&mut a.log_reader().await).await;
+    eventually(Duration::from_secs(10), "published", || async {
+        (shop_tests::stream_last_sequence(nats, STREAM).await == position).then_some(())
+    })
+    .await;
+    a.terminate();
+    // The old writer's copy goes on alone against another NATS (cut off from this one).
+    let old = Server::in_temp_dir(ServerKind::Command, &nats.url(), &args(ack));
+    copy_dir(&a.data_dir, &old.data_dir);
+    // Meanwhile the other server writes the stream on.
+    a.spawn_until_listening();
+    a.wait_serving().await;
+    let mut c = a.commands().await;
+    for i in 0..3 {
+        c.register_customer(req::register(&format!("t{i}"), &format!("t{i}@shop.test")))
+            .await
+            .expect("theirs");
+    }
+    let elsewhere = Nats::start();
+    let mut old = old;
+    old.set_nats_url(&elsewhere.url());
+    old.spawn_until_listening();
+    old.wait_serving().await;
+    let mut ours = Vec::new();
+    let mut c = old.commands().await;
+    for i in 0..4 {
+        let mut request = req::register(&format!("o{i}"), &format!("o{i}@shop.test"));
+        request.command_id = format!("ours-{i}");
+        c.register_customer(request).await.expect("ours");
+        ours.push(format!("ours-{i}"));
+    }
+    old.terminate();
+    old.set_nats_url(&nats.url());
+    (a, old, ours)
+}
+
+/// `--ack replicated`: the deposed writer's events beyond the stream were never
+/// acknowledged; it moves them to a quarantine file and follows the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_writer_quarantines_its_unacknowledged_tail_with_ack_replicated() {
+    let nats = Nats::start();
+    let (writer, mut old, ours) = deposed_writer(&nats, "replicated").await;
+    old.spawn_until_listening();
+    old.wait_log_serving().await;
+    let position = log_position(&mut writer.log_reader().await).await;
+    eventually(
+        Duration::from_secs(20),
+        "the old writer to follow",
+        || async { (log_position(&mut old.log_reader().await).await == position).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        read_whole_log(&mut old.log_reader().await).await,
+        read_whole_log(&mut writer.log_reader().await).await
+    );
+    assert!(!old.is_writer().await);
+    let log = old.log();
+    assert!(log.contains("quarantine"), "{log}");
+    // The quarantine file holds exactly its own events, readable with shop-log.
+    let dir = old.data_dir.join("quarantine");
+    let files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("quarantine dir")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let shown = shop_log(&["quarantine", files[0].to_str().expect("path")]);
+    let ids = command_ids(&shown);
+    assert_eq!(ids, ours, "{shown}");
+}
+
+/// `--ack local`: the deposed writer's events beyond the stream may have been
+/// acknowledged: it refuses to serve, keeps them, and `shop-log export` shows them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_writer_refuses_to_serve_with_ack_local_and_its_tail_is_exported() {
+    let nats = Nats::start();
+    let (_writer, mut old, ours) = deposed_writer(&nats, "local").await;
+    let before = std::fs::metadata(old.data_dir.join("db"))
+        .expect("db")
+        .len();
+    old.spawn();
+    let status = old
+        .wait_exit(Duration::from_secs(20))
+        .expect("refuses to serve");
+    assert!(!status.success());
+    let log = old.log();
+    let from = 6; // after the 5 events of the shared history
+    assert!(
+        log.contains(&format!("positions {from}..=")) && log.contains("shop-log export"),
+        "{log}"
+    );
+    assert!(
+        std::fs::metadata(old.data_dir.join("db"))
+            .expect("db")
+            .len()
+            >= before
+    );
+    let shown = shop_log(&[
+        "export",
+        "--data-dir",
+        old.data_dir.to_str().expect("path"),
+        "--from",
+        &from.to_string(),
+    ]);
+    assert_eq!(command_ids(&shown), ours, "{shown}");
+    assert!(
+        shown.contains("o3@shop.test"),
+        "payloads are shown: {shown}"
+    );
+}
+
+/// Runs `shop-log` with `args`; its stdout.
+fn shop_log(args: &[&str]) -> String {
+    let output = std::process::Command::new(shop_tests::bin_dir().join("shop-log"))
+        .args(args)
+        .output()
+        .expect("run shop-log");
+    assert!(
+        output.status.success(),
+        "shop-log {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("utf-8")
+}
+
+/// The distinct command ids of `shop-log`'s JSON lines, in order.
+fn command_ids(json_lines: &str) -> Vec<String> {
+    let mut ids: Vec<String> = Vec::new();
+    for line in json_lines.lines() {
+        let value: serde_json::Value = serde_json::from_str(line).expect("JSON line");
+        let id = value["commandId"].as_str().unwrap_or_default().to_string();
+        if ids.last() != Some(&id) {
+            ids.push(id);
+        }
+    }
+    ids
+}
