@@ -12,10 +12,12 @@
 #
 # With --cluster: a 3-node NATS cluster instead (client ports NATS_PORT, +1, +2; route
 # ports 6222-6224; stores in ./data/cluster/nats-n1..3), the stream at three replicas,
-# the command server with --ack replicated (answers only what a quorum of NATS nodes
-# holds), and two query servers (the second on SHOP_QUERY2_LISTEN, 127.0.0.1:50053), all
-# with their data under ./data/cluster/. Kill a NATS node (its pid is printed) to watch
-# the stack carry on. (Standby command servers and failover are not built yet.)
+# two command servers with --ack replicated (answers only what a quorum of NATS nodes
+# holds): the writer, and a hot standby on SHOP_COMMAND2_LISTEN (127.0.0.1:50054) that
+# follows the stream and takes over when the writer dies; and two query servers (the
+# second on SHOP_QUERY2_LISTEN, 127.0.0.1:50053), all with their data under
+# ./data/cluster/. Kill a NATS node or the writer (their pids are printed) to watch the
+# stack carry on.
 #
 # Usage: scripts/stack.sh [--secure | --cluster]
 # Environment: NATS_PORT (4222), SHOP_COMMAND_LISTEN, SHOP_QUERY_LISTEN,
@@ -40,6 +42,7 @@ query_addr="${SHOP_QUERY_LISTEN:-127.0.0.1:50052}"
 command_metrics="${SHOP_COMMAND_METRICS:-127.0.0.1:9464}"
 query_metrics="${SHOP_QUERY_METRICS:-127.0.0.1:9465}"
 query2_addr="${SHOP_QUERY2_LISTEN:-127.0.0.1:50053}"
+command2_addr="${SHOP_COMMAND2_LISTEN:-127.0.0.1:50054}"
 data="data"
 [ -n "$cluster" ] && data="data/cluster"
 nats_bin="$(scripts/ensure-nats.sh)"
@@ -114,6 +117,7 @@ fi
 env "${command_env[@]}" target/release/command-server --listen "$command_addr" --data-dir "$data/command" \
   --metrics-listen "$command_metrics" "${command_flags[@]}" >"$data/logs/command-server.log" 2>&1 &
 pids+=($!)
+command_pid=$!
 env "${query_env[@]}" target/release/query-server --listen "$query_addr" --data-dir "$data/query" \
   --metrics-listen "$query_metrics" >"$data/logs/query-server.log" 2>&1 &
 pids+=($!)
@@ -141,6 +145,16 @@ if [ -n "$cluster" ]; then
     if "$grpcurl_bin" -plaintext -d '{"service":"shop.v1.Relay"}' "$command_addr" grpc.health.v1.Health/Check 2>/dev/null | grep -q '"SERVING"'; then break; fi
     sleep 0.1
   done
+  # The standby, once the first command server writes (so that the writer is the one
+  # on $command_addr).
+  target/release/command-server --listen "$command2_addr" --data-dir "$data/command2" \
+    "${command_flags[@]}" >"$data/logs/command-server-2.log" 2>&1 &
+  pids+=($!)
+  command_pids="writer=$command_pid standby=$!"
+  for _ in $(seq 300); do
+    if "$grpcurl_bin" -plaintext -d '{"service":"shop.v1.LogService"}' "$command2_addr" grpc.health.v1.Health/Check 2>/dev/null | grep -q '"SERVING"'; then break; fi
+    sleep 0.1
+  done
 fi
 
 if [ -n "$secure" ]; then
@@ -161,7 +175,8 @@ cat <<EOT
 
 The stack is up ($mode):
   NATS (JetStream)  $SHOP_NATS_URL${nats_pids:+   pids:$nats_pids}
-  command server    $command_addr    log: $data/logs/command-server.log
+  command server    $command_addr    log: $data/logs/command-server.log${cluster:+
+  standby           $command2_addr    log: $data/logs/command-server-2.log   pids: $command_pids}
   query server      $query_addr    log: $data/logs/query-server.log${cluster:+
   query server 2    $query2_addr    log: $data/logs/query-server-2.log}
 
@@ -180,6 +195,14 @@ $first  $G $command_addr list
   # every query answer says how fresh it is (shop-applied-position, shop-lag-events):
   $G$R -v -d '{"customer_id":"ada"}' $query_addr shop.v1.QueryService/GetCustomer
 EOT
+if [ -n "$cluster" ]; then
+  cat <<EOT
+  # the standby refuses commands, naming the writer (UNAVAILABLE, NOT_LEADER):
+  $G -d '{"sku":"ink","name":"Ink","price_cents":300,"initial_stock":5}' $command2_addr shop.v1.CommandService/CreateProduct
+  # kill -9 the writer (pid above): within a few seconds the standby takes over
+  $G -d '{"service":"shop.v1.CommandService"}' $command2_addr grpc.health.v1.Health/Check
+EOT
+fi
 if [ -n "$secure" ]; then
   cat <<EOT
   # the client certificate (CN=shop-client) alone may read, not write:
