@@ -569,3 +569,30 @@ fn command_ids(json_lines: &str) -> Vec<String> {
     }
     ids
 }
+
+/// A writer stopped cleanly releases its lease once its relay published everything: a
+/// standby takes over at its next check, long before the lease would have expired, with
+/// every event the old writer acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_stopped_cleanly_hands_over_without_waiting_for_its_lease_to_expire() {
+    let nats = Nats::start();
+    let slow = ["--lease-ttl-ms", "20000"];
+    let mut a = Server::start(ServerKind::Command, &nats, &slow).await;
+    let b = Server::start_standby(&nats.url(), &slow).await;
+    let mut c = a.commands().await;
+    for i in 0..50 {
+        c.register_customer(req::register(&format!("c{i}"), &format!("c{i}@shop.test")))
+            .await
+            .expect("register");
+    }
+    let log = read_whole_log(&mut a.log_reader().await).await;
+    let stopped = Instant::now();
+    assert!(a.terminate().is_some_and(|s| s.success()));
+    b.wait_serving().await;
+    let took = stopped.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "took {took:?}: the lease was not released"
+    );
+    assert_eq!(read_whole_log(&mut b.log_reader().await).await, log);
+}
