@@ -82,7 +82,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "commands,half,watchers,queries,mixed,pipeline,rebuild,cluster,growth,observability,security,overload"
+        default_value = "commands,half,watchers,queries,mixed,pipeline,rebuild,cluster,failover,growth,observability,security,overload"
     )]
     stages: Vec<String>,
 
@@ -126,6 +126,11 @@ struct Args {
     /// as answered (reads next to writes that leave CPU free).
     #[arg(long)]
     mixed_write_rate: Option<f64>,
+
+    /// Stage `failover`: writer kills (each timed until the new writer's first
+    /// acknowledgement).
+    #[arg(long, default_value_t = 20)]
+    failover_trials: usize,
 
     /// Server binaries of another build (e.g. an older commit's `target/release`): the
     /// observability stage then runs them too, as `baseline`, for a before/after.
@@ -220,6 +225,7 @@ fn main() -> anyhow::Result<()> {
         args.overload_connections = 8;
         args.overload_watches = 200;
         args.overload_idle_connections = 20;
+        args.failover_trials = 2;
     }
     // Thousands of connections and watches in the overload stage.
     let _ = shop_shared::limits::raise_open_files_limit();
@@ -423,6 +429,11 @@ async fn run(args: Args, bin_dir: PathBuf) -> anyhow::Result<()> {
     // One NATS node against a 3-node R3 cluster, --ack local and replicated.
     if stage("cluster") {
         results.cluster = stages::cluster::run(&args, catalog).await?;
+    }
+
+    // Writer kill → the standby's first acknowledgement; a standby's catch-up rate.
+    if stage("failover") {
+        results.failover = Some(stages::failover::run(&args, catalog).await?);
     }
 
     // Growth, on a fresh stack.

@@ -155,6 +155,8 @@ pub struct Results {
     /// Stage `cluster`: one NATS node against a 3-node R3 cluster, `--ack` local and
     /// replicated.
     pub cluster: Vec<crate::stages::cluster::ClusterPoint>,
+    /// Stage `failover`: writer kill → first acknowledgement by the standby; catch-up rate.
+    pub failover: Option<crate::stages::failover::Failover>,
     /// Stage `mixed`: reads while commands saturate the machine.
     pub mixed: Option<crate::stages::mixed::Mixed>,
     pub relay_drain: Option<Drain>,
@@ -353,6 +355,21 @@ impl Results {
                 );
             }
             md.push('\n');
+        }
+
+        if let Some(fo) = &self.failover {
+            let _ = writeln!(
+                md,
+                "### Failover\n\nA writer and a hot standby on one NATS node, `--ack replicated --lease-ttl-ms {}`, one client restocking through whichever writes; the writer `kill -9`ed {} times (restarted as the standby after each): from the kill to the first command acknowledged by the new writer, p50 **{} ms**, max **{} ms** (each: {} ms). A standby started with an empty data dir read back {} events from the stream in {} s: **{} events/s** (from its spawn until its log held them all).\n",
+                fo.lease_ttl_ms,
+                fo.trials_ms.len(),
+                f(fo.p50_ms),
+                f(fo.max_ms),
+                fo.trials_ms.iter().map(|t| f(*t)).collect::<Vec<_>>().join(", "),
+                fo.catch_up_events,
+                f(fo.catch_up_seconds),
+                f(fo.catch_up_per_second)
+            );
         }
 
         if let Some(m) = &self.mixed {

@@ -15,6 +15,7 @@
 //! - [`observability`]: metrics scrapes and parsing, a real OTLP span receiver.
 //! - [`security`]: a throwaway PKI, tokens files, JWTs, NATS users.
 //! - [`grpc_fuzz`]: random and mutated protobuf bytes to every RPC of a server.
+//! - [`writers`]: a client of a writer and its standbys, following the writer.
 //!
 //! Binaries are found next to the test executable (`target/<profile>/`), or in
 //! `SHOP_BIN_DIR`; `nats-server` via `NATS_SERVER_BIN`, `.tools/bin`, or PATH. A missing
@@ -32,6 +33,7 @@ pub mod req;
 pub mod security;
 pub mod status;
 pub mod streams;
+pub mod writers;
 
 pub use processes::*;
 pub use req::parked_reads;

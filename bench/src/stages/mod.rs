@@ -3,6 +3,7 @@
 
 pub mod cluster;
 pub mod commands;
+pub mod failover;
 pub mod growth;
 pub mod half_load;
 pub mod mixed;

@@ -21,15 +21,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
+use shop_tests::writers::AnyWriter;
 use shop_tests::{
-    assert_stream_mirrors_log, eventually, log_position, pb, read_stream, read_whole_log, req,
-    wait_applied, Nats, Server, ServerKind,
+    assert_stream_mirrors_log, error_metadata, eventually, log_position, pb, read_stream,
+    read_whole_log, reason, req, wait_applied, Nats, Server, ServerKind,
 };
-use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::model::{assert_views_equal, fetch_all, Views};
-use pb::command_service_client::CommandServiceClient;
 
 const STREAM: &str = "SHOP_EVENTS";
 const CLIENTS: usize = 3;
@@ -47,12 +46,6 @@ fn args(ack: &'static str) -> Vec<&'static str> {
     vec!["--ack", ack, "--lease-ttl-ms", "1000"]
 }
 
-/// The ErrorInfo reason of a status, if any.
-fn reason(status: &tonic::Status) -> Option<(String, HashMap<String, String>)> {
-    let info = tonic_types::StatusExt::get_details_error_info(status)?;
-    Some((info.reason, info.metadata))
-}
-
 /// Which of `servers` is the writer, once one is.
 async fn writer_of(servers: &[Server]) -> usize {
     eventually(Duration::from_secs(30), "a writer", || async {
@@ -66,17 +59,6 @@ async fn writer_of(servers: &[Server]) -> usize {
     .await
 }
 
-async fn client_of(endpoint: &str) -> Option<CommandServiceClient<Channel>> {
-    Channel::from_shared(endpoint.to_string())
-        .ok()?
-        .connect_timeout(Duration::from_millis(300))
-        .timeout(Duration::from_secs(10))
-        .connect()
-        .await
-        .ok()
-        .map(CommandServiceClient::new)
-}
-
 /// An acknowledged command: its id, its request, its result, when the answer came and
 /// from which server.
 type Acked = Vec<(
@@ -88,17 +70,15 @@ type Acked = Vec<(
 )>;
 
 /// A client that restocks its own product with unique command ids, sending each command
-/// until it is answered: on a refusal or a dead connection it tries the other server
-/// (a standby says NOT_LEADER), with the same command id.
+/// until it is answered by whichever server writes, with the same command id.
 async fn client_loop(
     client: usize,
-    endpoints: Arc<Vec<String>>,
+    endpoints: Vec<String>,
     stop: Arc<AtomicBool>,
     acked: Arc<Mutex<Acked>>,
     retried: Arc<AtomicUsize>,
 ) {
-    let mut target = 0;
-    let mut c = None;
+    let mut writer = AnyWriter::new(endpoints);
     let mut n = 0;
     while !stop.load(Ordering::Relaxed) {
         n += 1;
@@ -108,55 +88,20 @@ async fn client_loop(
             quantity: 1,
             ..Default::default()
         };
-        let mut attempts = 0;
-        loop {
-            if c.is_none() {
-                c = client_of(&endpoints[target]).await;
-            }
-            let answer = match c.as_mut() {
-                Some(c) => c.restock_product(request.clone()).await,
-                None => Err(tonic::Status::unavailable("connect")),
-            };
-            match answer {
-                Ok(reply) => {
-                    let at = Instant::now();
-                    if attempts > 0 {
-                        retried.fetch_add(1, Ordering::Relaxed);
-                    }
-                    acked.lock().expect("acked").push((
-                        request.command_id.clone(),
-                        request.clone(),
-                        reply.into_inner(),
-                        at,
-                        target,
-                    ));
-                    break;
-                }
-                Err(status) => {
-                    assert!(
-                        matches!(
-                            status.code(),
-                            tonic::Code::Unavailable
-                                | tonic::Code::Unknown
-                                | tonic::Code::Cancelled
-                                | tonic::Code::DeadlineExceeded
-                        ),
-                        "restock {} refused: {status:?}",
-                        request.command_id
-                    );
-                    attempts += 1;
-                    let not_leader = reason(&status).is_some_and(|(r, _)| r == "NOT_LEADER");
-                    if not_leader || c.is_none() || status.code() != tonic::Code::Unavailable {
-                        target = 1 - target;
-                        c = None;
-                    }
-                    if stop.load(Ordering::Relaxed) && attempts > 200 {
-                        return;
-                    }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            }
+        let give_up = |retries| stop.load(Ordering::Relaxed) && retries > 200;
+        let Some(answered) = writer.restock(&request, give_up).await else {
+            return;
+        };
+        if answered.retries > 0 {
+            retried.fetch_add(1, Ordering::Relaxed);
         }
+        acked.lock().expect("acked").push((
+            request.command_id.clone(),
+            request,
+            answered.result,
+            Instant::now(),
+            answered.server,
+        ));
     }
 }
 
@@ -180,9 +125,12 @@ async fn the_standby_takes_over_when_the_writer_dies_and_nothing_acknowledged_is
         .await
         .expect_err("a standby refuses commands");
     assert_eq!(refused.code(), tonic::Code::Unavailable);
-    let (why, metadata) = reason(&refused).expect("ErrorInfo");
-    assert_eq!(why, "NOT_LEADER");
-    assert_eq!(metadata.get("leader"), Some(&a.addr()), "{refused:?}");
+    assert_eq!(reason(&refused).as_deref(), Some("NOT_LEADER"));
+    assert_eq!(
+        error_metadata(&refused).get("leader"),
+        Some(&a.addr()),
+        "{refused:?}"
+    );
 
     let mut c = a.commands().await;
     for client in 0..CLIENTS {
@@ -191,7 +139,7 @@ async fn the_standby_takes_over_when_the_writer_dies_and_nothing_acknowledged_is
             .expect("product");
     }
     let mut servers = [a, b];
-    let endpoints = Arc::new(servers.iter().map(Server::endpoint).collect::<Vec<_>>());
+    let endpoints: Vec<String> = servers.iter().map(Server::endpoint).collect();
     let stop = Arc::new(AtomicBool::new(false));
     let acked: Arc<Mutex<Acked>> = Arc::default();
     let retried = Arc::new(AtomicUsize::new(0));

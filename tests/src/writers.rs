@@ -1,0 +1,105 @@
+//! A client of several command servers for one stream, only one of which writes (SPEC
+//! §8): it sends each command until it is answered, moving to another server when one
+//! says NOT_LEADER or cannot be reached, always with the same command id. For the
+//! failover tests and the benchmark's failover stage.
+
+use std::time::Duration;
+
+use shop_shared::pb::command_service_client::CommandServiceClient;
+use tonic::transport::Channel;
+
+use crate::pb;
+
+/// One answered command.
+#[derive(Debug, Clone)]
+pub struct Answered {
+    pub result: pb::CommandResult,
+    /// Index of the server that answered.
+    pub server: usize,
+    /// Failed attempts before the answer.
+    pub retries: usize,
+}
+
+/// Sends commands to whichever of `endpoints` writes.
+pub struct AnyWriter {
+    endpoints: Vec<String>,
+    target: usize,
+    client: Option<CommandServiceClient<Channel>>,
+}
+
+impl AnyWriter {
+    pub fn new(endpoints: Vec<String>) -> Self {
+        AnyWriter {
+            endpoints,
+            target: 0,
+            client: None,
+        }
+    }
+
+    async fn connect(endpoint: &str) -> Option<CommandServiceClient<Channel>> {
+        Channel::from_shared(endpoint.to_string())
+            .ok()?
+            .connect_timeout(Duration::from_millis(300))
+            .timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .ok()
+            .map(CommandServiceClient::new)
+    }
+
+    /// Sends `request` until it is answered, or until `give_up` says so after a failed
+    /// attempt (`None`). A refusal that is not about availability panics: the
+    /// callers send only commands that must succeed.
+    pub async fn restock(
+        &mut self,
+        request: &pb::RestockProductRequest,
+        give_up: impl Fn(usize) -> bool,
+    ) -> Option<Answered> {
+        let mut retries = 0;
+        loop {
+            if self.client.is_none() {
+                self.client = Self::connect(&self.endpoints[self.target]).await;
+            }
+            let answer = match self.client.as_mut() {
+                Some(c) => c.restock_product(request.clone()).await,
+                None => Err(tonic::Status::unavailable("cannot connect")),
+            };
+            match answer {
+                Ok(reply) => {
+                    return Some(Answered {
+                        result: reply.into_inner(),
+                        server: self.target,
+                        retries,
+                    })
+                }
+                Err(status) => {
+                    assert!(
+                        matches!(
+                            status.code(),
+                            tonic::Code::Unavailable
+                                | tonic::Code::Unknown
+                                | tonic::Code::Cancelled
+                                | tonic::Code::DeadlineExceeded
+                        ),
+                        "{} refused: {status:?}",
+                        request.command_id
+                    );
+                    retries += 1;
+                    let not_leader =
+                        crate::status::reason(&status).as_deref() == Some("NOT_LEADER");
+                    if not_leader
+                        || self.client.is_none()
+                        || status.code() != tonic::Code::Unavailable
+                    {
+                        self.target = (self.target + 1) % self.endpoints.len();
+                        self.client = None;
+                    }
+                    if give_up(retries) {
+                        return None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    }
+}
