@@ -544,3 +544,47 @@ async fn a_writer_stopped_cleanly_hands_over_without_waiting_for_its_lease_to_ex
     );
     assert_eq!(read_whole_log(&mut b.log_reader().await).await, log);
 }
+
+/// A server that claims the lease with its log behind the stream (here: empty, the
+/// writer gone cleanly, so it claims at once) writes only after it caught up: its first
+/// command lands after the whole stream, never in the middle of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_claims_the_lease_behind_the_stream_catches_up_before_it_writes() {
+    const EVENTS: usize = 1500;
+    let nats = Nats::start();
+    let mut a = Server::start(ServerKind::Command, &nats, &args("local")).await;
+    let mut tasks = Vec::new();
+    for t in 0..6 {
+        let mut c = a.commands().await;
+        tasks.push(tokio::spawn(async move {
+            for i in (t..EVENTS).step_by(6) {
+                c.register_customer(req::register(&format!("c{i}"), &format!("c{i}@shop.test")))
+                    .await
+                    .expect("register");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("writer task");
+    }
+    let history = read_whole_log(&mut a.log_reader().await).await;
+    assert!(a.terminate().is_some_and(|s| s.success()));
+    let mut b = Server::in_temp_dir(ServerKind::Command, &nats.url(), &args("local"));
+    b.spawn_until_listening();
+    b.wait_serving().await;
+    let first = b
+        .commands()
+        .await
+        .register_customer(req::register("new", "new@shop.test"))
+        .await
+        .expect("the first command of the new writer")
+        .into_inner();
+    assert_eq!(first.position, EVENTS as u64 + 1, "{}", b.log());
+    let log = read_whole_log(&mut b.log_reader().await).await;
+    assert_eq!(log[..EVENTS], history[..]);
+    // Not by luck or a second attempt: it took over once, caught up, never restarted (a
+    // writer that wrote behind the stream would find it disagreeing and start over).
+    let text = b.log();
+    assert_eq!(text.matches("took over as the writer").count(), 1, "{text}");
+    assert!(!text.contains("restarting"), "{text}");
+}
