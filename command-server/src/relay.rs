@@ -3,18 +3,20 @@
 //!
 //! - Only durable events are published (the log is the outbox; nothing is published from
 //!   inside a write).
-//! - A command's events are published together: one event as a plain publish, several
-//!   as one atomic batch (nats-server 2.12+, `allow_atomic` on the stream), so that the
-//!   stream never holds part of a command, whoever dies mid-way. Each command's first
-//!   message carries `Nats-Expected-Last-Sequence: N-1`, so JetStream itself rejects a gap
-//!   or a duplicate. Publishes are pipelined: up to `window` events in flight, acks (one
-//!   per command) checked in order.
+//! - Every publish carries `Nats-Expected-Last-Sequence: N-1`, so JetStream itself rejects
+//!   a gap or a duplicate. Publishes are pipelined: up to `window` in flight, acks checked
+//!   in order.
 //! - Where to resume is read from the stream itself (its last sequence, checked against
 //!   the log), so a crash, a NATS outage, or a stream deleted/recreated/purged behind our
 //!   back all end the same way: republish the missing tail from the log.
 //! - A stream that holds more than the log, or a different event at a position, is a
 //!   conflict: the relay stops and the server starts over (see `failover/`), where the
 //!   start-up check decides (catch up, quarantine, or refuse).
+//! - A command's events are separate publishes: a writer that dies mid-command can leave
+//!   part of it in the stream (see README, Running more than one machine). JetStream's
+//!   atomic batches (2.12+) would close that; tried, the relay drained a backlog at ~2,000
+//!   events/s instead of ~90,000, and pipelined batch commits were ordered after later
+//!   plain publishes ("wrong last sequence"), so it stays per event for now.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -29,11 +31,6 @@ use shop_shared::subjects::{
     self, HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_EXPECTED_LAST_SEQUENCE, HEADER_POSITION,
     HEADER_TRACEPARENT, STREAM_SUBJECTS,
 };
-
-/// Atomic batch publish headers (ADR-50, nats-server 2.12+).
-const HEADER_BATCH_ID: &str = "Nats-Batch-Id";
-const HEADER_BATCH_SEQUENCE: &str = "Nats-Batch-Sequence";
-const HEADER_BATCH_COMMIT: &str = "Nats-Batch-Commit";
 use shop_shared::task::{
     blocking, wait_connected, Backoff, Panicked, Severity, TaskError, CONNECT_WAIT,
 };
@@ -348,17 +345,14 @@ impl Relay {
         mut published: u64,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<(), RelayError> {
-        // Acks awaited, each with the last position it covers (a command's last event).
         let mut inflight: VecDeque<(u64, PublishAckFuture)> =
             VecDeque::with_capacity(self.config.window);
-        // The last position sent.
-        let mut sent = published;
         let mut saved_cursor = published;
         let mut idle_check = tokio::time::interval(IDLE_CHECK_INTERVAL);
         idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let durable = *self.durable.borrow_and_update();
-            let next = sent + 1;
+            let next = published + inflight.len() as u64 + 1;
             if next <= durable {
                 if !shop_shared::nats::is_connected(&self.client) {
                     // Publishing into a dead connection only queues requests that will
@@ -379,15 +373,18 @@ impl Relay {
                         blocking("relay", move || log.read_range(next, to, chunk)).await??
                     }
                 };
-                let events = decode_chunk(next, events)?;
-                let whole = to == durable;
-                for command in commands(&events, whole) {
-                    while sent - published >= self.config.window as u64 {
+                for (expected, (position, bytes)) in (next..).zip(events) {
+                    if position != expected {
+                        return Err(RelayError::Log(LogError::Corrupt {
+                            key: format!("E{position}"),
+                            reason: format!("log gap: expected position {expected}"),
+                        }));
+                    }
+                    if inflight.len() >= self.config.window {
                         published = self.settle(&mut inflight).await?;
                     }
-                    let ack = self.send(command).await?;
-                    sent = command.last().map_or(sent, |e| e.position);
-                    inflight.push_back((sent, ack));
+                    let ack = self.send(position, bytes).await?;
+                    inflight.push_back((position, ack));
                 }
                 continue;
             }
@@ -395,7 +392,6 @@ impl Relay {
                 published = self.settle(&mut inflight).await?;
                 continue;
             }
-            sent = published;
             // Caught up with the log.
             if published != saved_cursor {
                 let log = self.log.clone();
@@ -441,44 +437,45 @@ impl Relay {
         Ok(())
     }
 
-    /// Sends one command's events: a single event as a plain JetStream publish, several
-    /// as one atomic batch (ADR-50: the stream stores all of them or none), so that the
-    /// stream never holds part of a command, whatever happens to this server or its
-    /// connection mid-way. `Nats-Expected-Last-Sequence` goes on the first message (the
-    /// stream checks it, against the sequence before the batch, at the commit). Returns
-    /// the ack future of the last (the commit's ack carries the last sequence).
-    async fn send(&self, command: &[Outgoing]) -> Result<PublishAckFuture, RelayError> {
-        let batch_id = (command.len() > 1).then(|| format!("r{}", command[0].position));
-        let last = command.len() - 1;
-        for (i, event) in command.iter().enumerate() {
-            let mut headers = event.headers();
-            if i == 0 {
-                headers.insert(
-                    HEADER_EXPECTED_LAST_SEQUENCE,
-                    (event.position - 1).to_string().as_str(),
-                );
-            }
-            if let Some(id) = &batch_id {
-                headers.insert(HEADER_BATCH_ID, id.as_str());
-                headers.insert(HEADER_BATCH_SEQUENCE, (i + 1).to_string().as_str());
-            }
-            if i == last {
-                if batch_id.is_some() {
-                    headers.insert(HEADER_BATCH_COMMIT, "1");
-                }
-                return self
-                    .js
-                    .publish_with_headers(event.subject.clone(), headers, event.bytes.clone())
-                    .await
-                    .map_err(|e| nats(&format!("publish position {}", event.position), e));
-            }
-            // A batch's earlier messages: no ack of their own (the commit's covers them).
-            self.client
-                .publish_with_headers(event.subject.clone(), headers, event.bytes.clone())
-                .await
-                .map_err(|e| nats(&format!("publish position {}", event.position), e))?;
+    /// Sends one event; returns its ack future.
+    async fn send(
+        &self,
+        position: u64,
+        bytes: bytes::Bytes,
+    ) -> Result<PublishAckFuture, RelayError> {
+        let envelope = pb::EventEnvelope::decode(bytes.as_ref()).map_err(|e| {
+            RelayError::Log(LogError::Corrupt {
+                key: format!("E{position}"),
+                reason: e.to_string(),
+            })
+        })?;
+        let stream = StreamId::parse(&envelope.stream_id).map_err(|e| {
+            RelayError::Log(LogError::Corrupt {
+                key: format!("E{position}"),
+                reason: format!("stream id {:?}: {e}", envelope.stream_id),
+            })
+        })?;
+        let subject = subjects::subject(stream.kind, &stream.id);
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(
+            HEADER_EXPECTED_LAST_SEQUENCE,
+            (position - 1).to_string().as_str(),
+        );
+        headers.insert(HEADER_EVENT_ID, envelope.event_id.as_str());
+        headers.insert(HEADER_EVENT_TYPE, envelope.event_type.as_str());
+        headers.insert(HEADER_POSITION, position.to_string().as_str());
+        if envelope.traceparent.is_empty() {
+            headers.insert(
+                HEADER_TRACEPARENT,
+                subjects::traceparent(&envelope.correlation_id, &envelope.event_id).as_str(),
+            );
+        } else {
+            headers.insert(HEADER_TRACEPARENT, envelope.traceparent.as_str());
         }
-        Err(RelayError::Nats("an empty command was to be sent".into()))
+        self.js
+            .publish_with_headers(subject, headers, bytes)
+            .await
+            .map_err(|e| nats(&format!("publish position {position}"), e))
     }
 
     /// Awaits the oldest in-flight ack and checks it landed at its position.
@@ -511,81 +508,6 @@ impl Relay {
     }
 }
 
-/// One event to publish: where, what, and the headers of its envelope.
-struct Outgoing {
-    position: u64,
-    bytes: bytes::Bytes,
-    subject: String,
-    command_id: String,
-    event_id: String,
-    event_type: String,
-    /// The envelope's, or derived from its correlation id.
-    traceparent: String,
-}
-
-impl Outgoing {
-    fn headers(&self) -> async_nats::HeaderMap {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(HEADER_EVENT_ID, self.event_id.as_str());
-        headers.insert(HEADER_EVENT_TYPE, self.event_type.as_str());
-        headers.insert(HEADER_POSITION, self.position.to_string().as_str());
-        headers.insert(HEADER_TRACEPARENT, self.traceparent.as_str());
-        headers
-    }
-}
-
-/// Decodes a chunk read from the log, which must start at `next` without gaps.
-fn decode_chunk(next: u64, events: Vec<(u64, bytes::Bytes)>) -> Result<Vec<Outgoing>, RelayError> {
-    let corrupt = |position: u64, reason: String| {
-        RelayError::Log(LogError::Corrupt {
-            key: format!("E{position}"),
-            reason,
-        })
-    };
-    let mut out = Vec::with_capacity(events.len());
-    for (expected, (position, bytes)) in (next..).zip(events) {
-        if position != expected {
-            return Err(corrupt(
-                position,
-                format!("log gap: expected position {expected}"),
-            ));
-        }
-        let envelope = pb::EventEnvelope::decode(bytes.as_ref())
-            .map_err(|e| corrupt(position, e.to_string()))?;
-        let stream = StreamId::parse(&envelope.stream_id)
-            .map_err(|e| corrupt(position, format!("stream id {:?}: {e}", envelope.stream_id)))?;
-        let traceparent = if envelope.traceparent.is_empty() {
-            subjects::traceparent(&envelope.correlation_id, &envelope.event_id)
-        } else {
-            envelope.traceparent
-        };
-        out.push(Outgoing {
-            position,
-            bytes,
-            subject: subjects::subject(stream.kind, &stream.id),
-            command_id: envelope.command_id,
-            event_id: envelope.event_id,
-            event_type: envelope.event_type,
-            traceparent,
-        });
-    }
-    Ok(out)
-}
-
-/// The chunk's events split into commands (runs of one command id). The last run is left
-/// out unless the chunk is `whole` (it ends where the durable log ends, always at a
-/// command's end) or it is the only run: it may go on past the chunk, and is read again
-/// from its start.
-fn commands(events: &[Outgoing], whole: bool) -> Vec<&[Outgoing]> {
-    let mut runs: Vec<&[Outgoing]> = events
-        .chunk_by(|a, b| a.command_id == b.command_id)
-        .collect();
-    if !whole && runs.len() > 1 {
-        runs.pop();
-    }
-    runs
-}
-
 /// Resolves once the client is not connected, or connected to another server than when
 /// it was called (a fail-over within one check): either way the acks of what was sent on
 /// the old connection will never come.
@@ -609,15 +531,6 @@ pub async fn ensure_stream(
         .map_err(|e| nats(&format!("get or create stream {name}"), e))?;
     let info = stream.info().await.map_err(|e| nats("stream info", e))?;
     check_stream_config(name, replicas, &info.config)?;
-    if !info.config.allow_atomic_publish {
-        // A stream created before commands were published as atomic batches.
-        let mut config = info.config.clone();
-        config.allow_atomic_publish = true;
-        js.update_stream(config)
-            .await
-            .map_err(|e| nats(&format!("allow atomic publish on stream {name}"), e))?;
-        tracing::info!(stream = name, "stream updated to take atomic batches");
-    }
     Ok(stream)
 }
 
@@ -635,8 +548,6 @@ pub fn stream_config(name: &str, replicas: usize) -> jetstream::stream::Config {
         // Events are never deleted one by one; a purge is detected and repaired.
         deny_delete: true,
         allow_direct: true,
-        // A command's events are published as one atomic batch.
-        allow_atomic_publish: true,
         ..Default::default()
     }
 }

@@ -162,31 +162,9 @@ pub fn assert_stream_mirrors_log(messages: &[StreamMessage], log: &[pb::EventEnv
             m.headers.get("Shop-Position"),
             Some(&e.position.to_string())
         );
-        // A command's events are one atomic batch, the expected sequence on its first.
-        let index = (e.position - 1) as usize;
-        let first_of_command = index == 0 || log[index - 1].command_id != e.command_id;
-        let last_of_command = log
-            .get(index + 1)
-            .is_none_or(|next| next.command_id != e.command_id);
-        let expected = first_of_command.then(|| (e.position - 1).to_string());
         assert_eq!(
             m.headers.get("Nats-Expected-Last-Sequence"),
-            expected.as_ref(),
-            "position {}",
-            e.position
-        );
-        let batched = !(first_of_command && last_of_command);
-        assert_eq!(
-            m.headers.contains_key("Nats-Batch-Id"),
-            batched,
-            "position {}: a command of several events is one batch",
-            e.position
-        );
-        assert_eq!(
-            m.headers.get("Nats-Batch-Commit").map(String::as_str),
-            (batched && last_of_command).then_some("1"),
-            "position {}",
-            e.position
+            Some(&(e.position - 1).to_string())
         );
         let tp = m.headers.get("traceparent").expect("traceparent");
         assert!(
