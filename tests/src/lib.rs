@@ -60,3 +60,12 @@ where
         delay = (delay * 2).min(Duration::from_millis(200));
     }
 }
+
+/// The `SHOP_<NAME>_ROUNDS` environment variable, or `default`: how many rounds a
+/// fault-injection test runs (more for a nightly run).
+pub fn rounds(env: &str, default: usize) -> usize {
+    std::env::var(env)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}

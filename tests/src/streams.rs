@@ -190,3 +190,25 @@ pub async fn wait_applied(q: &QueryServiceClient<Channel>, position: u64, timeou
     })
     .await;
 }
+
+/// Asserts that each acknowledged one-event command (its id and the position it was
+/// answered with) is in the log exactly once, at that position.
+pub fn assert_acknowledged_once<'a>(
+    log: &[pb::EventEnvelope],
+    acked: impl IntoIterator<Item = (&'a str, u64)>,
+) {
+    let mut by_command: std::collections::HashMap<&str, Vec<u64>> = Default::default();
+    for e in log {
+        by_command
+            .entry(&e.command_id)
+            .or_default()
+            .push(e.position);
+    }
+    for (id, position) in acked {
+        assert_eq!(
+            by_command.get(id),
+            Some(&vec![position]),
+            "acknowledged {id} must be in the log exactly once, at its position"
+        );
+    }
+}

@@ -8,7 +8,21 @@ use std::time::Duration;
 use shop_shared::pb::command_service_client::CommandServiceClient;
 use tonic::transport::Channel;
 
-use crate::pb;
+use crate::{pb, Server};
+
+/// Which of `servers` writes (its `shop.v1.CommandService` is SERVING), once one does
+/// (within 30 s).
+pub async fn writer_of(servers: &[Server]) -> usize {
+    crate::eventually(Duration::from_secs(30), "a writer", || async {
+        for (i, s) in servers.iter().enumerate() {
+            if s.is_writer().await {
+                return Some(i);
+            }
+        }
+        None
+    })
+    .await
+}
 
 /// One answered command.
 #[derive(Debug, Clone)]

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use shop_tests::writers::AnyWriter;
+use shop_tests::writers::{writer_of, AnyWriter};
 use shop_tests::{eventually, log_position, pb, req, Nats, Server, ServerKind};
 
 use crate::workload::{self, Catalog};
@@ -138,17 +138,4 @@ pub async fn run(args: &Args, catalog: Catalog) -> anyhow::Result<Failover> {
         catch_up_seconds: seconds,
         catch_up_per_second: events as f64 / seconds,
     })
-}
-
-/// Which of `servers` writes, once one does.
-async fn writer_of(servers: &[Server]) -> usize {
-    eventually(Duration::from_secs(30), "a writer", || async {
-        for (i, s) in servers.iter().enumerate() {
-            if s.is_writer().await {
-                return Some(i);
-            }
-        }
-        None
-    })
-    .await
 }

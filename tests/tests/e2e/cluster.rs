@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 use shop_tests::cluster::NatsCluster;
 use shop_tests::{
-    assert_stream_mirrors_log, eventually, log_position, pb, read_stream_with, read_whole_log, req,
-    wait_applied, Server, ServerKind,
+    assert_acknowledged_once, assert_stream_mirrors_log, eventually, log_position, pb,
+    read_stream_with, read_whole_log, req, wait_applied, Server, ServerKind,
 };
 
 use crate::model::{assert_views_equal, fetch_all, Views};
@@ -27,10 +27,7 @@ const STREAM: &str = "SHOP_EVENTS";
 const CLIENTS: usize = 3;
 
 fn rounds() -> usize {
-    std::env::var("SHOP_CLUSTER_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(4)
+    shop_tests::rounds("SHOP_CLUSTER_ROUNDS", 4)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,21 +186,8 @@ async fn an_r3_stream_loses_nothing_when_any_node_is_killed_under_load() {
     let stream = read_stream_with(&client, STREAM).await;
     assert_stream_mirrors_log(&stream, &log);
 
-    // Every acknowledged command is in the log, once, with its events at its positions.
-    let mut by_command: HashMap<&str, Vec<u64>> = HashMap::new();
-    for e in &log {
-        by_command
-            .entry(&e.command_id)
-            .or_default()
-            .push(e.position);
-    }
-    for (id, result, _) in &acked {
-        assert_eq!(
-            by_command.get(id.as_str()),
-            Some(&vec![result.position]),
-            "acknowledged {id} must be in the log exactly once, at its position"
-        );
-    }
+    // Every acknowledged command is in the log, once, at its position.
+    assert_acknowledged_once(&log, acked.iter().map(|a| (a.0.as_str(), a.1.position)));
 
     // The views equal a fold of the log.
     let mut q = query.queries().await;

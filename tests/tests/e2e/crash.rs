@@ -24,10 +24,7 @@ const PRICE_CENTS: i64 = 100;
 const CLIENTS: usize = 4;
 
 fn rounds() -> usize {
-    std::env::var("SHOP_CRASH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20)
+    shop_tests::rounds("SHOP_CRASH_ROUNDS", 20)
 }
 
 /// A command the workload sends, kept whole so it can be retried verbatim.

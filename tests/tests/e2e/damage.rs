@@ -8,8 +8,6 @@
 use std::path::Path;
 use std::time::Duration;
 
-use tonic_health::pb::health_check_response::ServingStatus;
-
 use shop_tests::{
     eventually, pb, read_stream, read_whole_log, req, stream_last_sequence, Nats, Server,
     ServerKind,
@@ -102,13 +100,7 @@ async fn a_damaged_command_log_serves_what_it_had_or_catches_up_from_the_stream(
         let (mut server, before) = stopped_server(&nats).await;
         damage(&server.data_dir, how);
         server.spawn_until_listening();
-        server
-            .wait_health(
-                "shop.v1.LogService",
-                ServingStatus::Serving,
-                Duration::from_secs(20),
-            )
-            .await;
+        server.wait_log_serving().await;
         let cut = server.log();
         // A prefix of the stream: caught up from it before it writes (and before it says
         // so), the same events again; nothing published from the damaged log.
@@ -135,13 +127,7 @@ async fn a_log_damaged_in_the_middle_recovers_to_a_prefix_of_its_events() {
     damage(&server.data_dir, Damage::FlipMiddle);
     // Without NATS it is a standby (no lease), serving its log.
     server.spawn_until_listening();
-    server
-        .wait_health(
-            "shop.v1.LogService",
-            ServingStatus::Serving,
-            Duration::from_secs(20),
-        )
-        .await;
+    server.wait_log_serving().await;
     let after = read_whole_log(&mut server.log_reader().await).await;
     assert!(after.len() < before.len(), "the damage cut the log short");
     assert_eq!(after[..], before[..after.len()], "a prefix, unaltered");

@@ -14,17 +14,16 @@
 //!   it moves them to a quarantine file and follows; with `--ack local` it refuses to
 //!   serve and `shop-log export` shows them.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
-use shop_tests::writers::AnyWriter;
+use shop_tests::writers::{writer_of, AnyWriter};
 use shop_tests::{
-    assert_stream_mirrors_log, error_metadata, eventually, log_position, pb, read_stream,
-    read_whole_log, reason, req, wait_applied, Nats, Server, ServerKind,
+    assert_acknowledged_once, assert_stream_mirrors_log, error_metadata, eventually, log_position,
+    pb, read_stream, read_whole_log, reason, req, wait_applied, Nats, Server, ServerKind,
 };
 use tonic_health::pb::health_check_response::ServingStatus;
 
@@ -36,27 +35,11 @@ const CLIENTS: usize = 3;
 const TTL_MS: u64 = 1000;
 
 fn rounds() -> usize {
-    std::env::var("SHOP_FAILOVER_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20)
+    shop_tests::rounds("SHOP_FAILOVER_ROUNDS", 20)
 }
 
 fn args(ack: &'static str) -> Vec<&'static str> {
     vec!["--ack", ack, "--lease-ttl-ms", "1000"]
-}
-
-/// Which of `servers` is the writer, once one is.
-async fn writer_of(servers: &[Server]) -> usize {
-    eventually(Duration::from_secs(30), "a writer", || async {
-        for (i, s) in servers.iter().enumerate() {
-            if s.is_writer().await {
-                return Some(i);
-            }
-        }
-        None
-    })
-    .await
 }
 
 /// An acknowledged command: its id, its request, its result, when the answer came and
@@ -230,21 +213,8 @@ async fn the_standby_takes_over_when_the_writer_dies_and_nothing_acknowledged_is
     assert_eq!(read_whole_log(&mut standby.log_reader().await).await, log);
 
     // Every acknowledged command is in the log once, at its position.
-    let mut by_command: HashMap<&str, Vec<u64>> = HashMap::new();
-    for e in &log {
-        by_command
-            .entry(&e.command_id)
-            .or_default()
-            .push(e.position);
-    }
     let acked = acked.lock().expect("acked").clone();
-    for (id, _, result, _, _) in &acked {
-        assert_eq!(
-            by_command.get(id.as_str()),
-            Some(&vec![result.position]),
-            "acknowledged {id} must be in the log exactly once, at its position"
-        );
-    }
+    assert_acknowledged_once(&log, acked.iter().map(|a| (a.0.as_str(), a.2.position)));
     // A retry of any of them, now, on the writer of the end: the original result.
     let mut c = servers[writer].commands().await;
     for (id, request, result, _, _) in &acked {
