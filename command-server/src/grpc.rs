@@ -664,6 +664,9 @@ pub struct LogReader {
     pub watch: WriterWatch,
     pub relay: Arc<RelayStatus>,
     pub stream: String,
+    pub role: tokio::sync::watch::Receiver<Role>,
+    /// This server's advertised address (the leader's, when it is the writer).
+    pub advertised: String,
 }
 
 /// Default number of events per read.
@@ -698,9 +701,19 @@ impl LogService for LogReader {
         &self,
         _request: Request<pb::GetLogStatusRequest>,
     ) -> Result<Response<pb::LogStatus>, Status> {
-        let positions = positions(&self.watch, &self.relay);
+        let mut positions = positions(&self.watch, &self.relay);
         let syncs = self.watch.syncs.summary();
+        let (role, leader) = match &*self.role.borrow() {
+            Role::Writer => ("writer", self.advertised.clone()),
+            Role::Standby { leader } => ("standby", leader.clone().unwrap_or_default()),
+        };
+        if role == "standby" {
+            // Its log is what it read from the stream.
+            positions.published = positions.log;
+        }
         Ok(Response::new(pb::LogStatus {
+            role: role.to_string(),
+            leader,
             log_position: positions.log,
             published_position: positions.published,
             relay_lag: positions.relay_lag(),

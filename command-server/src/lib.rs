@@ -223,6 +223,7 @@ pub async fn run(
             .unwrap_or_else(|| local_addr.to_string()),
     };
     check_at_startup(&config, &log, &client, &me).await?;
+    let advertised = me.addr.clone();
     let (writer, writer_watch, writer_threads) = start_writer(&config, &log)?;
 
     let relay_status = Arc::new(RelayStatus::new(client.clone()));
@@ -270,6 +271,7 @@ pub async fn run(
         watch: writer_watch,
         relay: relay_status,
         role: role_rx,
+        advertised,
         health,
         health_service,
         security,
@@ -574,6 +576,8 @@ struct Services {
     watch: WriterWatch,
     relay: Arc<RelayStatus>,
     role: watch::Receiver<Role>,
+    /// This server's address as published in the lease.
+    advertised: String,
     health: Health,
     health_service: HealthService,
     security: Security,
@@ -593,6 +597,7 @@ async fn serve(
         watch,
         relay,
         role,
+        advertised,
         health,
         health_service,
         security,
@@ -623,7 +628,7 @@ async fn serve(
         writer,
         metrics: command_metrics,
         replication,
-        role,
+        role: role.clone(),
     })
     .max_decoding_message_size(config.request_bytes_max);
     let reader = LogServiceServer::new(grpc::LogReader {
@@ -631,6 +636,8 @@ async fn serve(
         watch,
         relay,
         stream: config.nats.stream.clone(),
+        role,
+        advertised,
     })
     .max_decoding_message_size(config.request_bytes_max);
     let incoming = shop_shared::limits::incoming(

@@ -114,6 +114,17 @@ async fn the_standby_takes_over_when_the_writer_dies_and_nothing_acknowledged_is
         Some(&a.addr()),
         "{refused:?}"
     );
+    // Each says what it is in its log status.
+    for (server, role) in [(&a, "writer"), (&b, "standby")] {
+        let status = server
+            .log_reader()
+            .await
+            .get_log_status(pb::GetLogStatusRequest {})
+            .await
+            .expect("status")
+            .into_inner();
+        assert_eq!((status.role.as_str(), status.leader), (role, a.addr()));
+    }
 
     let mut c = a.commands().await;
     for client in 0..CLIENTS {
