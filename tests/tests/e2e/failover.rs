@@ -569,3 +569,111 @@ async fn a_server_that_claims_the_lease_behind_the_stream_catches_up_before_it_w
     assert_eq!(text.matches("took over as the writer").count(), 1, "{text}");
     assert!(!text.contains("restarting"), "{text}");
 }
+
+/// The customer-deleted policy runs on the writer only: with a standby following, a
+/// deleted customer's open orders are cancelled exactly once, by the writer, and the
+/// standby's log is the writer's (a standby running the policy would decide commands
+/// into its own log, apart from the stream). After a failover the new writer runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_policy_runs_on_the_writer_only() {
+    let nats = Nats::start();
+    let mut a = Server::start(ServerKind::Command, &nats, &args("local")).await;
+    let b = Server::start_standby(&nats.url(), &args("local")).await;
+    let cancels_of = |log: &[pb::EventEnvelope], customer: &str| {
+        log.iter()
+            .filter(|e| e.event_type == "OrderCancelled" && e.stream_id.contains(customer))
+            .count()
+    };
+    for (round, server) in ["first", "second"].into_iter().enumerate() {
+        let writer = if round == 0 { &a } else { &b };
+        let mut c = writer.commands().await;
+        let customer = format!("gone-{server}");
+        c.register_customer(req::register(&customer, &format!("{customer}@shop.test")))
+            .await
+            .expect("register");
+        c.create_product(req::product(&format!("p-{server}"), 100, 100))
+            .await
+            .expect("product");
+        for i in 0..3 {
+            c.place_order(req::order(
+                &format!("{customer}-o{i}"),
+                &customer,
+                &[(format!("p-{server}").as_str(), 1)],
+            ))
+            .await
+            .expect("order");
+        }
+        c.delete_customer(pb::DeleteCustomerRequest {
+            customer_id: customer.clone(),
+            reason: "asked".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("delete");
+        eventually(Duration::from_secs(20), "the policy's cancels", || async {
+            let log = read_whole_log(&mut writer.log_reader().await).await;
+            (cancels_of(&log, &customer) >= 3).then_some(())
+        })
+        .await;
+        // Quiet for a moment: nothing more comes, from either server.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let log = read_whole_log(&mut writer.log_reader().await).await;
+        assert_eq!(
+            cancels_of(&log, &customer),
+            3,
+            "round {round}: cancelled once each"
+        );
+        let standby = if round == 0 { &b } else { &a };
+        eventually(Duration::from_secs(20), "the standby to follow", || async {
+            (read_whole_log(&mut standby.log_reader().await).await == log).then_some(())
+        })
+        .await;
+        if round == 0 {
+            a.kill9();
+            b.wait_serving().await;
+            a.spawn_until_listening();
+            a.wait_log_serving().await;
+        }
+    }
+}
+
+/// A standby never runs the policy, even when nobody else does (the writer here has
+/// `--no-policy`): a deleted customer's orders stay open, and the standby's log stays
+/// the writer's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_never_runs_the_policy() {
+    let nats = Nats::start();
+    let mut no_policy = args("local");
+    no_policy.push("--no-policy");
+    let a = Server::start(ServerKind::Command, &nats, &no_policy).await;
+    let b = Server::start_standby(&nats.url(), &args("local")).await;
+    let mut c = a.commands().await;
+    c.register_customer(req::register("gone", "gone@shop.test"))
+        .await
+        .expect("register");
+    c.create_product(req::product("p", 100, 100))
+        .await
+        .expect("product");
+    c.place_order(req::order("o", "gone", &[("p", 1)]))
+        .await
+        .expect("order");
+    c.delete_customer(pb::DeleteCustomerRequest {
+        customer_id: "gone".into(),
+        reason: "asked".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("delete");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let log = read_whole_log(&mut a.log_reader().await).await;
+    assert_eq!(
+        log.last().map(|e| e.event_type.as_str()),
+        Some("CustomerDeleted")
+    );
+    eventually(Duration::from_secs(10), "the standby to follow", || async {
+        (read_whole_log(&mut b.log_reader().await).await == log).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(read_whole_log(&mut b.log_reader().await).await, log);
+}
