@@ -677,3 +677,83 @@ async fn a_standby_never_runs_the_policy() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(read_whole_log(&mut b.log_reader().await).await, log);
 }
+
+/// The production shape: a 3-node NATS cluster, the stream and the lease bucket at three
+/// replicas, `--ack replicated`, a writer and a standby. The writer is `kill -9`ed, and
+/// so is the stream's leader node, under load: nothing acknowledged is lost or doubled,
+/// and the logs mirror the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writer_failover_on_a_three_node_cluster_loses_nothing_acknowledged() {
+    let mut cluster = shop_tests::cluster::NatsCluster::start().await;
+    let urls = cluster.urls();
+    let mut flags = args("replicated");
+    flags.extend(["--stream-replicas", "3"]);
+    let a = Server::start_on(ServerKind::Command, &urls, &flags).await;
+    let b = Server::start_standby(&urls, &flags).await;
+    a.commands()
+        .await
+        .create_product(req::product("k0", 100, 0))
+        .await
+        .expect("product");
+    let mut servers = [a, b];
+    let endpoints: Vec<String> = servers.iter().map(Server::endpoint).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Arc<Mutex<Acked>> = Arc::default();
+    let retried = Arc::new(AtomicUsize::new(0));
+    let client = tokio::spawn(client_loop(
+        0,
+        endpoints,
+        stop.clone(),
+        acked.clone(),
+        retried.clone(),
+    ));
+    let progress = |what: &'static str| {
+        let acked = acked.clone();
+        async move {
+            let before = acked.lock().expect("acked").len();
+            eventually(Duration::from_secs(60), what, || {
+                let n = acked.lock().expect("acked").len();
+                std::future::ready((n > before + 10).then_some(()))
+            })
+            .await;
+        }
+    };
+    progress("commands under load").await;
+    for round in 0..2 {
+        let writer = writer_of(&servers).await;
+        servers[writer].kill9();
+        progress("the standby to take over").await;
+        servers[writer].spawn_until_listening();
+        servers[writer].wait_log_serving().await;
+        let leader = eventually(Duration::from_secs(30), "a stream leader", || {
+            cluster.stream_leader(STREAM)
+        })
+        .await;
+        cluster.kill(leader);
+        progress("commands with a node down").await;
+        cluster.restart(leader);
+        eprintln!("round {round}: writer {writer} and NATS node {leader} killed");
+    }
+    stop.store(true, Ordering::Relaxed);
+    client.await.expect("client");
+
+    let writer = writer_of(&servers).await;
+    let log = read_whole_log(&mut servers[writer].log_reader().await).await;
+    let client = cluster.client().await;
+    eventually(
+        Duration::from_secs(60),
+        "the stream to hold the log",
+        || async {
+            (shop_tests::read_stream_with(&client, STREAM).await.len() >= log.len()).then_some(())
+        },
+    )
+    .await;
+    assert_stream_mirrors_log(&shop_tests::read_stream_with(&client, STREAM).await, &log);
+    let acked = acked.lock().expect("acked").clone();
+    assert_acknowledged_once(&log, acked.iter().map(|a| (a.0.as_str(), a.2.position)));
+    let standby = &servers[1 - writer];
+    eventually(Duration::from_secs(60), "the standby to follow", || async {
+        (read_whole_log(&mut standby.log_reader().await).await == log).then_some(())
+    })
+    .await;
+}
