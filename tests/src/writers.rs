@@ -94,6 +94,8 @@ impl AnyWriter {
                                 | tonic::Code::Unknown
                                 | tonic::Code::Cancelled
                                 | tonic::Code::DeadlineExceeded
+                                // Shed under load (nothing written): retried the same.
+                                | tonic::Code::ResourceExhausted
                         ),
                         "{} refused: {status:?}",
                         request.command_id
