@@ -49,10 +49,11 @@ use crate::log::{Durability, EventLog, LogError};
 use crate::relay::{Relay, RelayConfig, RelayError, RelayStatus};
 use crate::writer::{Writer, WriterConfig, WriterThreads, WriterWatch};
 
-/// Health service name that reflects the relay (NATS reachable, stream verified). The
-/// server as a whole (`""`) and `shop.v1.CommandService` stay SERVING while NATS is away,
-/// since commands are still accepted; they turn NOT_SERVING only when the log is unusable
-/// or the server is shutting down.
+/// Health service name that reflects the relay (NATS reachable, stream verified, this
+/// server the writer). The server as a whole (`""`) and, on the writer,
+/// `shop.v1.CommandService` stay SERVING while NATS is away, since commands are still
+/// accepted; they turn NOT_SERVING only when the log is unusable or the server is
+/// shutting down. A standby's `shop.v1.CommandService` is NOT_SERVING.
 pub const RELAY_HEALTH_SERVICE: &str = "shop.v1.Relay";
 /// How long shutdown waits for the relay to publish what is left.
 const RELAY_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -126,8 +127,9 @@ pub struct Config {
     #[arg(long, env = "SHOP_RELAY_WINDOW", default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..5000))]
     pub relay_window: u64,
 
-    /// How long start-up waits for NATS to verify the stream before serving anyway
-    /// (the relay then keeps retrying in the background), in milliseconds.
+    /// How long start-up waits for NATS to check the stream and the log against it
+    /// before starting anyway, as a standby (it claims the writer lease once NATS
+    /// answers), in milliseconds.
     #[arg(long, env = "SHOP_NATS_STARTUP_WAIT_MS", default_value_t = 3000)]
     pub nats_startup_wait_ms: u64,
 
