@@ -5,12 +5,16 @@
 //! - [`grpc`]: tonic adapter; protobuf request → validated [`domain::Command`]; every
 //!   refusal → gRPC status in one place.
 //! - [`writer`]: the bounded queue and the single writer thread: idempotency, optimistic
-//!   concurrency, [`domain::decide`], one atomic sled batch per group of commands, one
-//!   sync per group (group commit), reply only once durable.
+//!   concurrency, [`domain::decide`], commit records of whole commands, one sync per
+//!   group (group commit), reply only once durable; on a standby, appending what the
+//!   stream holds.
 //! - [`domain`]: pure `decide`/`evolve` per aggregate (customer, product, order).
-//! - [`log`]: the sled event log: key layout, atomic batches, durable sync, reads.
+//! - [`log`]: the sled event log: key layout, crash-safe single inserts, durable sync,
+//!   reads, the quarantine cut.
 //! - [`relay`]: durable events → JetStream, stream sequence == log position, resumable.
 //! - [`policy`]: customer deleted → cancel their open orders, via a durable consumer.
+//! - [`failover`]: the writer lease, hot standbys following the stream, takeover, and the
+//!   start-up check of the log against the stream (catch up, quarantine, or refuse).
 //! - [`metrics`]: Prometheus metrics read at scrape time (`--metrics-listen`).
 //!
 //! [`run`] wires them together and owns start-up and graceful shutdown.
