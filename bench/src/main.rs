@@ -132,6 +132,10 @@ struct Args {
     #[arg(long, default_value_t = 20)]
     failover_trials: usize,
 
+    /// Stage `failover`: the servers' `--lease-ttl-ms` (their default: 3000).
+    #[arg(long, default_value_t = 3000)]
+    failover_ttl_ms: u64,
+
     /// Server binaries of another build (e.g. an older commit's `target/release`): the
     /// observability stage then runs them too, as `baseline`, for a before/after.
     #[arg(long)]

@@ -2,8 +2,8 @@
 //! restocking through
 //! whichever writes (`shop_tests::writers::AnyWriter`); the writer is `kill -9`ed
 //! `--failover-trials` times (restarted as the standby after each) and the time from the
-//! kill to the first command acknowledged by the new writer is measured, at the default
-//! lease TTL. Then the catch-up rate: a standby started with an empty data dir on the
+//! kill to the first command acknowledged by the new writer is measured, at
+//! `--failover-ttl-ms` (the servers' default lease TTL unless given). Then the catch-up rate: a standby started with an empty data dir on the
 //! stream the commands left, until its log holds all of it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,9 +16,6 @@ use shop_tests::{eventually, log_position, pb, req, Nats, Server, ServerKind};
 
 use crate::workload::{self, Catalog};
 use crate::{load, say, Args};
-
-/// The lease TTL the trials run with: the default of `--lease-ttl-ms`.
-const TTL_MS: u64 = 3000;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Failover {
@@ -35,7 +32,7 @@ pub struct Failover {
 
 pub async fn run(args: &Args, catalog: Catalog) -> anyhow::Result<Failover> {
     let nats = Nats::start();
-    let ttl = TTL_MS.to_string();
+    let ttl = args.failover_ttl_ms.to_string();
     // Replicated: every acknowledged command is in the stream, so the old writer always
     // comes back as a standby (with `--ack local` a command answered but not yet relayed
     // when the writer died makes it refuse to start: the failover window, README).
@@ -130,7 +127,7 @@ pub async fn run(args: &Args, catalog: Catalog) -> anyhow::Result<Failover> {
     let mut sorted = trials_ms.clone();
     sorted.sort_by(f64::total_cmp);
     Ok(Failover {
-        lease_ttl_ms: TTL_MS,
+        lease_ttl_ms: args.failover_ttl_ms,
         p50_ms: sorted.get(sorted.len() / 2).copied().unwrap_or_default(),
         max_ms: sorted.last().copied().unwrap_or_default(),
         trials_ms,
