@@ -1,10 +1,10 @@
 //! Failover: a writer and a hot standby (`--ack replicated`) on one NATS node, a client
-//! restocking through
-//! whichever writes (`shop_tests::writers::AnyWriter`); the writer is `kill -9`ed
-//! `--failover-trials` times (restarted as the standby after each) and the time from the
-//! kill to the first command acknowledged by the new writer is measured, at
-//! `--failover-ttl-ms` (the servers' default lease TTL unless given). Then the catch-up rate: a standby started with an empty data dir on the
-//! stream the commands left, until its log holds all of it.
+//! restocking through whichever writes (`shop_tests::writers::AnyWriter`); the writer is
+//! `kill -9`ed `--failover-trials` times (restarted as the standby after each) and the
+//! time from the kill to the first command acknowledged by the new writer is measured,
+//! at `--failover-ttl-ms` (the servers' default lease TTL unless given). Then the
+//! catch-up rate: a standby started with an empty data dir on the stream the commands
+//! left, until its log holds all of it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
