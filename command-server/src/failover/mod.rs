@@ -126,8 +126,12 @@ impl Failover {
                     let held = Held { lease, revision };
                     let outcome = self.take_over(held, sent, stop, &mut follower).await;
                     let outcome = stop_following(outcome).await;
-                    // The follower must be done before the writer decides anything.
-                    let _ = (&mut follower).await;
+                    // The follower must be done before the writer decides anything. (It
+                    // may have ended already, awaited during the takeover: a finished
+                    // handle is not awaited again.)
+                    if !follower.is_finished() {
+                        let _ = (&mut follower).await;
+                    }
                     return outcome;
                 }
                 Ok(Claim::Other(holder)) => {
