@@ -88,6 +88,48 @@ async fn client_loop(
     }
 }
 
+/// `clients` clients of `client_loop` on `servers`: what they share, and their tasks.
+struct Load {
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Acked>>,
+    retried: Arc<AtomicUsize>,
+    clients: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(servers: &[Server], clients: usize) -> Load {
+        let endpoints: Vec<String> = servers.iter().map(Server::endpoint).collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked: Arc<Mutex<Acked>> = Arc::default();
+        let retried = Arc::new(AtomicUsize::new(0));
+        let clients = (0..clients)
+            .map(|client| {
+                tokio::spawn(client_loop(
+                    client,
+                    endpoints.clone(),
+                    stop.clone(),
+                    acked.clone(),
+                    retried.clone(),
+                ))
+            })
+            .collect();
+        Load {
+            stop,
+            acked,
+            retried,
+            clients,
+        }
+    }
+
+    /// Stops the clients and waits for them.
+    async fn finish(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for client in self.clients.drain(..) {
+            client.await.expect("client");
+        }
+    }
+}
+
 /// Writer and standby; the writer `kill -9`ed under load, round after round.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_standby_takes_over_when_the_writer_dies_and_nothing_acknowledged_is_lost() {
@@ -133,21 +175,8 @@ async fn the_standby_takes_over_when_the_writer_dies_and_nothing_acknowledged_is
             .expect("product");
     }
     let mut servers = [a, b];
-    let endpoints: Vec<String> = servers.iter().map(Server::endpoint).collect();
-    let stop = Arc::new(AtomicBool::new(false));
-    let acked: Arc<Mutex<Acked>> = Arc::default();
-    let retried = Arc::new(AtomicUsize::new(0));
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|client| {
-            tokio::spawn(client_loop(
-                client,
-                endpoints.clone(),
-                stop.clone(),
-                acked.clone(),
-                retried.clone(),
-            ))
-        })
-        .collect();
+    let mut load = Load::start(&servers, CLIENTS);
+    let (acked, retried) = (load.acked.clone(), load.retried.clone());
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let mut failovers = Vec::new();
@@ -184,10 +213,7 @@ async fn the_standby_takes_over_when_the_writer_dies_and_nothing_acknowledged_is
         servers[writer].wait_log_serving().await;
         assert!(!servers[writer].is_writer().await, "round {round}");
     }
-    stop.store(true, Ordering::Relaxed);
-    for client in clients {
-        client.await.expect("client");
-    }
+    load.finish().await;
     failovers.sort();
     eprintln!(
         "{} failovers: p50 {:?}, max {:?}; {} commands acknowledged, {} after a retry",
@@ -696,17 +722,8 @@ async fn writer_failover_on_a_three_node_cluster_loses_nothing_acknowledged() {
         .await
         .expect("product");
     let mut servers = [a, b];
-    let endpoints: Vec<String> = servers.iter().map(Server::endpoint).collect();
-    let stop = Arc::new(AtomicBool::new(false));
-    let acked: Arc<Mutex<Acked>> = Arc::default();
-    let retried = Arc::new(AtomicUsize::new(0));
-    let client = tokio::spawn(client_loop(
-        0,
-        endpoints,
-        stop.clone(),
-        acked.clone(),
-        retried.clone(),
-    ));
+    let mut load = Load::start(&servers, 1);
+    let acked = load.acked.clone();
     let progress = |what: &'static str| {
         let acked = acked.clone();
         async move {
@@ -734,8 +751,7 @@ async fn writer_failover_on_a_three_node_cluster_loses_nothing_acknowledged() {
         cluster.restart(leader);
         eprintln!("round {round}: writer {writer} and NATS node {leader} killed");
     }
-    stop.store(true, Ordering::Relaxed);
-    client.await.expect("client");
+    load.finish().await;
 
     let writer = writer_of(&servers).await;
     let log = read_whole_log(&mut servers[writer].log_reader().await).await;
