@@ -233,7 +233,7 @@ fn main() -> anyhow::Result<()> {
     }
     // Thousands of connections and watches in the overload stage.
     let _ = shop_shared::limits::raise_open_files_limit();
-    let bin_dir = system::prepare_binaries()?;
+    let bin_dir = shop_tests::prepare_binaries()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

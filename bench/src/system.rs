@@ -1,6 +1,6 @@
 //! What machine this is, process memory, directory sizes, and finding the binaries.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use crate::report::Machine;
@@ -113,69 +113,6 @@ pub fn dir_mb(dir: &Path) -> f64 {
         }
     }
     size(dir) as f64 / 1e6
-}
-
-/// The workspace root (for scripts and `.tools`).
-pub fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
-}
-
-/// Makes sure the server binaries next to this one are built from the current sources
-/// (same profile), and that a nats-server is available; returns the binaries' directory.
-pub fn prepare_binaries() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let prebuilt = std::env::var_os("SHOP_BIN_DIR").map(PathBuf::from);
-    let dir = match &prebuilt {
-        // Prebuilt servers (e.g. a frame-pointer build for profiling): used as they are.
-        Some(dir) => dir.clone(),
-        None => exe
-            .parent()
-            .map(Path::to_path_buf)
-            .ok_or_else(|| anyhow::anyhow!("no exe dir"))?,
-    };
-    let mut build = Command::new(if prebuilt.is_some() { "true" } else { "cargo" });
-    build.current_dir(workspace_root()).args([
-        "build",
-        "--bins",
-        "-p",
-        "command-server",
-        "-p",
-        "query-server",
-    ]);
-    if !cfg!(debug_assertions) {
-        build.arg("--release");
-    }
-    match build.status() {
-        Ok(s) if s.success() => {}
-        Ok(s) => anyhow::bail!("building the servers failed ({s})"),
-        Err(e) => eprintln!(
-            "cargo not available ({e}); using the binaries in {}",
-            dir.display()
-        ),
-    }
-    for bin in ["command-server", "query-server"] {
-        anyhow::ensure!(
-            dir.join(bin).exists(),
-            "{} missing",
-            dir.join(bin).display()
-        );
-    }
-    if std::env::var_os("NATS_SERVER_BIN").is_none() {
-        let out = Command::new(workspace_root().join("scripts/ensure-nats.sh")).output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "scripts/ensure-nats.sh failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let bin = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        // The harness reads it from the environment; set before any other thread runs.
-        std::env::set_var("NATS_SERVER_BIN", bin);
-    }
-    std::env::set_var("SHOP_BIN_DIR", &dir);
-    Ok(dir)
 }
 
 /// CPU time (user + system) a process has used so far, in seconds.

@@ -16,6 +16,8 @@
 //! - [`security`]: a throwaway PKI, tokens files, JWTs, NATS users.
 //! - [`grpc_fuzz`]: random and mutated protobuf bytes to every RPC of a server.
 //! - [`writers`]: a client of a writer and its standbys, following the writer.
+//! - [`model`]: an independent fold of the log into the query views, and the views read
+//!   back from a query server.
 //!
 //! Binaries are found next to the test executable (`target/<profile>/`), or in
 //! `SHOP_BIN_DIR`; `nats-server` via `NATS_SERVER_BIN`, `.tools/bin`, or PATH. A missing
@@ -27,6 +29,7 @@ pub use shop_shared::pb;
 
 pub mod cluster;
 pub mod grpc_fuzz;
+pub mod model;
 pub mod observability;
 mod processes;
 pub mod req;

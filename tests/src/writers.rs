@@ -69,37 +69,38 @@ impl AnyWriter {
         request: &pb::RestockProductRequest,
         give_up: impl Fn(usize) -> bool,
     ) -> Option<Answered> {
+        let command = Command::Restock(request.clone());
+        match self.send(&command, give_up).await {
+            Sent::Answered(answered) => Some(answered),
+            Sent::GaveUp => None,
+            Sent::Refused(status) => panic!("{} refused: {status:?}", request.command_id),
+        }
+    }
+
+    /// Sends `command` until it is answered, refused for a reason other than
+    /// availability, or until `give_up` says so after a failed attempt.
+    pub async fn send(&mut self, command: &Command, give_up: impl Fn(usize) -> bool) -> Sent {
         let mut retries = 0;
         loop {
             if self.client.is_none() {
                 self.client = Self::connect(&self.endpoints[self.target]).await;
             }
             let answer = match self.client.as_mut() {
-                Some(c) => c.restock_product(request.clone()).await,
+                Some(c) => command.send(c).await,
                 None => Err(tonic::Status::unavailable("cannot connect")),
             };
             match answer {
-                Ok(reply) => {
-                    return Some(Answered {
-                        result: reply.into_inner(),
+                Ok(result) => {
+                    return Sent::Answered(Answered {
+                        result,
                         server: self.target,
                         retries,
                     })
                 }
                 Err(status) => {
-                    assert!(
-                        matches!(
-                            status.code(),
-                            tonic::Code::Unavailable
-                                | tonic::Code::Unknown
-                                | tonic::Code::Cancelled
-                                | tonic::Code::DeadlineExceeded
-                                // Shed under load (nothing written): retried the same.
-                                | tonic::Code::ResourceExhausted
-                        ),
-                        "{} refused: {status:?}",
-                        request.command_id
-                    );
+                    if !retryable(&status) {
+                        return Sent::Refused(status);
+                    }
                     retries += 1;
                     let not_leader =
                         crate::status::reason(&status).as_deref() == Some("NOT_LEADER");
@@ -111,11 +112,65 @@ impl AnyWriter {
                         self.client = None;
                     }
                     if give_up(retries) {
-                        return None;
+                        return Sent::GaveUp;
                     }
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             }
         }
+    }
+}
+
+/// Whether a refusal says nothing was decided, so that the same command may be sent
+/// again: unavailable (no writer, storage, a restart), or shed under load.
+pub fn retryable(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::Cancelled
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::ResourceExhausted
+    )
+}
+
+/// What became of a command sent by [`AnyWriter::send`].
+#[derive(Debug)]
+pub enum Sent {
+    Answered(Answered),
+    /// Refused for a reason other than availability (a decision, or a bad request).
+    Refused(tonic::Status),
+    /// `give_up` said so before an answer came.
+    GaveUp,
+}
+
+/// A command [`AnyWriter`] can send.
+#[derive(Debug, Clone)]
+pub enum Command {
+    Restock(pb::RestockProductRequest),
+    Register(pb::RegisterCustomerRequest),
+    PlaceOrder(pb::PlaceOrderRequest),
+}
+
+impl Command {
+    /// The client-chosen command id.
+    pub fn id(&self) -> &str {
+        match self {
+            Command::Restock(r) => &r.command_id,
+            Command::Register(r) => &r.command_id,
+            Command::PlaceOrder(r) => &r.command_id,
+        }
+    }
+
+    async fn send(
+        &self,
+        client: &mut CommandServiceClient<Channel>,
+    ) -> Result<pb::CommandResult, tonic::Status> {
+        let reply = match self {
+            Command::Restock(r) => client.restock_product(r.clone()).await,
+            Command::Register(r) => client.register_customer(r.clone()).await,
+            Command::PlaceOrder(r) => client.place_order(r.clone()).await,
+        };
+        reply.map(tonic::Response::into_inner)
     }
 }

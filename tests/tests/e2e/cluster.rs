@@ -20,7 +20,7 @@ use shop_tests::{
     read_stream_with, read_whole_log, req, wait_applied, Server, ServerKind,
 };
 
-use crate::model::{assert_views_equal, fetch_all, Views};
+use shop_tests::model::{assert_views_equal, fetch_all, Views};
 use crate::queries::random_command;
 
 const STREAM: &str = "SHOP_EVENTS";

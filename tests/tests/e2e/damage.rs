@@ -13,7 +13,7 @@ use shop_tests::{
     ServerKind,
 };
 
-use crate::model::{assert_views_equal, fetch_all, Views};
+use shop_tests::model::{assert_views_equal, fetch_all, Views};
 
 const STREAM: &str = "SHOP_EVENTS";
 const EVENTS: usize = 300;

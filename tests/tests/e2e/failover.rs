@@ -27,7 +27,7 @@ use shop_tests::{
 };
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::model::{assert_views_equal, fetch_all, Views};
+use shop_tests::model::{assert_views_equal, fetch_all, Views};
 
 const STREAM: &str = "SHOP_EVENTS";
 const CLIENTS: usize = 3;

@@ -9,7 +9,6 @@ mod damage;
 mod failover;
 mod grpc_fuzz;
 mod limits;
-mod model;
 mod observability;
 mod partitions;
 pub mod queries;

@@ -14,7 +14,7 @@ use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tonic::Code;
 
-use crate::model::{assert_views_equal, fetch_all, Views};
+use shop_tests::model::{assert_views_equal, fetch_all, Views};
 use pb::command_service_client::CommandServiceClient;
 use pb::query_service_client::QueryServiceClient;
 

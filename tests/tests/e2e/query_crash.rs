@@ -12,7 +12,7 @@ use std::time::Duration;
 use rand::{Rng, SeedableRng};
 use shop_tests::{log_position, pb, read_whole_log, wait_applied, Stack};
 
-use crate::model::{assert_views_equal, fetch_all, Views};
+use shop_tests::model::{assert_views_equal, fetch_all, Views};
 use crate::queries::random_command;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,7 @@
 use shop_tests::{code, log_position, pb, read_whole_log, reason, req, Stack};
 use tonic::Code;
 
-use crate::model::{assert_views_equal, fetch_all, fetch_shipments, Views};
+use shop_tests::model::{assert_views_equal, fetch_all, fetch_shipments, Views};
 use pb::ShipmentStatus;
 
 /// Customer c1, product a, orders o1 (paid and shipped) and o2 (placed).

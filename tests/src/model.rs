@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use shop_tests::pb;
+use crate::pb;
 use tonic::transport::Channel;
 
 use pb::event::Kind;
