@@ -141,6 +141,9 @@ impl Policy {
             .await
             .map_err(|e| nats(CONSUMER_NAME, e))?;
         let mut messages = consumer
+            .stream()
+            .expires(shop_shared::nats::PULL_EXPIRES)
+            .heartbeat(shop_shared::nats::PULL_EXPIRES / 2)
             .messages()
             .await
             .map_err(|e| nats(CONSUMER_NAME, e))?;

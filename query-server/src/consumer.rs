@@ -301,6 +301,7 @@ impl Consumer {
                     start_sequence: checkpoint + 1,
                 },
                 max_batch: i64::try_from(self.config.batch_events_max).unwrap_or(1000),
+                max_expires: shop_shared::nats::PULL_EXPIRES,
                 ..Default::default()
             })
             .await

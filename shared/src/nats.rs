@@ -73,6 +73,14 @@ pub async fn connect(args: &NatsArgs, name: &str) -> Result<async_nats::Client, 
     Ok(client)
 }
 
+/// The expiry of each pull request of our consumers (the server's idle heartbeat is half
+/// of it). A pull request dies with the nats-server that held it (a restart, a lost
+/// cluster node), and the client notices only by missed heartbeats: with async-nats's
+/// defaults (30 s requests, 15 s heartbeats) views and standbys stalled about 15 s after
+/// every NATS restart (found by the chaos runner). Idle, this costs one request per
+/// consumer every second.
+pub const PULL_EXPIRES: Duration = Duration::from_secs(1);
+
 /// Backoff between reconnect attempts: 0 for the first, then doubling from 50 ms to 2 s.
 pub fn reconnect_delay(attempts: usize) -> Duration {
     if attempts <= 1 {

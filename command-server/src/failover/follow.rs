@@ -106,6 +106,7 @@ impl Follower {
                         start_sequence: last + 1,
                     },
                     max_batch: FOLLOW_BATCH_MAX as i64,
+                    max_expires: shop_shared::nats::PULL_EXPIRES,
                     ..Default::default()
                 })
                 .await

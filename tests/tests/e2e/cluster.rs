@@ -20,8 +20,8 @@ use shop_tests::{
     read_stream_with, read_whole_log, req, wait_applied, Server, ServerKind,
 };
 
-use shop_tests::model::{assert_views_equal, fetch_all, Views};
 use crate::queries::random_command;
+use shop_tests::model::{assert_views_equal, fetch_all, Views};
 
 const STREAM: &str = "SHOP_EVENTS";
 const CLIENTS: usize = 3;

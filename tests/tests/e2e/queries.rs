@@ -14,9 +14,9 @@ use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tonic::Code;
 
-use shop_tests::model::{assert_views_equal, fetch_all, Views};
 use pb::command_service_client::CommandServiceClient;
 use pb::query_service_client::QueryServiceClient;
+use shop_tests::model::{assert_views_equal, fetch_all, Views};
 
 const NAMES: [&str; 5] = ["Ann", "Anna", "anne-marie", "Bob", "Zoë"];
 

@@ -12,8 +12,8 @@ use std::time::Duration;
 use rand::{Rng, SeedableRng};
 use shop_tests::{log_position, pb, read_whole_log, wait_applied, Stack};
 
-use shop_tests::model::{assert_views_equal, fetch_all, Views};
 use crate::queries::random_command;
+use shop_tests::model::{assert_views_equal, fetch_all, Views};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_moments_leaves_views_equal_to_a_fold_up_to_the_checkpoint() {

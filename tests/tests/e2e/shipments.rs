@@ -6,8 +6,8 @@
 use shop_tests::{code, log_position, pb, read_whole_log, reason, req, Stack};
 use tonic::Code;
 
-use shop_tests::model::{assert_views_equal, fetch_all, fetch_shipments, Views};
 use pb::ShipmentStatus;
+use shop_tests::model::{assert_views_equal, fetch_all, fetch_shipments, Views};
 
 /// Customer c1, product a, orders o1 (paid and shipped) and o2 (placed).
 async fn shop(c: &mut pb::command_service_client::CommandServiceClient<tonic::transport::Channel>) {

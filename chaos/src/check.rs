@@ -1,0 +1,136 @@
+//! The checker, run after every trial once the load has stopped: every guarantee of
+//! SPEC §2 that a fault could break, against what the clients were told.
+//!
+//! - every acknowledged command is in the log exactly once, whole (its events at
+//!   consecutive positions ending at the position it was answered with);
+//! - an unanswered command is there at most once;
+//! - positions are gapless;
+//! - the stream holds the log: sequence = position, the same bytes;
+//! - a standby's log equals the writer's;
+//! - the query server's views equal an independent fold of the log;
+//! - resent acknowledged commands get their original result (idempotency across
+//!   restarts and failovers).
+//!
+//! A check that fails panics with what it found (the harness's helpers assert); the
+//! runner turns the panic into a violation.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::Rng;
+use shop_tests::model::{assert_views_equal, fetch_all, Views};
+use shop_tests::writers::{writer_of, AnyWriter, Command, Sent};
+use shop_tests::{assert_stream_mirrors_log, eventually, read_stream_with, read_whole_log};
+
+use crate::load::Acked;
+use crate::world::{World, STREAM};
+
+/// Runs every check; panics on the first violation.
+pub async fn check(world: &World, rng: &mut StdRng) {
+    let (acked, unanswered, refused) = {
+        let ledger = world.clients.ledger.lock().expect("ledger");
+        (
+            ledger.acked.clone(),
+            ledger.unanswered.clone(),
+            ledger.refused.clone(),
+        )
+    };
+    assert!(refused.is_empty(), "commands refused: {refused:?}");
+    let writer = writer_of(&world.commands).await;
+    let log = read_whole_log(&mut world.commands[writer].log_reader().await).await;
+
+    for (i, e) in log.iter().enumerate() {
+        assert_eq!(e.position, i as u64 + 1, "positions must be gapless");
+    }
+    let mut by_command: HashMap<&str, Vec<u64>> = HashMap::new();
+    for e in &log {
+        by_command
+            .entry(&e.command_id)
+            .or_default()
+            .push(e.position);
+    }
+    for (id, positions) in &by_command {
+        assert!(
+            positions.windows(2).all(|w| w[1] == w[0] + 1),
+            "command {id} has events at {positions:?}: written twice or torn"
+        );
+    }
+    for a in &acked {
+        let id = a.command.id();
+        let n = u64::from(a.result.event_count);
+        let expected: Vec<u64> = (a.result.position + 1 - n..=a.result.position).collect();
+        assert_eq!(
+            by_command.get(id),
+            Some(&expected),
+            "acknowledged {id} (answered {:?}) must be in the log exactly once, whole",
+            a.result
+        );
+    }
+    for c in &unanswered {
+        let written = by_command.get(c.id()).map_or(0, Vec::len);
+        assert!(
+            written == 0 || written == events_of(c),
+            "unanswered {} must be in the log at most once, whole: {written} events",
+            c.id()
+        );
+    }
+
+    // The stream holds the log (the relay may still be publishing its tail).
+    let client = world.bus.client().await;
+    let stream = eventually(
+        Duration::from_secs(60),
+        "the stream to hold the log",
+        || async {
+            let s = read_stream_with(&client, STREAM).await;
+            (s.len() >= log.len()).then_some(s)
+        },
+    )
+    .await;
+    assert_stream_mirrors_log(&stream, &log);
+
+    // A standby follows.
+    for (i, s) in world.commands.iter().enumerate() {
+        if i != writer {
+            eventually(Duration::from_secs(60), "the standby to follow", || async {
+                let standby = read_whole_log(&mut s.log_reader().await).await;
+                (standby == log).then_some(())
+            })
+            .await;
+        }
+    }
+
+    // The views.
+    let last = log.len() as u64;
+    let mut q = world.query.queries().await;
+    shop_tests::wait_applied(&q, last, Duration::from_secs(60)).await;
+    let views = fetch_all(&mut q, last).await;
+    assert_views_equal(&views, &Views::fold(&log), "views after the trial");
+
+    // Idempotency: the last commands and a sample of the rest, resent.
+    let mut sample: Vec<&Acked> = acked.iter().rev().take(5).collect();
+    for _ in 0..10.min(acked.len()) {
+        sample.push(&acked[rng.random_range(0..acked.len())]);
+    }
+    let endpoints = world.commands.iter().map(|s| s.endpoint()).collect();
+    let mut any = AnyWriter::new(endpoints);
+    for a in sample {
+        match any.send(&a.command, |retries| retries > 500).await {
+            Sent::Answered(again) => assert_eq!(
+                again.result,
+                a.result,
+                "{} resent must get its original result",
+                a.command.id()
+            ),
+            other => panic!("{} resent: {other:?}", a.command.id()),
+        }
+    }
+}
+
+/// How many events a command of the load appends.
+fn events_of(command: &Command) -> usize {
+    match command {
+        Command::Restock(_) | Command::Register(_) => 1,
+        Command::PlaceOrder(order) => 1 + order.lines.len(),
+    }
+}
