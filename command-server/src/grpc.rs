@@ -441,6 +441,17 @@ pub fn status_of(error: &WriteError) -> Status {
         ),
         WriteError::Invariant(_) => reason(Internal, "INVARIANT_VIOLATED", &[]),
         WriteError::ShuttingDown => Status::unavailable(message),
+        WriteError::DiskFull(detail) => {
+            tracing::error!(%detail, "command refused: the disk under the event log is full");
+            with_reason(
+                Code::ResourceExhausted,
+                "DISK_FULL",
+                "the disk under the event log is full; the command was not acknowledged. \
+                 The server resumes by itself once space is freed; retry later"
+                    .to_string(),
+                &[("cause", detail.clone())],
+            )
+        }
         WriteError::Storage(detail) => {
             tracing::error!(%detail, "command refused: event log unusable");
             storage_unavailable("the event log is unavailable; the command was not acknowledged")

@@ -236,6 +236,7 @@ pub async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let (release_tx, release_rx) = watch::channel(false);
     let (restart_tx, mut restart_rx) = watch::channel(None::<String>);
+    let restart_tx_space = restart_tx.clone();
     let restart_asked = restart_rx.clone();
     let (role_tx, role_rx) = watch::channel(Role::Standby { leader: None });
     let writer_tasks = Arc::new(std::sync::Mutex::new(WriterTasks::default()));
@@ -250,6 +251,11 @@ pub async fn run(
         }
         .run(stop_rx.clone(), release_rx),
     );
+    let space_task = tokio::spawn(restart_when_space_returns(
+        writer_watch.failure.clone(),
+        config.data_dir.clone(),
+        restart_tx_space,
+    ));
     let (serving_tx, serving_rx) = watch::channel(true);
     let health_task = tokio::spawn(watch_health(
         health.clone(),
@@ -286,6 +292,7 @@ pub async fn run(
 
     let _ = stop_tx.send(true);
     health_task.abort();
+    space_task.abort();
     let background = Background {
         tasks: writer_tasks,
         writer: writer_threads,
@@ -303,6 +310,53 @@ pub async fn run(
     }
     tracing::info!("command server stopped");
     served
+}
+
+/// How often a server whose disk filled up checks whether there is space again.
+const SPACE_PROBE_INTERVAL: Duration = Duration::from_millis(250);
+/// What the check writes and syncs in the data dir: one log segment.
+const SPACE_PROBE_BYTES: usize = 8 << 20;
+
+/// A full disk stops the writer: the batch that failed was not acknowledged, and sled's
+/// state in memory may hold more than its files. This waits until the data dir's
+/// filesystem takes a segment's worth of bytes again (written and synced to a probe file,
+/// then removed), then asks the server to restart, which reopens the log from what is on
+/// disk and runs the start-up check. Commands meanwhile get `RESOURCE_EXHAUSTED`
+/// `DISK_FULL`. Other storage failures stay: they need an operator.
+async fn restart_when_space_returns(
+    mut failure: watch::Receiver<Option<writer::Failure>>,
+    dir: PathBuf,
+    restart: watch::Sender<Option<String>>,
+) {
+    let disk_full = match failure.wait_for(Option::is_some).await {
+        Ok(failure) => failure.as_ref().is_some_and(|f| f.disk_full),
+        Err(_) => return,
+    };
+    if !disk_full {
+        return;
+    }
+    tracing::warn!(dir = %dir.display(), "the disk under the event log is full; commands are refused until space is freed");
+    loop {
+        tokio::time::sleep(SPACE_PROBE_INTERVAL).await;
+        let probe = dir.join(".space-probe");
+        let written = tokio::task::spawn_blocking(move || {
+            let written = write_probe(&probe);
+            let _ = std::fs::remove_file(&probe);
+            written
+        })
+        .await;
+        if matches!(written, Ok(Ok(()))) {
+            restart.send_replace(Some("the disk under the event log has space again".into()));
+            return;
+        }
+    }
+}
+
+fn write_probe(path: &std::path::Path) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path)?;
+    file.write_all(&vec![0u8; SPACE_PROBE_BYTES])?;
+    file.sync_all()
 }
 
 /// The tasks only the writer runs, started when this server becomes the writer.

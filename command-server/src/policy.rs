@@ -274,7 +274,9 @@ impl Policy {
                     return true;
                 }
                 Err(e) if e.is_overload() => tokio::time::sleep(backoff.failed(&e)).await,
-                Err(WriteError::ShuttingDown | WriteError::Storage(_)) => return false,
+                Err(
+                    WriteError::ShuttingDown | WriteError::Storage(_) | WriteError::DiskFull(_),
+                ) => return false,
                 Err(other) => {
                     tracing::error!(error = %other, order_id, "policy could not cancel the order");
                     return true;

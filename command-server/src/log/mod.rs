@@ -183,6 +183,21 @@ pub enum LogError {
     Corrupt { key: String, reason: String },
 }
 
+impl LogError {
+    /// Whether the filesystem is full (or the user's quota spent): the one storage
+    /// failure that goes away by itself, once space is freed.
+    pub fn is_disk_full(&self) -> bool {
+        let io = match self {
+            LogError::Sled(sled::Error::Io(e)) | LogError::Io { source: e, .. } => e,
+            _ => return false,
+        };
+        matches!(
+            io.kind(),
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+        )
+    }
+}
+
 /// The events of whole commands at consecutive positions, their idempotency entries and
 /// the index rows they change: everything one insert must carry so that a crash never
 /// leaves part of a command (see Crash safety above).

@@ -51,7 +51,7 @@ impl SyncGate {
         sync: &mut impl FnMut() -> Result<(), LogError>,
         pending: &mut Vec<FlushJob>,
         durable: &watch::Sender<u64>,
-        failure: &watch::Sender<Option<String>>,
+        failure: &watch::Sender<Option<super::Failure>>,
         syncs: &SyncStats,
     ) -> bool {
         let _held = self
@@ -65,7 +65,7 @@ impl SyncGate {
         if let Err(error) = synced {
             // Unknown what reached the disk: acknowledge nothing more, ever.
             tracing::error!(%error, "sync of the event log failed; the command server stops accepting commands");
-            failure.send_replace(Some(error.to_string()));
+            failure.send_replace(Some(super::Failure::of(&error)));
             return false;
         }
         // Publish the new durable position before replying, so that a client reading the
@@ -95,7 +95,7 @@ pub(super) fn flusher_loop(
     jobs: std::sync::mpsc::Receiver<FlushJob>,
     gate: &SyncGate,
     durable: &watch::Sender<u64>,
-    failure: &watch::Sender<Option<String>>,
+    failure: &watch::Sender<Option<super::Failure>>,
     syncs: &SyncStats,
 ) {
     let mut pending = Vec::new();

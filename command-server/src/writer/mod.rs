@@ -139,6 +139,9 @@ pub enum WriteError {
     ShuttingDown,
     #[error("the event log is unusable: {0}")]
     Storage(String),
+    /// The filesystem under the log is full; nothing of the command was acknowledged.
+    #[error("the disk under the event log is full: {0}")]
+    DiskFull(String),
 }
 
 /// Tuning of the writer.
@@ -181,7 +184,7 @@ pub struct Writer {
     queue: mpsc::Sender<Submission>,
     capacity: usize,
     admission: Arc<Admission>,
-    failure: watch::Receiver<Option<String>>,
+    failure: watch::Receiver<Option<Failure>>,
 }
 
 /// Progress of the writer, for the relay, status and health.
@@ -190,7 +193,7 @@ pub struct WriterWatch {
     /// Last position known durable.
     pub durable_position: watch::Receiver<u64>,
     /// Set when the log failed and the writer stopped.
-    pub failure: watch::Receiver<Option<String>>,
+    pub failure: watch::Receiver<Option<Failure>>,
     /// Recent group-commit syncs.
     pub syncs: Arc<SyncStats>,
     /// The newest written events, for the relay.
@@ -351,7 +354,8 @@ impl Writer {
 
     fn stopped(&self) -> WriteError {
         match self.failure.borrow().clone() {
-            Some(reason) => WriteError::Storage(reason),
+            Some(failure) if failure.disk_full => WriteError::DiskFull(failure.detail),
+            Some(failure) => WriteError::Storage(failure.detail),
             None => WriteError::ShuttingDown,
         }
     }
@@ -370,7 +374,7 @@ fn writer_loop(
     flush: std::sync::mpsc::SyncSender<FlushJob>,
     durability: &Durable,
     tail: &LogTail,
-    failure: &watch::Sender<Option<String>>,
+    failure: &watch::Sender<Option<Failure>>,
 ) {
     let mut submissions = Vec::with_capacity(queue.batch_max);
     loop {
@@ -444,7 +448,25 @@ fn writer_loop(
     tracing::debug!("command queue closed; writer done");
 }
 
-fn fail(failure: &watch::Sender<Option<String>>, error: &LogError) {
+fn fail(failure: &watch::Sender<Option<Failure>>, error: &LogError) {
     tracing::error!(%error, "event log write failed; the command server stops accepting commands");
-    failure.send_replace(Some(error.to_string()));
+    failure.send_replace(Some(Failure::of(error)));
+}
+
+/// Why the log stopped taking writes (the writer then stops: see `LogError`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    pub detail: String,
+    /// The filesystem is full: the server restarts by itself once there is space again
+    /// (see `restart_when_space_returns` in lib.rs).
+    pub disk_full: bool,
+}
+
+impl Failure {
+    pub fn of(error: &LogError) -> Failure {
+        Failure {
+            detail: error.to_string(),
+            disk_full: error.is_disk_full(),
+        }
+    }
 }

@@ -6,6 +6,7 @@ mod cluster;
 mod commands;
 mod crash;
 mod damage;
+mod disk_full;
 mod failover;
 mod grpc_fuzz;
 mod limits;
