@@ -15,6 +15,7 @@
 //! - [`observability`]: metrics scrapes and parsing, a real OTLP span receiver.
 //! - [`security`]: a throwaway PKI, tokens files, JWTs, NATS users.
 //! - [`grpc_fuzz`]: random and mutated protobuf bytes to every RPC of a server.
+//! - [`power`]: power cuts (an LD_PRELOAD shim that keeps only what was synced).
 //! - [`writers`]: a client of a writer and its standbys, following the writer.
 //! - [`model`]: an independent fold of the log into the query views, and the views read
 //!   back from a query server.
@@ -31,6 +32,7 @@ pub mod cluster;
 pub mod grpc_fuzz;
 pub mod model;
 pub mod observability;
+pub mod power;
 mod processes;
 pub mod req;
 pub mod security;

@@ -340,6 +340,8 @@ pub struct Server {
     /// How clients (and the harness's health checks) reach a server that serves TLS.
     tls: Option<ClientTlsConfig>,
     starts: usize,
+    /// More environment for the process (e.g. the power-cut shim's).
+    env: Vec<(String, String)>,
     child: Option<Child>,
     _dir: Option<tempfile::TempDir>,
 }
@@ -436,6 +438,7 @@ impl Server {
             bin_dir: None,
             tls: None,
             starts: 0,
+            env: Vec::new(),
             child: None,
             _dir: None,
         }
@@ -488,6 +491,11 @@ impl Server {
     }
 
     /// Points later (re)starts at another NATS URL.
+    /// Environment for the next starts.
+    pub fn set_env(&mut self, env: Vec<(String, String)>) {
+        self.env = env;
+    }
+
     pub fn set_nats_url(&mut self, url: &str) {
         self.nats_url = url.to_string();
     }
@@ -516,6 +524,7 @@ impl Server {
             // Spans (when a test turns on --otlp-endpoint) are exported within 100 ms
             // rather than the SDK's default 5 s.
             .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -12,6 +12,7 @@ mod grpc_fuzz;
 mod limits;
 mod observability;
 mod partitions;
+mod power_cut;
 pub mod queries;
 mod query_crash;
 mod security;
