@@ -25,6 +25,10 @@ pub enum Fault {
     RestartNats,
     /// The filesystem under the command server's data dir fills up for 0.5–3 s.
     DiskFull,
+    /// A power cut of the machine of both servers: both `kill -9`ed and every write they
+    /// had not fsynced thrown away (the `powercut` shim), restarted 0–1 s later on what
+    /// survived. NATS runs elsewhere and keeps running.
+    PowerCut,
     /// `kill -9` of the writer while a standby follows (`--ack replicated`): the standby
     /// takes over; the old writer comes back as a standby.
     Failover,
@@ -49,7 +53,7 @@ pub enum WorldKind {
     Cluster,
 }
 
-const ALL: [(Fault, &str); 11] = [
+const ALL: [(Fault, &str); 12] = [
     (Fault::KillCommand, "kill-command"),
     (Fault::KillQuery, "kill-query"),
     (Fault::KillNats, "kill-nats"),
@@ -58,6 +62,7 @@ const ALL: [(Fault, &str); 11] = [
     (Fault::PauseNats, "pause-nats"),
     (Fault::RestartNats, "restart-nats"),
     (Fault::DiskFull, "disk-full"),
+    (Fault::PowerCut, "power-cut"),
     (Fault::Failover, "failover"),
     (Fault::PauseWriter, "pause-writer"),
     (Fault::NodeLoss, "node-loss"),
@@ -65,8 +70,8 @@ const ALL: [(Fault, &str); 11] = [
 
 /// The default `--faults`: every fault alone, and pairs that overlap.
 pub const DEFAULT_FAULTS: &str = "kill-command,kill-query,kill-nats,pause-command,pause-query,\
-pause-nats,restart-nats,disk-full,failover,pause-writer,node-loss,kill-command+kill-nats,\
-pause-nats+kill-query,disk-full+kill-command,failover+restart-nats,node-loss+failover";
+pause-nats,restart-nats,disk-full,power-cut,failover,pause-writer,node-loss,kill-command+kill-nats,\
+pause-nats+kill-query,disk-full+kill-command,power-cut+kill-nats,failover+restart-nats,node-loss+failover";
 
 impl Fault {
     pub fn name(self) -> &'static str {
@@ -98,7 +103,7 @@ impl Fault {
     /// How long the fault lasts before it is healed (restart, SIGCONT, space freed).
     fn hold(self, rng: &mut StdRng) -> Duration {
         let ms = match self {
-            Fault::KillCommand | Fault::KillQuery => rng.random_range(0..1000),
+            Fault::KillCommand | Fault::KillQuery | Fault::PowerCut => rng.random_range(0..1000),
             // Up to three lease TTLs: the old writer often comes back (and takes its lease
             // back) before the standby could take over, and as often not.
             Fault::Failover => rng.random_range(0..3000),
@@ -130,10 +135,16 @@ impl FaultKind {
             return Err(format!("{text:?}: at most two faults combine"));
         }
         let kind = FaultKind { faults };
-        if kind.faults.contains(&Fault::DiskFull) && kind.world() != WorldKind::Single {
-            return Err(format!(
-                "{text:?}: disk-full runs on the single-writer world only"
-            ));
+        for special in [Fault::DiskFull, Fault::PowerCut] {
+            if kind.faults.contains(&special) && kind.world() != WorldKind::Single {
+                return Err(format!(
+                    "{text:?}: {} runs on the single-writer world only",
+                    special.name()
+                ));
+            }
+        }
+        if kind.faults.contains(&Fault::DiskFull) && kind.faults.contains(&Fault::PowerCut) {
+            return Err(format!("{text:?}: disk-full and power-cut do not combine"));
         }
         Ok(kind)
     }
@@ -260,7 +271,8 @@ mod tests {
     #[test]
     fn the_default_list_parses_and_pairs_run_on_the_larger_world() {
         let kinds = FaultKind::parse_list(DEFAULT_FAULTS).expect("default faults");
-        assert_eq!(kinds.len(), 16);
+        assert_eq!(kinds.len(), 18);
+        assert!(FaultKind::parse("power-cut+failover").is_err());
         let pair = FaultKind::parse("node-loss+failover").expect("pair");
         assert_eq!(pair.world(), WorldKind::Cluster);
         assert!(FaultKind::parse("disk-full+failover").is_err());

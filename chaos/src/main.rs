@@ -116,6 +116,7 @@ async fn run(args: &Args, kinds: &[FaultKind], seed: u64) -> anyhow::Result<Vec<
             args.trials
         };
         let with_disk = kind.faults.contains(&faults::Fault::DiskFull);
+        let with_power = kind.faults.contains(&faults::Fault::PowerCut);
         let mut world: Option<World> = None;
         for i in 0..trials {
             let trial_seed = args
@@ -127,7 +128,8 @@ async fn run(args: &Args, kinds: &[FaultKind], seed: u64) -> anyhow::Result<Vec<
             {
                 // The old world's processes stop before the new one's start.
                 drop(world.take());
-                world = Some(World::start(kind.world(), with_disk, args.clients).await?);
+                world =
+                    Some(World::start(kind.world(), with_disk, with_power, args.clients).await?);
             }
             let Some(w) = world.as_mut() else { continue };
             w.trials += 1;

@@ -5,6 +5,7 @@ use std::process::Command as Process;
 use std::time::Duration;
 
 use shop_tests::cluster::NatsCluster;
+use shop_tests::power::PowerRig;
 use shop_tests::{signal, Nats, Server, ServerKind};
 
 use crate::faults::{Fault, Step, WorldKind};
@@ -108,13 +109,20 @@ pub struct World {
     writer: usize,
     /// Which NATS node a fault stopped, per step of the trial.
     nodes: Vec<Option<usize>>,
+    /// The power-cut rigs of the command and the query server (`power-cut` trials).
+    power: Option<(PowerRig, PowerRig)>,
     /// Field order matters: the servers above are killed before the disk is unmounted.
     disk: Option<Disk>,
     _dir: tempfile::TempDir,
 }
 
 impl World {
-    pub async fn start(kind: WorldKind, with_disk: bool, clients: usize) -> anyhow::Result<World> {
+    pub async fn start(
+        kind: WorldKind,
+        with_disk: bool,
+        with_power: bool,
+        clients: usize,
+    ) -> anyhow::Result<World> {
         let dir = tempfile::Builder::new().prefix("shop-chaos-").tempdir()?;
         let bus = match kind {
             WorldKind::Cluster => Bus::Cluster(NatsCluster::start().await),
@@ -147,13 +155,24 @@ impl World {
             }
             None => Server::in_temp_dir(ServerKind::Command, &urls, &flags),
         };
+        let mut query = Server::in_temp_dir(ServerKind::Query, &urls, &[]);
+        let power = with_power.then(|| {
+            let rigs = (
+                PowerRig::new(&first.data_dir),
+                PowerRig::new(&query.data_dir),
+            );
+            first.set_env(rigs.0.env());
+            query.set_env(rigs.1.env());
+            rigs
+        });
         first.spawn_until_listening();
         first.wait_serving().await;
         let mut commands = vec![first];
         if kind != WorldKind::Single {
             commands.push(Server::start_standby(&urls, &flags).await);
         }
-        let query = Server::start_on(ServerKind::Query, &urls, &[]).await;
+        query.spawn_until_listening();
+        query.wait_serving().await;
         let mut c = commands[0].commands().await;
         for client in 0..clients {
             c.create_product(shop_tests::req::product(&sku(client), 100, 1000))
@@ -169,6 +188,7 @@ impl World {
             trials: 0,
             writer: 0,
             nodes: Vec::new(),
+            power,
             disk,
             _dir: dir,
         })
@@ -217,8 +237,17 @@ impl World {
             Fault::KillCommand | Fault::Failover => {
                 let w = self.current_writer().await;
                 self.commands[w].kill9();
+                // A process death, not a power cut: its unsynced writes stay.
+                if let Some(rigs) = &self.power {
+                    rigs.0.settle();
+                }
             }
-            Fault::KillQuery => self.query.kill9(),
+            Fault::KillQuery => {
+                self.query.kill9();
+                if let Some(rigs) = &self.power {
+                    rigs.1.settle();
+                }
+            }
             Fault::PauseCommand | Fault::PauseWriter => {
                 let w = self.current_writer().await;
                 if let Some(pid) = self.commands[w].pid() {
@@ -257,6 +286,16 @@ impl World {
                     }
                 }
             }
+            Fault::PowerCut => {
+                let rigs = self
+                    .power
+                    .as_ref()
+                    .ok_or_else(|| anyhow::anyhow!("power-cut in a world without the rig"))?;
+                self.commands[0].kill9();
+                self.query.kill9();
+                rigs.0.cut();
+                rigs.1.cut();
+            }
             Fault::DiskFull => {
                 let disk = self
                     .disk
@@ -278,6 +317,14 @@ impl World {
                     if !s.running() {
                         s.spawn_until_listening();
                     }
+                }
+            }
+            Fault::PowerCut => {
+                if !self.commands[0].running() {
+                    self.commands[0].spawn_until_listening();
+                }
+                if !self.query.running() {
+                    self.query.spawn_until_listening();
                 }
             }
             Fault::KillQuery => {

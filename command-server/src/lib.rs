@@ -204,6 +204,14 @@ pub enum ServerError {
     Restart(String),
 }
 
+impl ServerError {
+    /// The log could not be opened or written because its filesystem is full: worth
+    /// trying again once space is freed (see `main.rs`).
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, ServerError::Log { source, .. } if source.is_disk_full())
+    }
+}
+
 /// Runs the command server on `listener` until `shutdown` resolves, then shuts down
 /// gracefully: NOT_SERVING, stop accepting, finish in-flight commands, sync, publish
 /// what is left (bounded), release the writer lease, exit. Returns

@@ -34,6 +34,15 @@ fn main() -> anyhow::Result<()> {
                 // Lost the writer lease, or the log and the stream disagree: start over,
                 // the start-up check deciding what becomes of the log.
                 Err(command_server::ServerError::Restart(_)) => continue,
+                // Started on a full disk (sled cannot open its log): wait for space rather
+                // than exit, as a running server does (`restart_when_space_returns`).
+                Err(error) if error.is_disk_full() => {
+                    tracing::error!(%error, "the disk under the event log is full; trying again in 1 s");
+                    tokio::select! {
+                        () = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue,
+                        () = shop_shared::grpc::shutdown_signal() => break Ok(()),
+                    }
+                }
                 other => break other,
             }
         };

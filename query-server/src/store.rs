@@ -81,13 +81,20 @@ impl Store {
     /// Opens (or creates) the store in `dir`; `cache_bytes` bounds sled's page cache.
     /// A batch a crash left partly written is finished first (see No sled batches).
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_bytes)
             .mode(sled::Mode::HighThroughput)
             // The consumer is the only flusher (sled#1308: concurrent flushes can hang).
-            .flush_every_ms(None)
-            .open()?;
+            .flush_every_ms(None);
+        let db = match config.open() {
+            Err(sled::Error::Corruption { .. })
+                if !shop_shared::storage::remove_unfinished_snapshots(dir).is_empty() =>
+            {
+                config.open()?
+            }
+            opened => opened?,
+        };
         let store = Store { db };
         store.finish_pending()?;
         Ok(store)

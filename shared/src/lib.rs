@@ -23,6 +23,7 @@ pub mod limits;
 pub mod metrics;
 pub mod nats;
 pub mod security;
+pub mod storage;
 pub mod subjects;
 pub mod task;
 pub mod telemetry;

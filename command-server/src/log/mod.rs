@@ -274,15 +274,22 @@ impl EventLog {
             path: dir.to_path_buf(),
             source,
         })?;
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_bytes)
             .segment_size(SEGMENT_BYTES)
             .mode(sled::Mode::HighThroughput)
             // Exactly one task flushes (the flusher): sled's own periodic flusher would
             // race with it (upstream sled#1308 can hang concurrent flushes).
-            .flush_every_ms(None)
-            .open()?;
+            .flush_every_ms(None);
+        let db = match config.open() {
+            Err(sled::Error::Corruption { .. })
+                if !shop_shared::storage::remove_unfinished_snapshots(dir).is_empty() =>
+            {
+                config.open()?
+            }
+            opened => opened?,
+        };
         let data_path = dir.join("db");
         let data_file = File::open(&data_path).map_err(|source| LogError::Io {
             path: data_path.clone(),
@@ -819,6 +826,32 @@ mod tests {
         assert_eq!(positions(3, 6, 2), [3, 4]);
         assert!(positions(7, 9, 100).is_empty());
         assert!(log.event(4).expect("event").is_some());
+    }
+
+    /// sled 0.34 takes an unfinished snapshot (`snap.*.generating`, left by a write that
+    /// a full disk or a crash cut) as its latest and refuses to open; the log drops it.
+    #[test]
+    fn an_unfinished_sled_snapshot_does_not_stop_the_log_from_opening() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let log = open(dir.path());
+            let mut batch = WriteBatch::default();
+            let s = StreamId::product("p1");
+            batch.record(
+                1,
+                &CommitRecord {
+                    envelopes: vec![envelope(1, &s, 1), envelope(2, &s, 2)],
+                    ..Default::default()
+                },
+            );
+            log.write(batch).expect("write");
+            log.sync().expect("sync");
+        }
+        let torn = dir.path().join("snap.FFFFFFFFFFFFFFF0.generating");
+        std::fs::write(&torn, [7u8; 5]).expect("torn snapshot");
+        let log = open(dir.path());
+        assert_eq!(log.last_position().expect("last"), 2);
+        assert!(!torn.exists());
     }
 
     #[test]
