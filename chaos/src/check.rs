@@ -21,7 +21,7 @@ use rand::rngs::StdRng;
 use rand::Rng;
 use shop_tests::model::{assert_views_equal, fetch_all, Views};
 use shop_tests::writers::{writer_of, AnyWriter, Command, Sent};
-use shop_tests::{assert_stream_mirrors_log, eventually, read_stream_with, read_whole_log};
+use shop_tests::{assert_stream_holds_log, eventually, read_whole_log};
 
 use crate::load::Acked;
 use crate::world::{World, STREAM};
@@ -78,16 +78,7 @@ pub async fn check(world: &World, rng: &mut StdRng) {
 
     // The stream holds the log (the relay may still be publishing its tail).
     let client = world.bus.client().await;
-    let stream = eventually(
-        Duration::from_secs(60),
-        "the stream to hold the log",
-        || async {
-            let s = read_stream_with(&client, STREAM).await;
-            (s.len() >= log.len()).then_some(s)
-        },
-    )
-    .await;
-    assert_stream_mirrors_log(&stream, &log);
+    assert_stream_holds_log(&client, STREAM, &log, Duration::from_secs(60)).await;
 
     // A standby follows.
     for (i, s) in world.commands.iter().enumerate() {

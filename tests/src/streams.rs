@@ -174,6 +174,22 @@ pub fn assert_stream_mirrors_log(messages: &[StreamMessage], log: &[pb::EventEnv
     }
 }
 
+/// Waits (up to `timeout`) until the stream is as long as `log` (the relay may still be
+/// publishing its tail), then asserts that it mirrors it ([`assert_stream_mirrors_log`]).
+pub async fn assert_stream_holds_log(
+    client: &async_nats::Client,
+    stream: &str,
+    log: &[pb::EventEnvelope],
+    timeout: Duration,
+) {
+    let messages = crate::eventually(timeout, "the stream to hold the log", || async {
+        let s = read_stream_with(client, stream).await;
+        (s.len() >= log.len()).then_some(s)
+    })
+    .await;
+    assert_stream_mirrors_log(&messages, log);
+}
+
 /// Waits until the query server has applied `position` (its status says so), for up to
 /// `timeout`; panics naming what it waited for otherwise.
 pub async fn wait_applied(q: &QueryServiceClient<Channel>, position: u64, timeout: Duration) {

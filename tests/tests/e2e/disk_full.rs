@@ -13,8 +13,8 @@ use std::process::Command as Process;
 use std::time::Duration;
 
 use shop_tests::{
-    assert_stream_mirrors_log, error_metadata, eventually, pb, read_stream, read_whole_log, reason,
-    req, Nats, Server, ServerKind,
+    assert_stream_holds_log, error_metadata, pb, read_whole_log, reason, req, Nats, Server,
+    ServerKind,
 };
 use tonic_health::pb::health_check_response::ServingStatus;
 
@@ -175,16 +175,7 @@ async fn a_full_disk_refuses_commands_clearly_and_the_server_resumes_when_space_
         acked.len() + 1,
         "only acknowledged commands are in the log"
     );
-    let stream = eventually(
-        Duration::from_secs(30),
-        "the stream to hold the log",
-        || async {
-            let s = read_stream(&nats, STREAM).await;
-            (s.len() >= log.len()).then_some(s)
-        },
-    )
-    .await;
-    assert_stream_mirrors_log(&stream, &log);
+    assert_stream_holds_log(&nats.client().await, STREAM, &log, Duration::from_secs(30)).await;
     assert!(
         command.log().contains("has space again"),
         "the restart is logged:\n{}",

@@ -756,15 +756,7 @@ async fn writer_failover_on_a_three_node_cluster_loses_nothing_acknowledged() {
     let writer = writer_of(&servers).await;
     let log = read_whole_log(&mut servers[writer].log_reader().await).await;
     let client = cluster.client().await;
-    eventually(
-        Duration::from_secs(60),
-        "the stream to hold the log",
-        || async {
-            (shop_tests::read_stream_with(&client, STREAM).await.len() >= log.len()).then_some(())
-        },
-    )
-    .await;
-    assert_stream_mirrors_log(&shop_tests::read_stream_with(&client, STREAM).await, &log);
+    shop_tests::assert_stream_holds_log(&client, STREAM, &log, Duration::from_secs(60)).await;
     let acked = acked.lock().expect("acked").clone();
     assert_acknowledged_once(&log, acked.iter().map(|a| (a.0.as_str(), a.2.position)));
     let standby = &servers[1 - writer];

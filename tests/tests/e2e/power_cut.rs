@@ -18,8 +18,8 @@ use shop_tests::model::{assert_views_equal, fetch_all, Views};
 use shop_tests::power::PowerRig;
 use shop_tests::writers::{AnyWriter, Command, Sent};
 use shop_tests::{
-    assert_acknowledged_once, assert_stream_mirrors_log, eventually, pb, read_stream,
-    read_whole_log, req, Nats, Server, ServerKind,
+    assert_acknowledged_once, assert_stream_holds_log, pb, read_whole_log, req, Nats, Server,
+    ServerKind,
 };
 
 const STREAM: &str = "SHOP_EVENTS";
@@ -32,19 +32,23 @@ fn under_rig(kind: ServerKind, nats: &Nats, args: &[&str]) -> (Server, PowerRig)
     (server, rig)
 }
 
+/// A restock of product `k` with command id `id`.
+fn restock(id: &str) -> Command {
+    Command::Restock(pb::RestockProductRequest {
+        command_id: id.into(),
+        sku: "k".into(),
+        quantity: 1,
+        ..Default::default()
+    })
+}
+
 /// Sends `n` restocks with fresh ids; their ids and positions.
 async fn restocks(server: &Server, prefix: &str, n: usize) -> HashMap<String, u64> {
     let mut writer = AnyWriter::new(vec![server.endpoint()]);
     let mut acked = HashMap::new();
     for i in 0..n {
         let id = format!("{prefix}-{i}");
-        let command = Command::Restock(pb::RestockProductRequest {
-            command_id: id.clone(),
-            sku: "k".into(),
-            quantity: 1,
-            ..Default::default()
-        });
-        match writer.send(&command, |retries| retries > 50).await {
+        match writer.send(&restock(&id), |retries| retries > 50).await {
             Sent::Answered(a) => {
                 acked.insert(id, a.result.position);
             }
@@ -73,14 +77,8 @@ async fn restocks_under_load(
                 while !stop.load(Ordering::Relaxed) {
                     n += 1;
                     let id = format!("{prefix}-{n}");
-                    let command = Command::Restock(pb::RestockProductRequest {
-                        command_id: id.clone(),
-                        sku: "k".into(),
-                        quantity: 1,
-                        ..Default::default()
-                    });
                     // The server dies under the clients: an unanswered command is dropped.
-                    if let Sent::Answered(a) = writer.send(&command, |_| true).await {
+                    if let Sent::Answered(a) = writer.send(&restock(&id), |_| true).await {
                         acked.insert(id, a.result.position);
                     }
                 }
@@ -156,16 +154,7 @@ async fn acknowledged_commands_survive_power_cuts() {
     eprintln!("bytes lost to {rounds} cuts: {lost_bytes}");
 
     let log = read_whole_log(&mut command.log_reader().await).await;
-    let stream = eventually(
-        Duration::from_secs(30),
-        "the stream to hold the log",
-        || async {
-            let s = read_stream(&nats, STREAM).await;
-            (s.len() >= log.len()).then_some(s)
-        },
-    )
-    .await;
-    assert_stream_mirrors_log(&stream, &log);
+    assert_stream_holds_log(&nats.client().await, STREAM, &log, Duration::from_secs(30)).await;
     let mut q = query.queries().await;
     shop_tests::wait_applied(&q, log.len() as u64, Duration::from_secs(30)).await;
     assert_views_equal(
