@@ -15,13 +15,14 @@
 //! runner turns the panic into a violation.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::Rng;
 use shop_tests::model::{assert_views_equal, fetch_all, Views};
+use shop_tests::pb::log_service_client::LogServiceClient;
 use shop_tests::writers::{writer_of, AnyWriter, Command, Sent};
-use shop_tests::{assert_stream_holds_log, eventually, read_whole_log};
+use shop_tests::{assert_stream_holds_log, eventually, try_read_whole_log};
 
 use crate::load::Acked;
 use crate::world::{World, STREAM};
@@ -37,8 +38,7 @@ pub async fn check(world: &World, rng: &mut StdRng) {
         )
     };
     assert!(refused.is_empty(), "commands refused: {refused:?}");
-    let writer = writer_of(&world.commands).await;
-    let log = read_whole_log(&mut world.commands[writer].log_reader().await).await;
+    let (writer, log) = settled_log(world).await;
 
     for (i, e) in log.iter().enumerate() {
         assert_eq!(e.position, i as u64 + 1, "positions must be gapless");
@@ -84,7 +84,8 @@ pub async fn check(world: &World, rng: &mut StdRng) {
     for (i, s) in world.commands.iter().enumerate() {
         if i != writer {
             eventually(Duration::from_secs(60), "the standby to follow", || async {
-                let standby = read_whole_log(&mut s.log_reader().await).await;
+                // It may be restarting (a deposed writer cutting its tail): asked again.
+                let standby = try_read_whole_log(&mut log_reader(s)).await.ok()?;
                 (standby == log).then_some(())
             })
             .await;
@@ -116,6 +117,49 @@ pub async fn check(world: &World, rng: &mut StdRng) {
             other => panic!("{} resent: {other:?}", a.command.id()),
         }
     }
+}
+
+/// How long one server must have been the writer before its log is read: after a fault
+/// a deposed writer may still restart (and cut an unacknowledged tail), and a lease may
+/// still change hands.
+const SETTLED: Duration = Duration::from_secs(3);
+
+/// The writer, once it has been the same server for [`SETTLED`] and still is after its
+/// log was read, and that log. A server restarting meanwhile (its port closed for a
+/// moment) is waited out, up to the world's patience.
+async fn settled_log(world: &World) -> (usize, Vec<shop_tests::pb::EventEnvelope>) {
+    let deadline = Instant::now() + world.patience();
+    let mut held: Option<(usize, Instant)> = None;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "no writer held for {SETTLED:?} within {:?}",
+            world.patience()
+        );
+        let now = writer_of(&world.commands).await;
+        match held {
+            Some((w, since)) if w == now && since.elapsed() >= SETTLED => {
+                let server = &world.commands[w];
+                if let Ok(log) = try_read_whole_log(&mut log_reader(server)).await {
+                    if server.is_writer().await {
+                        return (w, log);
+                    }
+                }
+                held = None;
+            }
+            Some((w, _)) if w == now => {}
+            _ => held = Some((now, Instant::now())),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A LogService client that connects when first used (and again after a restart).
+fn log_reader(server: &shop_tests::Server) -> LogServiceClient<tonic::transport::Channel> {
+    let channel = tonic::transport::Channel::from_shared(server.endpoint())
+        .expect("endpoint")
+        .connect_lazy();
+    LogServiceClient::new(channel)
 }
 
 /// How many events a command of the load appends.

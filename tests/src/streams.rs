@@ -23,6 +23,20 @@ async fn read_log_as(
     client: &mut LogServiceClient<Channel>,
     token: Option<&str>,
 ) -> Vec<pb::EventEnvelope> {
+    try_read_log_as(client, token).await.expect("read log")
+}
+
+/// [`read_whole_log`], or the status of the read that failed (the server went away).
+pub async fn try_read_whole_log(
+    client: &mut LogServiceClient<Channel>,
+) -> Result<Vec<pb::EventEnvelope>, tonic::Status> {
+    try_read_log_as(client, None).await
+}
+
+async fn try_read_log_as(
+    client: &mut LogServiceClient<Channel>,
+    token: Option<&str>,
+) -> Result<Vec<pb::EventEnvelope>, tonic::Status> {
     let mut events = Vec::new();
     let mut from = 1;
     loop {
@@ -34,16 +48,12 @@ async fn read_log_as(
             Some(token) => security::bearer(page, token),
             None => tonic::Request::new(page),
         };
-        let page = client
-            .read_log(request)
-            .await
-            .expect("read log")
-            .into_inner();
+        let page = client.read_log(request).await?.into_inner();
         let done = page.next == 0;
         from = page.next;
         events.extend(page.events);
         if done {
-            return events;
+            return Ok(events);
         }
     }
 }

@@ -18,6 +18,11 @@ use crate::writer::Writer;
 const FOLLOW_BATCH_MAX: usize = 1024;
 /// How often a log that is ahead of the stream looks again.
 const AHEAD_RECHECK: Duration = Duration::from_millis(500);
+/// A session that received nothing for this long asks the stream where it ends, and
+/// starts over if it is behind: an ordered consumer can wait forever on a cluster node
+/// that lost the stream (found by the chaos runner: a standby that had claimed the lease
+/// never caught up the last event, so nobody wrote).
+const STALL_CHECK: Duration = Duration::from_secs(3);
 
 /// Why following stopped for good.
 #[derive(Debug, thiserror::Error)]
@@ -124,7 +129,18 @@ impl Follower {
         let mut expected = last + 1;
         loop {
             let next = tokio::select! {
-                next = messages.next() => next,
+                next = tokio::time::timeout(STALL_CHECK, messages.next()) => match next {
+                    Ok(next) => next,
+                    Err(_) => match view.bounds().await {
+                        Ok((_, stream_last)) if stream_last >= expected => {
+                            return SessionEnd::Retry(format!(
+                                "follow: nothing received for {STALL_CHECK:?} while the stream is at {stream_last} and this log at {}",
+                                expected - 1
+                            ))
+                        }
+                        _ => continue,
+                    },
+                },
                 _ = stop.changed() => return SessionEnd::Stopped,
             };
             let mut batch = Vec::new();
