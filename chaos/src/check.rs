@@ -119,16 +119,21 @@ pub async fn check(world: &World, rng: &mut StdRng) {
     }
 }
 
-/// How long one server must have been the writer before its log is read: after a fault
-/// a deposed writer may still restart (and cut an unacknowledged tail), and a lease may
-/// still change hands.
+/// How long one server must have been the writer before its log is read, when there are
+/// several: after a fault a deposed writer may still restart (and cut an unacknowledged
+/// tail), and a lease may still change hands.
 const SETTLED: Duration = Duration::from_secs(3);
 
-/// The writer, once it has been the same server for [`SETTLED`] and still is after its
-/// log was read, and that log. A server restarting meanwhile (its port closed for a
+/// The writer, once it has been the same server for [`SETTLED`] (when there are several)
+/// and still is after its log was read, and that log. A server restarting meanwhile (its port closed for a
 /// moment) is waited out, up to the world's patience.
 async fn settled_log(world: &World) -> (usize, Vec<shop_tests::pb::EventEnvelope>) {
     let deadline = Instant::now() + world.patience();
+    let settled = if world.commands.len() > 1 {
+        SETTLED
+    } else {
+        Duration::ZERO
+    };
     let mut held: Option<(usize, Instant)> = None;
     loop {
         assert!(
@@ -138,7 +143,7 @@ async fn settled_log(world: &World) -> (usize, Vec<shop_tests::pb::EventEnvelope
         );
         let now = writer_of(&world.commands).await;
         match held {
-            Some((w, since)) if w == now && since.elapsed() >= SETTLED => {
+            Some((w, since)) if w == now && since.elapsed() >= settled => {
                 let server = &world.commands[w];
                 if let Ok(log) = try_read_whole_log(&mut log_reader(server)).await {
                     if server.is_writer().await {
