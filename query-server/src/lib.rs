@@ -152,15 +152,23 @@ pub enum ServerError {
     Task(#[from] tokio::task::JoinError),
 }
 
-async fn open_store(config: &Config) -> Result<Arc<Store>, ServerError> {
+/// Opens the view store; a damaged one is replaced by an empty store (the views are
+/// rebuilt from the stream: [`Store::open_or_replace`]) when `replace_damaged`.
+async fn open_store(config: &Config, replace_damaged: bool) -> Result<Arc<Store>, ServerError> {
     let dir = config.data_dir.clone();
     let cache = config.cache_mb.saturating_mul(1 << 20);
-    let store = tokio::task::spawn_blocking(move || Store::open(&dir, cache))
-        .await?
-        .map_err(|source| ServerError::Store {
-            dir: config.data_dir.clone(),
-            source,
-        })?;
+    let store = tokio::task::spawn_blocking(move || {
+        if replace_damaged {
+            Store::open_or_replace(&dir, cache).map(|(store, _)| store)
+        } else {
+            Store::open(&dir, cache)
+        }
+    })
+    .await?
+    .map_err(|source| ServerError::Store {
+        dir: config.data_dir.clone(),
+        source,
+    })?;
     Ok(Arc::new(store))
 }
 
@@ -178,7 +186,7 @@ pub async fn run(
         &config.security,
         listener.local_addr().unwrap_or(config.listen),
     )?;
-    let store = open_store(&config).await?;
+    let store = open_store(&config, true).await?;
     let (applied, _) = store.checkpoint().map_err(|source| ServerError::Store {
         dir: config.data_dir.clone(),
         source,
@@ -370,7 +378,7 @@ pub async fn rebuild(config: Config) -> Result<RebuildReport, ServerError> {
         dir: config.data_dir.clone(),
         source,
     })?;
-    let store = open_store(&config).await?;
+    let store = open_store(&config, false).await?;
     let client = shop_shared::nats::connect(&config.nats, "query-server-rebuild").await?;
     let js = async_nats::jetstream::new(client.clone());
     let target = loop {

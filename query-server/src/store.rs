@@ -49,6 +49,7 @@ use std::path::Path;
 use prost::Message;
 use shop_shared::ids::StreamId;
 use shop_shared::pb;
+use shop_shared::storage::{open_repairing, OpenFailure};
 
 use crate::projections::{IndexEntry, ReadViews, View, ViewTag, Views};
 
@@ -70,6 +71,23 @@ pub enum StoreError {
     NotAStore(String),
     #[error("I/O on {0}: {1}")]
     Io(String, std::io::Error),
+    #[error("damaged: sled cannot open it ({0}), even without its snapshots")]
+    Damaged(String),
+}
+
+/// The sled errors that mean damaged files (not permissions, space or a held lock).
+fn is_damage(e: &sled::Error) -> bool {
+    matches!(
+        e,
+        sled::Error::Corruption { .. } | sled::Error::ReportableBug(_)
+    )
+}
+
+/// Where a damaged store in `dir` is moved: `<dir>.damaged`, next to it.
+pub fn damaged_path(dir: &Path) -> std::path::PathBuf {
+    let mut name = dir.file_name().unwrap_or_default().to_os_string();
+    name.push(".damaged");
+    dir.with_file_name(name)
 }
 
 /// The query server's database.
@@ -87,17 +105,45 @@ impl Store {
             .mode(sled::Mode::HighThroughput)
             // The consumer is the only flusher (sled#1308: concurrent flushes can hang).
             .flush_every_ms(None);
-        let db = match config.open() {
-            Err(sled::Error::Corruption { .. })
-                if !shop_shared::storage::remove_unfinished_snapshots(dir).is_empty() =>
-            {
-                config.open()?
-            }
-            opened => opened?,
-        };
+        let db = open_repairing(dir, is_damage, || config.open()).map_err(|e| match e {
+            OpenFailure::Error(e) => StoreError::Sled(e),
+            OpenFailure::Damaged(reason) => StoreError::Damaged(reason),
+        })?;
         let store = Store { db };
         store.finish_pending()?;
+        store.checkpoint()?;
         Ok(store)
+    }
+
+    /// Opens the store in `dir` like [`Store::open`]; when it is damaged (sled cannot
+    /// open it, or its checkpoint or pending batch does not decode), moves it aside to
+    /// `<dir>.damaged` (replacing an older one; deleting it where it cannot be moved,
+    /// as with a mount point) and opens an empty store: the consumer rebuilds the views
+    /// from the stream. Returns the store and, when it was replaced, why.
+    pub fn open_or_replace(
+        dir: &Path,
+        cache_bytes: u64,
+    ) -> Result<(Self, Option<String>), StoreError> {
+        let damage = match Store::open(dir, cache_bytes) {
+            Err(e @ (StoreError::Damaged(_) | StoreError::Corrupt { .. })) => e.to_string(),
+            opened => return opened.map(|store| (store, None)),
+        };
+        let aside = damaged_path(dir);
+        if aside.exists() {
+            std::fs::remove_dir_all(&aside)
+                .map_err(|e| StoreError::Io(aside.display().to_string(), e))?;
+        }
+        let moved = std::fs::rename(dir, &aside).is_ok();
+        if !moved {
+            Store::remove_contents(dir)?;
+        }
+        tracing::error!(
+            dir = %dir.display(),
+            %damage,
+            moved_to = moved.then(|| aside.display().to_string()),
+            "the view store is damaged; rebuilding the views from the stream in a new one"
+        );
+        Ok((Store::open(dir, cache_bytes)?, Some(damage)))
     }
 
     /// Applies again the events of the batch in `pending` if the checkpoint is before
@@ -323,6 +369,24 @@ impl Store {
             return Err(StoreError::NotAStore(dir.display().to_string()));
         }
         std::fs::remove_dir_all(dir).map_err(|e| StoreError::Io(dir.display().to_string(), e))
+    }
+
+    /// Deletes what is in the store's directory `dir`, keeping the directory (a mount
+    /// point cannot be removed or renamed). Refuses a directory without sled's `db` file.
+    fn remove_contents(dir: &Path) -> Result<(), StoreError> {
+        let io = |e| StoreError::Io(dir.display().to_string(), e);
+        if !dir.join("db").is_file() {
+            return Err(StoreError::NotAStore(dir.display().to_string()));
+        }
+        for entry in std::fs::read_dir(dir).map_err(io)? {
+            let path = entry.map_err(io)?.path();
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path).map_err(io)?;
+            } else {
+                std::fs::remove_file(&path).map_err(io)?;
+            }
+        }
+        Ok(())
     }
 
     /// Every row under `prefix`, raw (for tests).
@@ -694,6 +758,58 @@ mod tests {
                 .len(),
             2
         );
+    }
+
+    /// A store sled cannot open, or whose checkpoint does not decode, is moved aside and
+    /// replaced by an empty one (rebuilt from the stream); a damaged snapshot alone is
+    /// repaired in place.
+    #[test]
+    fn a_damaged_store_is_moved_aside_and_replaced_by_an_empty_one() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("views");
+        let checkpointed = |position: u64| {
+            let store = Store::open(&dir, 8 << 20).expect("open");
+            store
+                .commit(Overlay::new(&store).into_rows(position, "e").expect("rows"))
+                .expect("commit");
+            store.flush().expect("flush");
+        };
+        checkpointed(7);
+        // sled writes its snapshot when it opens a database with something in it.
+        drop(Store::open(&dir, 8 << 20).expect("open"));
+        let mut snapshots = 0;
+        for entry in std::fs::read_dir(&dir).expect("list").flatten() {
+            if entry.file_name().to_string_lossy().starts_with("snap.") {
+                std::fs::write(entry.path(), b"not a snapshot").expect("damage");
+                snapshots += 1;
+            }
+        }
+        assert!(snapshots > 0, "sled wrote a snapshot");
+        let (store, replaced) = Store::open_or_replace(&dir, 8 << 20).expect("open");
+        assert_eq!(replaced, None);
+        assert_eq!(store.checkpoint().expect("checkpoint").0, 7);
+        store.db.insert(CHECKPOINT, &b"bad"[..]).expect("insert");
+        store.flush().expect("flush");
+        drop(store);
+
+        assert!(matches!(
+            Store::open(&dir, 8 << 20),
+            Err(StoreError::Corrupt { .. })
+        ));
+        let (store, replaced) = Store::open_or_replace(&dir, 8 << 20).expect("open");
+        assert!(replaced.expect("replaced").contains("mcheckpoint"));
+        assert_eq!(store.checkpoint().expect("checkpoint").0, 0);
+        assert!(root.path().join("views.damaged").join("db").is_file());
+        drop(store);
+        // A second replacement replaces the older damaged copy.
+        checkpointed(9);
+        let store = Store::open(&dir, 8 << 20).expect("open");
+        store.db.insert(CHECKPOINT, &b"bad"[..]).expect("insert");
+        store.flush().expect("flush");
+        drop(store);
+        let (store, replaced) = Store::open_or_replace(&dir, 8 << 20).expect("open");
+        assert!(replaced.is_some());
+        assert_eq!(store.checkpoint().expect("checkpoint").0, 0);
     }
 
     #[test]

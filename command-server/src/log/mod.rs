@@ -65,6 +65,7 @@ use std::path::{Path, PathBuf};
 use prost::Message;
 use shop_shared::ids::StreamId;
 use shop_shared::pb;
+use shop_shared::storage::{open_repairing, OpenFailure};
 
 mod tail;
 pub use tail::LogTail;
@@ -181,6 +182,20 @@ pub enum LogError {
     },
     #[error("corrupt row {key:?}: {reason}")]
     Corrupt { key: String, reason: String },
+    #[error(
+        "the log in {dir} is damaged: sled cannot open it ({reason}), even without its \
+         snapshots. If the stream holds every acknowledged event, move {dir} aside and start \
+         again: the server catches up from the stream (SPEC §8); otherwise restore a backup"
+    )]
+    Damaged { dir: PathBuf, reason: String },
+}
+
+/// The sled errors that mean damaged files (not permissions, space or a held lock).
+fn is_damage(e: &sled::Error) -> bool {
+    matches!(
+        e,
+        sled::Error::Corruption { .. } | sled::Error::ReportableBug(_)
+    )
 }
 
 impl LogError {
@@ -282,14 +297,13 @@ impl EventLog {
             // Exactly one task flushes (the flusher): sled's own periodic flusher would
             // race with it (upstream sled#1308 can hang concurrent flushes).
             .flush_every_ms(None);
-        let db = match config.open() {
-            Err(sled::Error::Corruption { .. })
-                if !shop_shared::storage::remove_unfinished_snapshots(dir).is_empty() =>
-            {
-                config.open()?
-            }
-            opened => opened?,
-        };
+        let db = open_repairing(dir, is_damage, || config.open()).map_err(|e| match e {
+            OpenFailure::Error(e) => LogError::Sled(e),
+            OpenFailure::Damaged(reason) => LogError::Damaged {
+                dir: dir.to_path_buf(),
+                reason,
+            },
+        })?;
         let data_path = dir.join("db");
         let data_file = File::open(&data_path).map_err(|source| LogError::Io {
             path: data_path.clone(),
@@ -831,7 +845,7 @@ mod tests {
     /// sled 0.34 takes an unfinished snapshot (`snap.*.generating`, left by a write that
     /// a full disk or a crash cut) as its latest and refuses to open; the log drops it.
     #[test]
-    fn an_unfinished_sled_snapshot_does_not_stop_the_log_from_opening() {
+    fn a_damaged_sled_snapshot_does_not_stop_the_log_from_opening() {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let log = open(dir.path());
@@ -847,11 +861,30 @@ mod tests {
             log.write(batch).expect("write");
             log.sync().expect("sync");
         }
+        // A torn snapshot write, and a finished snapshot damaged: sled refuses both.
         let torn = dir.path().join("snap.FFFFFFFFFFFFFFF0.generating");
         std::fs::write(&torn, [7u8; 5]).expect("torn snapshot");
         let log = open(dir.path());
         assert_eq!(log.last_position().expect("last"), 2);
         assert!(!torn.exists());
+        drop(log);
+        let snapshots: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("list")
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("snap."))
+            .map(|e| e.path())
+            .collect();
+        assert!(!snapshots.is_empty(), "sled wrote a snapshot at open");
+        for snapshot in &snapshots {
+            let mut bytes = std::fs::read(snapshot).expect("read");
+            for b in &mut bytes {
+                *b = !*b;
+            }
+            std::fs::write(snapshot, bytes).expect("damage");
+        }
+        let log = open(dir.path());
+        assert_eq!(log.last_position().expect("last"), 2);
+        assert_eq!(log.read_range(1, 2, 10).expect("read").len(), 2);
     }
 
     /// Each stream's index rows are its own: two streams with chunks at the same first

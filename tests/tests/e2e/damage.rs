@@ -31,6 +31,9 @@ enum Damage {
     FlipMiddle,
     /// The data file deleted.
     DeleteData,
+    /// Every byte of sled's snapshot files inverted (sled refuses to open; a power cut
+    /// or a full disk leaves snapshots it cannot use).
+    CorruptSnapshots,
 }
 
 fn damage(dir: &Path, how: Damage) {
@@ -62,6 +65,32 @@ fn damage(dir: &Path, how: Damage) {
         }
         Damage::DeleteConf => std::fs::remove_file(dir.join("conf")).expect("delete conf"),
         Damage::DeleteData => std::fs::remove_file(&db).expect("delete db"),
+        Damage::CorruptSnapshots => {
+            let snapshots: Vec<_> = std::fs::read_dir(dir)
+                .expect("list")
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("snap."))
+                .map(|e| e.path())
+                .collect();
+            assert!(!snapshots.is_empty(), "no snapshot in {}", dir.display());
+            for path in snapshots {
+                let bytes: Vec<u8> = std::fs::read(&path)
+                    .expect("read")
+                    .iter()
+                    .map(|b| !b)
+                    .collect();
+                std::fs::write(&path, bytes).expect("write");
+            }
+        }
+    }
+}
+
+/// For damage to snapshots: sled writes its snapshot when it opens a database with
+/// something in it, so the stopped server is started and stopped once more.
+async fn opened_again(server: &mut Server, how: Damage) {
+    if matches!(how, Damage::CorruptSnapshots) {
+        server.restart().await;
+        server.terminate();
     }
 }
 
@@ -87,9 +116,15 @@ async fn stopped_server(nats: &Nats) -> (Server, Vec<pb::EventEnvelope>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_command_log_serves_what_it_had_or_catches_up_from_the_stream() {
-    for how in [Damage::TruncateTail, Damage::ZeroTail, Damage::DeleteConf] {
+    for how in [
+        Damage::TruncateTail,
+        Damage::ZeroTail,
+        Damage::DeleteConf,
+        Damage::CorruptSnapshots,
+    ] {
         let nats = Nats::start();
         let (mut server, before) = stopped_server(&nats).await;
+        opened_again(&mut server, how).await;
         damage(&server.data_dir, how);
         server.restart().await;
         let after = read_whole_log(&mut server.log_reader().await).await;
@@ -141,6 +176,7 @@ async fn a_damaged_view_store_is_rebuilt_from_the_stream() {
         Damage::DeleteConf,
         Damage::FlipMiddle,
         Damage::DeleteData,
+        Damage::CorruptSnapshots,
     ] {
         let nats = Nats::start();
         let command = Server::start(ServerKind::Command, &nats, &["--no-policy"]).await;
@@ -156,6 +192,7 @@ async fn a_damaged_view_store_is_rebuilt_from_the_stream() {
         let mut q = query.queries().await;
         fetch_all(&mut q, position).await;
         query.terminate();
+        opened_again(&mut query, how).await;
         damage(&query.data_dir, how);
         query.restart().await;
         let mut q = query.queries().await;

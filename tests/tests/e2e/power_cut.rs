@@ -1,6 +1,5 @@
-//! Power cuts (SPEC §9), not only process deaths: the command server runs under the
-//! `powercut` shim (`shop_tests::power`), which keeps only what fsync/fdatasync covered
-//! (the query server is killed with it, without the shim: see its note below). A cut is a
+//! Power cuts (SPEC §9), not only process deaths: both servers run under the `powercut`
+//! shim (`shop_tests::power`), which keeps only what fsync/fdatasync covered. A cut is a
 //! `kill -9` followed by throwing away every write not synced; the servers then restart
 //! on what survived.
 //!
@@ -31,6 +30,20 @@ fn under_rig(kind: ServerKind, nats: &Nats, args: &[&str]) -> (Server, PowerRig)
     let rig = PowerRig::new(&server.data_dir);
     server.set_env(rig.env());
     (server, rig)
+}
+
+/// A command server under the rig, serving, with product `k` created.
+async fn command_with_product(nats: &Nats, args: &[&str]) -> (Server, PowerRig) {
+    let (mut command, rig) = under_rig(ServerKind::Command, nats, args);
+    command.spawn_until_listening();
+    command.wait_serving().await;
+    command
+        .commands()
+        .await
+        .create_product(req::product("k", 100, 0))
+        .await
+        .expect("product");
+    (command, rig)
 }
 
 /// A restock of product `k` with command id `id`.
@@ -100,20 +113,10 @@ fn missing(log: &[pb::EventEnvelope], acked: &HashMap<String, u64>) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_commands_survive_power_cuts() {
     let mut nats = Nats::start();
-    let (mut command, command_rig) = under_rig(ServerKind::Command, &nats, &[]);
-    // The query server runs without the shim: after a power cut sled 0.34 can panic
-    // opening its store (RELIABILITY.md, open findings); its views come from the stream.
-    let mut query = Server::in_temp_dir(ServerKind::Query, &nats.url(), &[]);
-    command.spawn_until_listening();
-    command.wait_serving().await;
+    let (mut command, command_rig) = command_with_product(&nats, &[]).await;
+    let (mut query, query_rig) = under_rig(ServerKind::Query, &nats, &[]);
     query.spawn_until_listening();
     query.wait_serving().await;
-    command
-        .commands()
-        .await
-        .create_product(req::product("k", 100, 0))
-        .await
-        .expect("product");
 
     let mut acked = HashMap::new();
     let mut lost_bytes = 0;
@@ -134,7 +137,7 @@ async fn acknowledged_commands_survive_power_cuts() {
         for client in clients {
             acked.extend(client.await.expect("client"));
         }
-        lost_bytes += command_rig.cut();
+        lost_bytes += command_rig.cut() + query_rig.cut();
         if nats_down {
             nats.restart();
         }
@@ -170,15 +173,7 @@ async fn acknowledged_commands_survive_power_cuts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rig_loses_what_was_not_fsynced_where_a_kill_loses_nothing() {
     let mut nats = Nats::start();
-    let (mut command, rig) = under_rig(ServerKind::Command, &nats, &["--durability", "flush"]);
-    command.spawn_until_listening();
-    command.wait_serving().await;
-    command
-        .commands()
-        .await
-        .create_product(req::product("k", 100, 0))
-        .await
-        .expect("product");
+    let (mut command, rig) = command_with_product(&nats, &["--durability", "flush"]).await;
 
     // NATS down: the log alone holds what is acknowledged (nothing to catch up from).
     nats.kill();
