@@ -843,7 +843,8 @@ mod tests {
     }
 
     /// sled 0.34 takes an unfinished snapshot (`snap.*.generating`, left by a write that
-    /// a full disk or a crash cut) as its latest and refuses to open; the log drops it.
+    /// a full disk or a crash cut) as its latest and refuses to open, as it does with a
+    /// damaged finished one; the log drops its snapshots and opens with every event.
     #[test]
     fn a_damaged_sled_snapshot_does_not_stop_the_log_from_opening() {
         let dir = tempfile::tempdir().expect("tempdir");
