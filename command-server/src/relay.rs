@@ -12,6 +12,23 @@
 //! - A stream that holds more than the log, or a different event at a position, is a
 //!   conflict: the relay stops and the server starts over (see `failover/`), where the
 //!   start-up check decides (catch up, quarantine, or refuse).
+//! - **Fencing a deposed writer.** `Nats-Expected-Last-Sequence` alone does not stop a
+//!   writer paused mid-publish (SIGSTOP, a long GC-like stall, a VM freeze) and deposed
+//!   meanwhile: when it wakes, the publishes still queued in its process go out. With
+//!   several queued, the second can land on top of the new writer's first message (its
+//!   expected sequence matches), and the new writer's pipelined publishes can likewise
+//!   land on top of the old writer's: two histories interleaved in the stream (found by
+//!   the chaos runner's `pause-writer` trials). So:
+//!   - the lease guard is checked before every publish, and each publish is flushed to
+//!     the socket (`Client::flush`: no server round trip) before the next check, so a
+//!     writer paused at any moment holds at most one publish that could land late (what
+//!     reached its socket reaches the server without it);
+//!   - the first publish after (re)synchronising with the stream is sent alone and its
+//!     ack awaited: either it lands, and a late publish of an old writer (which can only
+//!     expect the sequence it expects) is refused, or the old writer's lands and this
+//!     one is refused with nothing of ours stacked on it: the relay resynchronises, finds
+//!     the stream ahead of or different from the log, and the server starts over
+//!     (`failover/reconcile.rs`).
 //! - A command's events are separate publishes: a writer that dies mid-command can leave
 //!   part of it in the stream (see README, Running more than one machine). JetStream's
 //!   atomic batches (2.12+) would close that; tried, the relay drained a backlog at ~2,000
@@ -349,6 +366,7 @@ impl Relay {
         let mut inflight: VecDeque<(u64, PublishAckFuture)> =
             VecDeque::with_capacity(self.config.window);
         let mut saved_cursor = published;
+        let mut first = true;
         let mut idle_check = tokio::time::interval(IDLE_CHECK_INTERVAL);
         idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -359,11 +377,6 @@ impl Relay {
                     // Publishing into a dead connection only queues requests that will
                     // time out; pause and resynchronise once NATS is back.
                     return Err(RelayError::Nats("disconnected from NATS".into()));
-                }
-                if !self.guard.valid() {
-                    return Err(RelayError::Nats(
-                        "the writer lease is not confirmed: not publishing until it is".into(),
-                    ));
                 }
                 let to = durable.min(next + self.config.read_chunk as u64 - 1);
                 let events = match self.tail.range(next, to) {
@@ -384,8 +397,24 @@ impl Relay {
                     if inflight.len() >= self.config.window {
                         published = self.settle(&mut inflight).await?;
                     }
+                    // Fencing (see the module doc): the lease is checked before every
+                    // publish, and the publish is on the socket before the next check.
+                    if !self.guard.valid() {
+                        return Err(RelayError::Nats(
+                            "the writer lease is not confirmed: not publishing until it is".into(),
+                        ));
+                    }
                     let ack = self.send(position, bytes).await?;
+                    self.client
+                        .flush()
+                        .await
+                        .map_err(|e| nats(&format!("flush of position {position}"), e))?;
                     inflight.push_back((position, ack));
+                    if first {
+                        // The first publish after (re)synchronising lands alone.
+                        published = self.settle(&mut inflight).await?;
+                        first = false;
+                    }
                 }
                 continue;
             }
