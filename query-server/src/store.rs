@@ -812,6 +812,152 @@ mod tests {
         assert_eq!(store.checkpoint().expect("checkpoint").0, 0);
     }
 
+    fn registered(id: &str, name: &str) -> Kind {
+        Kind::CustomerRegistered(pb::CustomerRegistered {
+            customer_id: id.into(),
+            name: name.into(),
+            email: format!("{id}@x.io"),
+            address: String::new(),
+        })
+    }
+
+    fn renamed(id: &str, name: &str) -> Kind {
+        Kind::CustomerRenamed(pb::CustomerRenamed {
+            customer_id: id.into(),
+            name: name.into(),
+        })
+    }
+
+    /// Applies `events` in one batch and commits it with its checkpoint.
+    fn apply_batch(store: &Store, events: &[pb::EventEnvelope]) {
+        let mut overlay = Overlay::new(store);
+        for e in events {
+            apply(&mut overlay, e);
+            overlay.add_event(&e.stream_id, e.stream_version, &e.encode_to_vec());
+        }
+        let last = events.last().map_or(0, |e| e.position);
+        store
+            .commit(overlay.into_rows(last, &format!("e{last}")).expect("rows"))
+            .expect("commit");
+    }
+
+    /// Lists show a row only while it still carries the index entry it was found by, and
+    /// reads join an order's customer name.
+    #[test]
+    fn lists_drop_rows_that_left_their_index_and_reads_join() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), 8 << 20).expect("open");
+        apply_batch(
+            &store,
+            &[
+                envelope(1, 1, registered("c1", "Ada")),
+                envelope(
+                    2,
+                    1,
+                    Kind::OrderPlaced(pb::OrderPlaced {
+                        order_id: "o1".into(),
+                        customer_id: "c1".into(),
+                        lines: vec![],
+                        total_cents: 5,
+                    }),
+                ),
+            ],
+        );
+        let found = |prefix: &str| {
+            store
+                .scan_index(&customers::by_name_prefix(prefix), None, 10)
+                .expect("scan")
+        };
+        let before = found("ada");
+        assert_eq!(before.len(), 1);
+        let (old_key, id) = (before[0].0.to_vec(), before[0].1.to_vec());
+        let listed = store
+            .listed::<pb::Customer>(&old_key, &id)
+            .expect("listed")
+            .expect("listed under its entry");
+        assert_eq!(listed.name, "Ada");
+
+        apply_batch(&store, &[envelope(3, 2, renamed("c1", "Bea"))]);
+        assert_eq!(
+            store.listed::<pb::Customer>(&old_key, &id).expect("listed"),
+            None,
+            "no longer under the old name's entry"
+        );
+        let after = found("bea");
+        assert_eq!(after.len(), 1);
+        assert_eq!(
+            store
+                .listed::<pb::Customer>(&after[0].0, &after[0].1)
+                .expect("listed")
+                .map(|c| c.name),
+            Some("Bea".to_string())
+        );
+        let order = store
+            .joined::<pb::Order>("o1")
+            .expect("joined")
+            .expect("order");
+        assert_eq!(order.customer_name, "Bea", "joined at read time");
+        assert_eq!(store.joined::<pb::Order>("o2").expect("joined"), None);
+        store.flush().expect("flush");
+        assert!(store.size_on_disk() > 1);
+    }
+
+    /// A batch that changes no view (a redelivered event) writes no view row: only the
+    /// batch's own rows.
+    #[test]
+    fn unchanged_views_are_not_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), 8 << 20).expect("open");
+        let first = envelope(1, 1, registered("c1", "Ada"));
+        apply_batch(&store, std::slice::from_ref(&first));
+        let baseline = Overlay::new(&store).into_rows(1, "e1").expect("rows").len();
+
+        let mut replay = Overlay::new(&store);
+        apply(&mut replay, &first);
+        assert_eq!(replay.into_rows(1, "e1").expect("rows").len(), baseline);
+
+        let mut change = Overlay::new(&store);
+        apply(&mut change, &envelope(2, 2, renamed("c1", "Bea")));
+        assert!(change.into_rows(2, "e2").expect("rows").len() > baseline);
+    }
+
+    /// A store another handle has open (sled's lock) is an error, not damage: nothing is
+    /// moved aside or replaced.
+    #[test]
+    fn a_store_open_elsewhere_is_not_taken_for_damage() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("views");
+        let store = Store::open(&dir, 8 << 20).expect("open");
+        apply_batch(&store, &[envelope(1, 1, registered("c1", "Ada"))]);
+        assert!(Store::open_or_replace(&dir, 8 << 20).is_err());
+        assert!(!root.path().join("views.damaged").exists());
+        assert_eq!(store.checkpoint().expect("checkpoint").0, 1);
+    }
+
+    /// `remove` (for a rebuild) deletes a store and refuses any directory that is not
+    /// one, so a mistyped path deletes nothing.
+    #[test]
+    fn remove_deletes_a_store_and_nothing_else() {
+        let root = tempfile::tempdir().expect("tempdir");
+        assert!(Store::remove(&root.path().join("missing")).is_ok());
+        for files in [&["keep"][..], &["conf", "keep"][..], &["db", "keep"][..]] {
+            let other = root.path().join(files.join("-"));
+            std::fs::create_dir_all(&other).expect("dir");
+            for name in files {
+                std::fs::write(other.join(name), b"x").expect("write");
+            }
+            assert!(
+                matches!(Store::remove(&other), Err(StoreError::NotAStore(_))),
+                "{files:?}"
+            );
+            assert!(other.join("keep").exists(), "{files:?}");
+        }
+        let dir = root.path().join("views");
+        drop(Store::open(&dir, 8 << 20).expect("open"));
+        Store::remove(&dir).expect("remove");
+        assert!(!dir.exists());
+    }
+
     #[test]
     fn history_reads_across_chunks_from_any_version() {
         let dir = tempfile::tempdir().expect("tempdir");
