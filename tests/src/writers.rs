@@ -131,7 +131,15 @@ pub fn retryable(status: &tonic::Status) -> bool {
             | tonic::Code::Cancelled
             | tonic::Code::DeadlineExceeded
             | tonic::Code::ResourceExhausted
-    )
+    ) || transport_broke(status)
+}
+
+/// A status the client made up because the HTTP/2 connection broke under the request
+/// (tonic reports it as `INTERNAL` "h2 protocol error"), not the server's answer: the
+/// outcome is unknown, as with `UNAVAILABLE`. Seen when a command server restarts
+/// in-process (a full disk freed) while a request was on its way.
+fn transport_broke(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Internal && status.message().starts_with("h2 protocol error")
 }
 
 /// What became of a command sent by [`AnyWriter::send`].
