@@ -694,16 +694,7 @@ mod tests {
                     address: String::new(),
                 }),
             ),
-            envelope(
-                2,
-                1,
-                Kind::OrderPlaced(pb::OrderPlaced {
-                    order_id: "o1".into(),
-                    customer_id: "c1".into(),
-                    lines: vec![],
-                    total_cents: 5,
-                }),
-            ),
+            envelope(2, 1, placed("o1", "c1")),
             envelope(
                 3,
                 2,
@@ -821,6 +812,15 @@ mod tests {
         })
     }
 
+    fn placed(order: &str, customer: &str) -> Kind {
+        Kind::OrderPlaced(pb::OrderPlaced {
+            order_id: order.into(),
+            customer_id: customer.into(),
+            lines: vec![],
+            total_cents: 5,
+        })
+    }
+
     fn renamed(id: &str, name: &str) -> Kind {
         Kind::CustomerRenamed(pb::CustomerRenamed {
             customer_id: id.into(),
@@ -851,16 +851,7 @@ mod tests {
             &store,
             &[
                 envelope(1, 1, registered("c1", "Ada")),
-                envelope(
-                    2,
-                    1,
-                    Kind::OrderPlaced(pb::OrderPlaced {
-                        order_id: "o1".into(),
-                        customer_id: "c1".into(),
-                        lines: vec![],
-                        total_cents: 5,
-                    }),
-                ),
+                envelope(2, 1, placed("o1", "c1")),
             ],
         );
         let found = |prefix: &str| {
