@@ -21,7 +21,6 @@ mod faults;
 mod load;
 mod world;
 
-use std::any::Any;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -142,7 +141,7 @@ async fn run(args: &Args, kinds: &[FaultKind], seed: u64) -> anyhow::Result<Vec<
             let outcome = match outcome {
                 Ok(Ok(recovery)) => Ok(recovery),
                 Ok(Err(violation)) => Err(violation),
-                Err(panic) => Err(panic_text(panic)),
+                Err(panic) => Err(shop_shared::storage::panic_message(panic.as_ref())),
             };
             match outcome {
                 Ok(recovery) => {
@@ -250,14 +249,6 @@ async fn recover(world: &World, healed: Instant) -> Result<Duration, String> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-fn panic_text(panic: Box<dyn Any + Send>) -> String {
-    panic
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "panic".into())
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Option<Duration> {
