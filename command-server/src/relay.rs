@@ -48,8 +48,8 @@ use prost::Message;
 use shop_shared::ids::StreamId;
 use shop_shared::pb;
 use shop_shared::subjects::{
-    self, HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_EXPECTED_LAST_SEQUENCE, HEADER_POSITION,
-    HEADER_TRACEPARENT, STREAM_SUBJECTS,
+    self, HEADER_COMMAND_REST, HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_EXPECTED_LAST_SEQUENCE,
+    HEADER_POSITION, HEADER_TRACEPARENT, STREAM_SUBJECTS,
 };
 use shop_shared::task::{
     blocking, wait_connected, Backoff, Panicked, Severity, TaskError, CONNECT_WAIT,
@@ -181,6 +181,60 @@ impl TaskError for RelayError {
 
 fn nats(context: &str, error: impl std::fmt::Display) -> RelayError {
     RelayError::Nats(format!("{context}: {error}"))
+}
+
+/// One log event as the relay reads it.
+struct LogEvent {
+    position: u64,
+    bytes: bytes::Bytes,
+    envelope: pb::EventEnvelope,
+}
+
+impl LogEvent {
+    fn decode(position: u64, bytes: bytes::Bytes) -> Result<Self, RelayError> {
+        let envelope = pb::EventEnvelope::decode(bytes.as_ref()).map_err(|e| {
+            RelayError::Log(LogError::Corrupt {
+                key: format!("E{position}"),
+                reason: e.to_string(),
+            })
+        })?;
+        Ok(LogEvent {
+            position,
+            bytes,
+            envelope,
+        })
+    }
+
+    /// Both events belong to one command (consecutive events with one command id do: a
+    /// command id's retry appends nothing).
+    fn same_command(&self, other: &LogEvent) -> bool {
+        !self.envelope.command_id.is_empty()
+            && self.envelope.command_id == other.envelope.command_id
+    }
+}
+
+/// How many of `events` come before the last command among them (0 when they are all
+/// one command; all of them when the last has no command id, a command of its own).
+fn before_last_command(events: &[LogEvent]) -> usize {
+    match events.last() {
+        Some(last) => events
+            .iter()
+            .rposition(|e| !e.same_command(last))
+            .map_or(0, |i| i + 1),
+        None => 0,
+    }
+}
+
+/// The events after `events[i]` that belong to its command.
+fn rest_of_command(events: &[LogEvent], i: usize) -> Vec<bytes::Bytes> {
+    let Some(first) = events.get(i) else {
+        return Vec::new();
+    };
+    events[i + 1..]
+        .iter()
+        .take_while(|e| first.same_command(e))
+        .map(|e| e.bytes.clone())
+        .collect()
 }
 
 /// The relay task's state.
@@ -369,6 +423,8 @@ impl Relay {
             VecDeque::with_capacity(self.config.window);
         let mut saved_cursor = published;
         let mut first = true;
+        // The command of the last event sent: an event of another command starts one.
+        let mut last_command: Option<String> = None;
         let mut idle_check = tokio::time::interval(IDLE_CHECK_INTERVAL);
         idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -380,22 +436,17 @@ impl Relay {
                     // time out; pause and resynchronise once NATS is back.
                     return Err(RelayError::Nats("disconnected from NATS".into()));
                 }
-                let to = durable.min(next + self.config.read_chunk as u64 - 1);
-                let events = match self.tail.range(next, to) {
-                    Some(events) => events,
-                    None => {
-                        let log = self.log.clone();
-                        let chunk = self.config.read_chunk;
-                        blocking("relay", move || log.read_range(next, to, chunk)).await??
-                    }
-                };
-                for (expected, (position, bytes)) in (next..).zip(events) {
-                    if position != expected {
-                        return Err(RelayError::Log(LogError::Corrupt {
-                            key: format!("E{position}"),
-                            reason: format!("log gap: expected position {expected}"),
-                        }));
-                    }
+                let events = self.read_commands(next, durable).await?;
+                for (i, event) in events.iter().enumerate() {
+                    let command = event.envelope.command_id.as_str();
+                    let rest = if !command.is_empty() && last_command.as_deref() == Some(command) {
+                        None
+                    } else {
+                        last_command = Some(command.to_owned());
+                        let others = rest_of_command(&events, i);
+                        (!others.is_empty()).then(|| subjects::command_rest(&others))
+                    };
+                    let position = event.position;
                     if inflight.len() >= self.config.window {
                         published = self.settle(&mut inflight).await?;
                     }
@@ -406,7 +457,7 @@ impl Relay {
                             "the writer lease is not confirmed: not publishing until it is".into(),
                         ));
                     }
-                    let ack = self.send(position, bytes).await?;
+                    let ack = self.send(event, rest).await?;
                     self.client
                         .flush()
                         .await
@@ -469,18 +520,59 @@ impl Relay {
         Ok(())
     }
 
-    /// Sends one event; returns its ack future.
+    /// Reads the durable events from `next` on, at most about a chunk, ending at a command
+    /// boundary: a command's first event carries the rest of the command (see the module
+    /// doc), so a read never ends inside one. (`durable` is always at a command boundary:
+    /// the writer makes whole commands durable, and a new writer completes the command its
+    /// predecessor left half published before it publishes; see `failover/complete.rs`.)
+    async fn read_commands(&self, next: u64, durable: u64) -> Result<Vec<LogEvent>, RelayError> {
+        let chunk = self.config.read_chunk.max(1) as u64;
+        let mut to = durable.min(next + chunk - 1);
+        loop {
+            let raw = match self.tail.range(next, to) {
+                Some(events) => events,
+                None => {
+                    let log = self.log.clone();
+                    let limit = usize::try_from(to - next + 1).unwrap_or(usize::MAX);
+                    blocking("relay", move || log.read_range(next, to, limit)).await??
+                }
+            };
+            let mut events = Vec::with_capacity(raw.len());
+            for (expected, (position, bytes)) in (next..).zip(raw) {
+                if position != expected {
+                    return Err(RelayError::Log(LogError::Corrupt {
+                        key: format!("E{position}"),
+                        reason: format!("log gap: expected position {expected}"),
+                    }));
+                }
+                events.push(LogEvent::decode(position, bytes)?);
+            }
+            if to >= durable {
+                return Ok(events);
+            }
+            // The read may end inside a command: its last command waits for the next read,
+            // unless it is all there is (a command longer than a chunk: read further).
+            let keep = before_last_command(&events);
+            if keep > 0 {
+                events.truncate(keep);
+                return Ok(events);
+            }
+            to = durable.min(to + chunk);
+        }
+    }
+
+    /// Sends one event (with the rest of its command when it starts one with more than
+    /// one event); returns its ack future.
     async fn send(
         &self,
-        position: u64,
-        bytes: bytes::Bytes,
+        event: &LogEvent,
+        rest: Option<String>,
     ) -> Result<PublishAckFuture, RelayError> {
-        let envelope = pb::EventEnvelope::decode(bytes.as_ref()).map_err(|e| {
-            RelayError::Log(LogError::Corrupt {
-                key: format!("E{position}"),
-                reason: e.to_string(),
-            })
-        })?;
+        let LogEvent {
+            position,
+            ref bytes,
+            ref envelope,
+        } = *event;
         let stream = StreamId::parse(&envelope.stream_id).map_err(|e| {
             RelayError::Log(LogError::Corrupt {
                 key: format!("E{position}"),
@@ -504,8 +596,11 @@ impl Relay {
         } else {
             headers.insert(HEADER_TRACEPARENT, envelope.traceparent.as_str());
         }
+        if let Some(rest) = rest {
+            headers.insert(HEADER_COMMAND_REST, rest.as_str());
+        }
         self.js
-            .publish_with_headers(subject, headers, bytes)
+            .publish_with_headers(subject, headers, bytes.clone())
             .await
             .map_err(|e| nats(&format!("publish position {position}"), e))
     }
@@ -631,4 +726,65 @@ fn check_stream_config(
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Events at positions 1.. of the given commands ("" for none).
+    fn events(commands: &[&str]) -> Vec<LogEvent> {
+        (1..)
+            .zip(commands)
+            .map(|(position, command)| {
+                let envelope = pb::EventEnvelope {
+                    position,
+                    command_id: command.to_string(),
+                    ..Default::default()
+                };
+                LogEvent {
+                    position,
+                    bytes: envelope.encode_to_vec().into(),
+                    envelope,
+                }
+            })
+            .collect()
+    }
+
+    fn positions(rest: &[bytes::Bytes]) -> Vec<u64> {
+        rest.iter()
+            .map(|b| {
+                pb::EventEnvelope::decode(b.as_ref())
+                    .expect("envelope")
+                    .position
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_read_is_cut_before_its_last_command() {
+        assert_eq!(before_last_command(&events(&["a", "b", "b", "c", "c"])), 3);
+        assert_eq!(before_last_command(&events(&["a", "b"])), 1);
+        assert_eq!(
+            before_last_command(&events(&["a", "a", "a"])),
+            0,
+            "all one command"
+        );
+        assert_eq!(before_last_command(&events(&[])), 0);
+        // Events without a command id are whole commands of their own: nothing is cut.
+        assert_eq!(before_last_command(&events(&["a", "", ""])), 3);
+        assert_eq!(before_last_command(&events(&["", ""])), 2);
+    }
+
+    #[test]
+    fn the_rest_of_a_command_is_its_following_events() {
+        let read = events(&["a", "b", "b", "b", "c", "", "", "d", "d"]);
+        assert_eq!(positions(&rest_of_command(&read, 0)), Vec::<u64>::new());
+        assert_eq!(positions(&rest_of_command(&read, 1)), vec![3, 4]);
+        assert_eq!(positions(&rest_of_command(&read, 2)), vec![4]);
+        assert_eq!(positions(&rest_of_command(&read, 4)), Vec::<u64>::new());
+        assert_eq!(positions(&rest_of_command(&read, 5)), Vec::<u64>::new());
+        assert_eq!(positions(&rest_of_command(&read, 7)), vec![9]);
+        assert_eq!(positions(&rest_of_command(&read, 9)), Vec::<u64>::new());
+    }
 }

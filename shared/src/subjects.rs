@@ -23,6 +23,11 @@ pub const HEADER_EVENT_TYPE: &str = "Shop-Event-Type";
 pub const HEADER_POSITION: &str = "Shop-Position";
 /// W3C trace context.
 pub const HEADER_TRACEPARENT: &str = "traceparent";
+/// On the first event of a command with more than one: the command's other events, so
+/// that a writer taking over from one that died mid-command can publish the rest
+/// (`command_rest` / `parse_command_rest`: each envelope in standard base64, in
+/// position order, separated by commas).
+pub const HEADER_COMMAND_REST: &str = "Shop-Command-Rest";
 
 /// `shop.events.<kind>.<id>`.
 pub fn subject(kind: StreamKind, id: &str) -> String {
@@ -75,9 +80,56 @@ pub fn trace_id_of_traceparent(value: &str) -> Option<&str> {
     ok.then_some(trace_id)
 }
 
+/// The `Shop-Command-Rest` header value for a command's events after its first.
+pub fn command_rest(events: &[bytes::Bytes]) -> String {
+    use base64::Engine as _;
+    let mut value = String::new();
+    for (i, event) in events.iter().enumerate() {
+        if i > 0 {
+            value.push(',');
+        }
+        base64::engine::general_purpose::STANDARD.encode_string(event, &mut value);
+    }
+    value
+}
+
+/// The events a `Shop-Command-Rest` header value holds; an error names the one that
+/// does not decode.
+pub fn parse_command_rest(value: &str) -> Result<Vec<bytes::Bytes>, String> {
+    use base64::Engine as _;
+    value
+        .split(',')
+        .enumerate()
+        .map(|(i, part)| {
+            base64::engine::general_purpose::STANDARD
+                .decode(part)
+                .map(bytes::Bytes::from)
+                .map_err(|e| format!("{HEADER_COMMAND_REST} entry {i}: {e}"))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn command_rest_round_trips() {
+        let events = vec![
+            bytes::Bytes::from_static(b"\x00\x01,\r\n"),
+            bytes::Bytes::from_static(b"second"),
+            bytes::Bytes::new(),
+        ];
+        let value = command_rest(&events);
+        assert!(!value.contains(['\r', '\n', ' ']), "{value}");
+        assert_eq!(parse_command_rest(&value), Ok(events));
+        assert_eq!(
+            parse_command_rest(&command_rest(&[bytes::Bytes::from_static(b"one")])),
+            Ok(vec![bytes::Bytes::from_static(b"one")])
+        );
+        let error = parse_command_rest("b25l,*not base64*").unwrap_err();
+        assert!(error.contains("entry 1"), "{error}");
+    }
 
     #[test]
     fn subjects_have_kind_and_id() {

@@ -10,6 +10,7 @@
 //! the relay published everything) or loses it: then the server restarts in-process, and
 //! the start-up check ([`reconcile`]) decides what becomes of events the stream lacks.
 
+pub mod complete;
 pub mod follow;
 pub mod lease;
 pub mod reconcile;
@@ -21,6 +22,7 @@ use async_nats::jetstream;
 use shop_shared::task::{wait_connected, Backoff, CONNECT_WAIT};
 use tokio::sync::watch;
 
+use self::complete::Completion;
 use self::follow::Follower;
 use self::lease::{Claim, Holder, Lease, LeaseGuard};
 use self::reconcile::StreamView;
@@ -132,7 +134,10 @@ impl Failover {
                     if !follower.is_finished() {
                         let _ = (&mut follower).await;
                     }
-                    return outcome;
+                    return match outcome {
+                        Ok(held) => self.complete_last_command(held).await,
+                        Err(ended) => Err(ended),
+                    };
                 }
                 Ok(Claim::Other(holder)) => {
                     self.role.send_if_modified(|role| {
@@ -221,6 +226,46 @@ impl Failover {
             "took over as the writer at this position"
         );
         Ok(held)
+    }
+}
+
+impl Failover {
+    /// Caught up, the follower stopped: appends what the stream lacks of the log's last
+    /// command, if the previous writer left it half published (see [`complete`]).
+    async fn complete_last_command(&self, held: Held) -> Result<Held, Ended> {
+        let view = StreamView {
+            js: &self.js,
+            name: &self.stream,
+        };
+        let last = *self.durable.borrow();
+        match complete::complete_last_command(&self.log, &view, &self.writer, last).await {
+            Ok(Completion::Whole) => Ok(held),
+            Ok(Completion::Completed {
+                first,
+                appended,
+                last,
+            }) => {
+                tracing::warn!(
+                    stream = %self.stream,
+                    first,
+                    appended,
+                    last,
+                    "the previous writer left a command half published: appended the rest it carried"
+                );
+                Ok(held)
+            }
+            Ok(Completion::Unusable(why)) => {
+                tracing::error!(
+                    stream = %self.stream,
+                    %why,
+                    "the log may end with part of a command, and its rest cannot be used: it stays as it is"
+                );
+                Ok(held)
+            }
+            Err(error) => Err(Ended::Restart(format!(
+                "taking over: completing the log's last command: {error}"
+            ))),
+        }
     }
 }
 

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use async_nats::jetstream;
 use prost::Message;
 use shop_shared::pb;
-use shop_shared::subjects::HEADER_EVENT_ID;
+use shop_shared::subjects::{HEADER_COMMAND_REST, HEADER_EVENT_ID};
 use shop_shared::task::blocking;
 
 use super::lease::Lease;
@@ -45,6 +45,9 @@ pub enum ReconcileError {
     Panicked(#[from] shop_shared::task::Panicked),
     #[error(transparent)]
     Lease(#[from] super::lease::LeaseError),
+    /// The writer could not append (full disk, failed storage).
+    #[error("writing to the log: {0}")]
+    Write(String),
 }
 
 fn nats(what: &str, error: impl std::fmt::Display) -> ReconcileError {
@@ -94,6 +97,28 @@ impl StreamView<'_> {
             .get(HEADER_EVENT_ID)
             .map(|v| v.as_str().to_string())
             .unwrap_or_default())
+    }
+}
+
+impl StreamView<'_> {
+    /// The `Shop-Command-Rest` header of the message at `sequence` (see `complete.rs`);
+    /// `None` when it has none, or the stream no longer holds that message.
+    pub async fn command_rest(&self, sequence: u64) -> Result<Option<String>, ReconcileError> {
+        let stream = self
+            .js
+            .get_stream(self.name)
+            .await
+            .map_err(|e| nats("get stream", e))?;
+        match stream.get_raw_message(sequence).await {
+            Ok(message) => Ok(message
+                .headers
+                .get(HEADER_COMMAND_REST)
+                .map(|v| v.as_str().to_string())),
+            Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {
+                Ok(None)
+            }
+            Err(e) => Err(nats(&format!("get message {sequence}"), e)),
+        }
     }
 }
 

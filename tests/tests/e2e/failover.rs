@@ -765,3 +765,103 @@ async fn writer_failover_on_a_three_node_cluster_loses_nothing_acknowledged() {
     })
     .await;
 }
+
+/// A writer that dies between two publishes of one command leaves its first part at the
+/// end of the stream. The new writer finishes it from the rest the first event carries
+/// (`Shop-Command-Rest`) before it decides anything: the whole command, byte for byte
+/// as the old writer wrote it, and a retry of its id answered the original result.
+/// (Here the dead writer's stream is rebuilt on a second NATS up to the middle of an
+/// order; the chaos runner's `failover` trials kill writers at such moments.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_writer_finishes_the_command_its_predecessor_left_half_published() {
+    let nats = Nats::start();
+    let mut a = Server::start(ServerKind::Command, &nats, &args("replicated")).await;
+    let mut c = a.commands().await;
+    c.register_customer(req::register("c1", "ann@shop.test"))
+        .await
+        .expect("register");
+    for sku in ["p1", "p2", "p3"] {
+        c.create_product(req::product(sku, 500, 3))
+            .await
+            .expect("product");
+    }
+    let mut order = req::order("o1", "c1", &[("p1", 2), ("p2", 1), ("p3", 3)]);
+    order.command_id = "order-o1".into();
+    let placed = c
+        .place_order(order.clone())
+        .await
+        .expect("order")
+        .into_inner();
+    a.kill9();
+    let written = read_stream(&nats, STREAM).await;
+    assert_eq!(written.len() as u64, placed.position);
+    // OrderPlaced and three StockReserved; the first carries the other three.
+    let first = placed.position - 3;
+    let source = async_nats::jetstream::new(nats.client().await)
+        .get_stream(STREAM)
+        .await
+        .expect("stream");
+    let mut raw = Vec::new();
+    for sequence in 1..=placed.position {
+        raw.push(source.get_raw_message(sequence).await.expect("message"));
+    }
+    let rest = |m: &async_nats::jetstream::message::StreamMessage| {
+        m.headers
+            .get(shop_shared::subjects::HEADER_COMMAND_REST)
+            .map(|v| shop_shared::subjects::parse_command_rest(v.as_str()).expect("rest"))
+    };
+    let carried = rest(&raw[first as usize - 1]).expect("the order's first event carries the rest");
+    let others: Vec<bytes::Bytes> = raw[first as usize..]
+        .iter()
+        .map(|m| m.payload.clone())
+        .collect();
+    assert_eq!(carried, others);
+    assert!(
+        raw.iter()
+            .enumerate()
+            .all(|(i, m)| (i as u64 + 1 == first) == rest(m).is_some()),
+        "only the first event of a command with more than one carries a rest"
+    );
+
+    // The stream as a writer killed after the order's second publish left it.
+    let other = Nats::start();
+    let js = async_nats::jetstream::new(other.client().await);
+    js.create_stream(command_server::relay::stream_config(STREAM, 1))
+        .await
+        .expect("create stream");
+    for m in &raw[..first as usize + 1] {
+        js.publish_with_headers(m.subject.clone(), m.headers.clone(), m.payload.clone())
+            .await
+            .expect("publish")
+            .await
+            .expect("stored");
+    }
+    let b = Server::start_standby(&other.url(), &args("replicated")).await;
+    b.wait_serving().await;
+    assert!(
+        b.log().contains("left a command half published"),
+        "{}",
+        b.log()
+    );
+    let mut c = b.commands().await;
+    let again = c.place_order(order).await.expect("retry");
+    assert_eq!(again.into_inner(), placed, "the original result, replayed");
+    // The stream and the new writer's log hold the whole order, as the old writer wrote it.
+    let repaired = read_stream(&other, STREAM).await;
+    let envelopes = |messages: &[shop_tests::StreamMessage]| -> Vec<pb::EventEnvelope> {
+        messages.iter().map(|m| m.envelope.clone()).collect()
+    };
+    assert_eq!(envelopes(&repaired), envelopes(&written));
+    let log = read_whole_log(&mut b.log_reader().await).await;
+    assert_eq!(log, envelopes(&written));
+    // Stock reserved by the whole order: p3 had 3, all reserved.
+    let oversold = c
+        .place_order(req::order("o2", "c1", &[("p3", 1)]))
+        .await
+        .expect_err("p3 is all reserved");
+    assert_eq!(
+        oversold.code(),
+        tonic::Code::FailedPrecondition,
+        "{oversold:?}"
+    );
+}
