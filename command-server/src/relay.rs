@@ -29,14 +29,16 @@
 //!     one is refused with nothing of ours stacked on it: the relay resynchronises, finds
 //!     the stream ahead of or different from the log, and the server starts over
 //!     (`failover/reconcile.rs`).
-//! - A command's events are separate publishes: a writer that dies mid-command can leave
-//!   part of it in the stream (see README, Running more than one machine). Flushing each
-//!   publish on its own (fencing, above) makes that window wider than when a command's
-//!   events usually went out in one socket write (chaos: 1 failover trial in 600). JetStream's
-//!   atomic batches (2.12+) would close that; tried, the relay drained a backlog at ~2,000
-//!   events/s instead of ~90,000, and pipelined batch commits were ordered after later
-//!   plain publishes ("wrong last sequence"); every command as a batch (single events
-//!   too) drained at ~1,270 events/s. So it stays per event for now.
+//! - **Half commands.** A command's events are separate publishes, so a writer that dies
+//!   or is deposed between two of them leaves the first part of a command in the stream
+//!   (chaos: 1 `failover` trial in 600 once each publish was flushed on its own, above).
+//!   So the relay reads whole commands (a read never ends inside one), and a command's
+//!   first event carries the others, as the log holds them, in the `Shop-Command-Rest`
+//!   header. A new writer finishes such a command from that header before it does
+//!   anything else (`failover/complete.rs`). The alternative, JetStream's atomic batches
+//!   (2.12+), was tried: the relay drained a backlog at ~2,000 events/s instead of
+//!   ~90,000, and pipelined batch commits were ordered after later plain publishes
+//!   ("wrong last sequence").
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

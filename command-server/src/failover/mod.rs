@@ -5,7 +5,8 @@
 //! log ([`follow`]), and every quarter TTL it tries to claim the lease ([`lease`]).
 //! Once it holds the lease it catches up to the stream's last sequence as it was after
 //! the claim (the old writer stopped publishing before its lease could expire), stops
-//! following, and becomes the writer: the relay and the policy start, commands are
+//! following, finishes the command the old writer may have left half published
+//! ([`complete`]), and becomes the writer: the relay and the policy start, commands are
 //! decided. The writer renews the lease until it shuts down (then releases it, after
 //! the relay published everything) or loses it: then the server restarts in-process, and
 //! the start-up check ([`reconcile`]) decides what becomes of events the stream lacks.
