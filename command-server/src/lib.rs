@@ -438,13 +438,25 @@ impl RoleEngine {
         mut stop: watch::Receiver<bool>,
         mut release: watch::Receiver<bool>,
     ) -> Option<String> {
+        use futures::FutureExt as _;
         let restart = self.restart.clone();
-        let ended = match self.serve(&mut stop).await {
-            Ok((held, guard)) => match failover::keep(held, &guard, &mut release).await {
-                Ok(()) => Ended::Stopped,
+        let engine = async {
+            match self.serve(&mut stop).await {
+                Ok((held, guard)) => match failover::keep(held, &guard, &mut release).await {
+                    Ok(()) => Ended::Stopped,
+                    Err(ended) => ended,
+                },
                 Err(ended) => ended,
-            },
-            Err(ended) => ended,
+            }
+        };
+        // A panic here would leave a writer answering commands with nobody renewing its
+        // lease (or a standby that never takes over): the server restarts instead.
+        let ended = match std::panic::AssertUnwindSafe(engine).catch_unwind().await {
+            Ok(ended) => ended,
+            Err(panic) => Ended::Restart(format!(
+                "the role engine panicked: {}",
+                shop_shared::storage::panic_message(&*panic)
+            )),
         };
         match ended {
             Ended::Stopped => None,
