@@ -210,6 +210,12 @@ impl ServerError {
     pub fn is_disk_full(&self) -> bool {
         matches!(self, ServerError::Log { source, .. } if source.is_disk_full())
     }
+
+    /// The log's data dir was locked (see `LogError::is_locked`): right after an
+    /// in-process restart, by the previous run's sled threads (see `main.rs`).
+    pub fn is_log_locked(&self) -> bool {
+        matches!(self, ServerError::Log { source, .. } if source.is_locked())
+    }
 }
 
 /// Runs the command server on `listener` until `shutdown` resolves, then shuts down

@@ -9,6 +9,9 @@ use anyhow::Context;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::Parser;
 
+/// How long a restarted server waits for its log's lock, held by the run before it.
+const RESTART_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 fn main() -> anyhow::Result<()> {
     let config = command_server::Config::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -19,6 +22,8 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async move {
         let telemetry =
             shop_shared::telemetry::init(&config.log, &config.telemetry, "command-server")?;
+        // When the last in-process restart began (see the lock wait below).
+        let mut restarted: Option<std::time::Instant> = None;
         let result = loop {
             let listener = tokio::net::TcpListener::bind(config.listen)
                 .await
@@ -33,7 +38,19 @@ fn main() -> anyhow::Result<()> {
             {
                 // Lost the writer lease, or the log and the stream disagree: start over,
                 // the start-up check deciding what becomes of the log.
-                Err(command_server::ServerError::Restart(_)) => continue,
+                Err(command_server::ServerError::Restart(_)) => {
+                    restarted = Some(std::time::Instant::now());
+                    continue;
+                }
+                // Just restarted: the previous run's sled threads can hold the data dir's
+                // lock for a moment after its last handle is gone (found by the chaos
+                // runner: the server exited instead of starting over). Wait for it.
+                Err(error)
+                    if error.is_log_locked()
+                        && restarted.is_some_and(|at| at.elapsed() < RESTART_LOCK_WAIT) =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
                 // Started on a full disk (sled cannot open its log): wait for space rather
                 // than exit, as a running server does (`restart_when_space_returns`).
                 Err(error) if error.is_disk_full() => {

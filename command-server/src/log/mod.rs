@@ -213,6 +213,15 @@ impl LogError {
     }
 }
 
+impl LogError {
+    /// Whether sled could not take the data dir's file lock: another process has the
+    /// log open, or this one did until a moment ago (sled's IO threads can hold the data
+    /// file, and with it the lock, for a moment after the last handle is gone).
+    pub fn is_locked(&self) -> bool {
+        matches!(self, LogError::Sled(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock"))
+    }
+}
+
 /// The events of whole commands at consecutive positions, their idempotency entries and
 /// the index rows they change: everything one insert must carry so that a crash never
 /// leaves part of a command (see Crash safety above).
@@ -777,10 +786,7 @@ pub(crate) fn open_in_test(dir: &Path) -> EventLog {
     loop {
         match EventLog::open(dir, Durability::Fsync, 8 << 20) {
             Ok(log) => return log,
-            Err(LogError::Sled(sled::Error::Io(e)))
-                if e.to_string().contains("could not acquire lock")
-                    && std::time::Instant::now() < deadline =>
-            {
+            Err(e) if e.is_locked() && std::time::Instant::now() < deadline => {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
             Err(e) => panic!("open log in {}: {e}", dir.display()),
@@ -795,6 +801,25 @@ mod tests {
 
     fn open(dir: &Path) -> EventLog {
         open_in_test(dir)
+    }
+
+    /// What a restarted server waits out (`main.rs`): a log still open is "locked", and
+    /// nothing else is.
+    #[test]
+    fn a_log_still_open_is_reported_locked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = open(dir.path());
+        let again = EventLog::open(dir.path(), Durability::Fsync, 8 << 20)
+            .err()
+            .expect("a second open of an open log fails");
+        assert!(again.is_locked(), "{again}");
+        drop(log);
+        let reopened = open(dir.path());
+        drop(reopened);
+        let full = LogError::Sled(sled::Error::Io(std::io::Error::from(
+            std::io::ErrorKind::StorageFull,
+        )));
+        assert!(!full.is_locked() && full.is_disk_full());
     }
 
     fn envelope(position: u64, stream: &StreamId, version: u64) -> bytes::Bytes {
